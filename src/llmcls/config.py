@@ -1,0 +1,289 @@
+"""Typed experiment configuration: one YAML file per experiment, overridable from the command line.
+
+Every field carries a one-line doc (``doc=``) that the CLI turns into ``--help`` text, so the YAML keys, the
+command-line options and the documentation cannot drift apart. Unknown or ill-typed keys fail here, before any
+model is loaded, with the offending key named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+def f(default: Any, doc: str) -> Any:
+    """A dataclass field with a documentation line (lists and dicts are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+TUTORIAL_SYSTEM = (
+    "You are an expert in text classification. You will receive a piece of text and several potential "
+    "classification options. Please output the correct type of the text content."
+)
+TUTORIAL_USER = "Text: {text}, Type Options: {category}"
+ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class TinyConfig:
+    """Shape of the random-init ``tiny`` preset (a Qwen2-architecture model built from a config)."""
+
+    num_hidden_layers: int = f(2, "Transformer layers of the tiny model.")
+    hidden_size: int = f(64, "Hidden size of the tiny model.")
+    intermediate_size: int = f(128, "MLP width of the tiny model.")
+    num_attention_heads: int = f(4, "Attention heads of the tiny model.")
+    num_key_value_heads: int = f(2, "Key/value heads of the tiny model (grouped-query attention).")
+    tie_word_embeddings: bool = f(True, "Share the input embedding and the LM head (halves the tiny model).")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = f("qwen/Qwen1.5-7B-Chat", "Local folder, ModelScope id, Hugging Face id, or 'tiny'.")
+    source: Literal["auto", "modelscope", "huggingface", "local"] = f(
+        "auto", "Where a model id is fetched from; 'auto' uses a local folder if it exists, else ModelScope."
+    )
+    revision: Optional[str] = f(None, "Model revision (branch, tag or commit) on the hub.")
+    cache_dir: Optional[str] = f(None, "Download cache folder (default: the hub library's own).")
+    offline: bool = f(False, "Never touch the network: use only local folders and hub caches.")
+    trust_remote_code: bool = f(False, "Allow model code from the hub to run (off unless you trust it).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = f(
+        "auto", "Weights dtype; 'auto' is bfloat16 on a GPU and float32 on a CPU."
+    )
+    tokenizer: Optional[str] = f(
+        None, "Tokenizer folder; default: the model's own (the tiny preset uses the Qwen tokenizer)."
+    )
+    attn_implementation: Optional[str] = f(None, "Attention kernel ('sdpa', 'eager', 'flash_attention_2').")
+    tiny: TinyConfig = field(default_factory=TinyConfig, metadata={"doc": "Shape of the 'tiny' preset."})
+
+
+@dataclass
+class DataConfig:
+    train_file: Optional[str] = f(None, "Raw training jsonl: rows of text, category (candidates), output.")
+    test_file: Optional[str] = f(None, "Raw test jsonl in the same format (used by eval).")
+    text_field: str = f("text", "Field holding the text to classify.")
+    category_field: str = f("category", "Field holding the candidate labels (list or comma/、-separated).")
+    output_field: str = f("output", "Field holding the true label.")
+    on_invalid: Literal["error", "skip"] = f("error", "Invalid rows: stop with an error, or skip and count them.")
+    max_length: int = f(384, "Maximum tokens per training row (prompt + answer + end token).")
+    truncation: Literal["text", "right"] = f(
+        "text", "'text' shortens the text so the answer is always kept; 'right' is the tutorial's cut."
+    )
+    max_train_rows: Optional[int] = f(None, "Use only the first N training rows (quick experiments).")
+    max_eval_rows: Optional[int] = f(None, "Evaluate only the first N test rows (default: all).")
+
+
+@dataclass
+class PromptConfig:
+    system: str = f(TUTORIAL_SYSTEM, "System message of the chat prompt.")
+    user_template: str = f(TUTORIAL_USER, "User message; {text} and {category} are filled in.")
+    category_format: Literal["python_list", "comma"] = f(
+        "python_list", "How candidates render in {category}: the tutorial's Python list, or 'A, B'."
+    )
+
+
+@dataclass
+class LoraConfig:
+    method: Literal["lora", "full"] = f("lora", "'lora' trains adapters; 'full' trains every weight.")
+    r: int = f(8, "LoRA rank.")
+    alpha: int = f(32, "LoRA alpha (scaling = alpha / r).")
+    dropout: float = f(0.1, "LoRA dropout.")
+    target_modules: list[str] = f(list(ALL_PROJ), "Modules that get adapters.")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = f("runs/qwen1.5-7b-chat-fudan", "Run directory: checkpoints, adapter, logs, metrics.")
+    epochs: float = f(2.0, "Training epochs.")
+    max_steps: int = f(-1, "Stop after this many optimizer steps (-1: run all epochs).")
+    batch_size: int = f(4, "Rows per device per micro-batch.")
+    grad_accum: int = f(4, "Micro-batches per optimizer step.")
+    lr: float = f(1e-4, "Peak learning rate.")
+    lr_scheduler: str = f("linear", "Learning-rate schedule (any transformers SchedulerType).")
+    warmup_ratio: float = f(0.0, "Fraction of steps spent warming up the learning rate.")
+    weight_decay: float = f(0.0, "AdamW weight decay.")
+    logging_steps: int = f(10, "Log loss and learning rate every N optimizer steps.")
+    save_steps: int = f(100, "Save a checkpoint every N optimizer steps.")
+    save_total_limit: Optional[int] = f(None, "Keep at most N checkpoints (default: all).")
+    gradient_checkpointing: bool = f(True, "Recompute activations in backward to save memory.")
+    seed: int = f(42, "Random seed (data order, LoRA init, dropout).")
+    dataloader_workers: int = f(0, "Data-loading worker processes.")
+    group_by_length: bool = f(False, "Batch rows of similar length together (less padding).")
+
+
+@dataclass
+class EvalConfig:
+    method: Literal["score", "generate"] = f(
+        "score", "'score': likelihood of each candidate; 'generate': greedy decoding mapped to a label."
+    )
+    batch_size: int = f(16, "Rows per forward pass.")
+    max_new_tokens: int = f(8, "Token budget for 'generate' (labels are short).")
+    log_samples: int = f(10, "Sample predictions logged to the tracker (the tutorial printed 10).")
+
+
+@dataclass
+class TrackConfig:
+    tracker: Literal["swanlab", "tensorboard", "none"] = f("swanlab", "Experiment tracker.")
+    project: str = f("Qwen-fintune", "Tracker project name.")
+    experiment: str = f("Qwen1.5-7B-Chat", "Tracker experiment (run) name.")
+    mode: Literal["auto", "cloud", "offline", "local", "disabled"] = f(
+        "auto", "SwanLab mode; 'auto' is cloud with an API key, else offline (no prompt, no network)."
+    )
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "Model to fine-tune."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "Dataset files and encoding."})
+    prompt: PromptConfig = field(default_factory=PromptConfig, metadata={"doc": "Prompt text."})
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"doc": "Adapter settings."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "Trainer settings."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "Evaluation settings."})
+    track: TrackConfig = field(default_factory=TrackConfig, metadata={"doc": "Experiment tracking."})
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value has the wrong type."""
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; strings from the command line are parsed."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")  # a programming error in this module
+
+
+def _unknown(key: str, name: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}; valid keys here: {', '.join(known)}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = _hints(cls)
+    names = [fl.name for fl in dataclasses.fields(cls)]
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in names:
+            raise _unknown(key, str(name), names)
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load a YAML file (or the defaults) and apply ``{"train.lr": "2e-4"}``-style overrides."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(tree, dotted, value)
+    try:
+        return _build(Config, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from llmcls.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+
+
+def iter_fields(cls: type = Config, prefix: str = ""):
+    """Yield ``(dotted_key, type, default, doc)`` for every leaf field: the CLI builds its options from this."""
+    hints = _hints(cls)
+    for fl in dataclasses.fields(cls):
+        key = f"{prefix}.{fl.name}" if prefix else fl.name
+        tp = hints[fl.name]
+        if dataclasses.is_dataclass(tp):
+            yield from iter_fields(tp, key)
+        else:
+            default = fl.default if fl.default is not dataclasses.MISSING else fl.default_factory()
+            yield key, tp, default, fl.metadata.get("doc", "")

@@ -1,0 +1,171 @@
+"""Stage 2 — encoding: chat-template prompts, answer-keeping truncation, label masking, batching.
+
+The tutorial appends the answer to the prompt and then cuts the row at ``max_length`` from the right, which on
+Fudan news removes the answer from most training rows. Here the *text* is shortened instead (cut on a character
+boundary, the prompt rebuilt and re-tokenised), so every training row keeps its whole answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from llmcls.config import PromptConfig
+from llmcls.data import Row, user_message
+
+IGNORE = -100
+
+
+class PromptTooLong(ValueError):
+    """Even with an empty text, the prompt and answer exceed ``max_length``."""
+
+
+class PromptBuilder:
+    """Builds token ids of prompts and answers with the tokenizer's own chat template."""
+
+    def __init__(self, tokenizer, prompt: PromptConfig):
+        self.tok = tokenizer
+        self.prompt = prompt
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no end token (eos); chat models end each turn with one")
+        self.end_id = tokenizer.eos_token_id
+        self._answer_cache: dict[str, list[int]] = {}
+
+    def messages(self, row: Row) -> list[dict]:
+        return [{"role": "system", "content": self.prompt.system},
+                {"role": "user", "content": user_message(row, self.prompt)}]
+
+    def prompt_text(self, row: Row) -> str:
+        return self.tok.apply_chat_template(self.messages(row), tokenize=False, add_generation_prompt=True)
+
+    def prompt_ids(self, row: Row) -> list[int]:
+        # Special tokens are already in the rendered template; add_special_tokens would add a BOS for some models.
+        return self.tok(self.prompt_text(row), add_special_tokens=False)["input_ids"]
+
+    def batch_prompt_ids(self, rows: Sequence[Row]) -> list[list[int]]:
+        """Prompt ids of many rows in one call (the fast tokenizer works on them in parallel)."""
+        texts = [self.prompt_text(r) for r in rows]
+        return self.tok(texts, add_special_tokens=False)["input_ids"]
+
+    def label_ids(self, label: str) -> list[int]:
+        """Tokens of a label as the assistant's reply (no end token)."""
+        if label not in self._answer_cache:
+            self._answer_cache[label] = self.tok(label, add_special_tokens=False)["input_ids"]
+        return self._answer_cache[label]
+
+    def answer_ids(self, label: str) -> list[int]:
+        return self.label_ids(label) + [self.end_id]
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    shortened: bool      # the text was cut to fit
+    answer_kept: bool    # every answer token is still trained on
+    full_length: int     # prompt + answer tokens before any cut
+
+
+def _cut_text(builder: PromptBuilder, row: Row, budget_tokens: int) -> Row:
+    """The row with its text cut on a character boundary after about ``budget_tokens`` tokens."""
+    # BPE on long runs of Chinese characters is slow, and only the head of the text can survive the cut:
+    # tokenise a growing prefix until it holds enough tokens.
+    n = max(64, budget_tokens * 2)
+    while True:
+        head = row.text[:n]
+        offsets = builder.tok(head, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        if len(offsets) > budget_tokens or n >= len(row.text):
+            break
+        n *= 2
+    keep = max(0, min(budget_tokens, len(offsets)))
+    cut = offsets[keep - 1][1] if keep > 0 else 0
+    return Row(text=row.text[:cut], candidates=row.candidates, label=row.label, line=row.line)
+
+
+def fit_prompt(builder: PromptBuilder, row: Row, max_tokens: int,
+               prompt_ids: Optional[list[int]] = None) -> tuple[list[int], bool]:
+    """Prompt ids of at most ``max_tokens``, shortening the text (never the instructions or candidates).
+    Returns (ids, shortened). Raises :class:`PromptTooLong` when even an empty text does not fit."""
+    prompt = prompt_ids if prompt_ids is not None else builder.prompt_ids(row)
+    if len(prompt) <= max_tokens:
+        return prompt, False
+    empty = len(builder.prompt_ids(Row("", row.candidates, row.label)))
+    budget = max_tokens - empty
+    if budget <= 0:
+        raise PromptTooLong(
+            f"line {row.line}: the prompt without any text is already {empty} tokens; the limit of {max_tokens} "
+            "leaves no room for the text (raise max_length, or shorten the system prompt or the candidates)")
+    # Token boundaries can shift where the text is cut, so re-tokenise and tighten until it fits.
+    while True:
+        prompt = builder.prompt_ids(_cut_text(builder, row, budget))
+        excess = len(prompt) - max_tokens
+        if excess <= 0:
+            return prompt, True
+        budget -= excess
+
+
+def encode_train(builder: PromptBuilder, row: Row, max_length: int, truncation: str = "text",
+                 prompt_ids: Optional[list[int]] = None) -> Encoded:
+    """Token ids and loss labels of one training row (prompt tokens masked with -100)."""
+    answer = builder.answer_ids(row.label)
+    prompt = prompt_ids if prompt_ids is not None else builder.prompt_ids(row)
+    full = len(prompt) + len(answer)
+    if full <= max_length:
+        return Encoded(prompt + answer, [IGNORE] * len(prompt) + answer, False, True, full)
+    if truncation == "right":  # the tutorial's way, kept for comparisons and benchmarks
+        ids = (prompt + answer)[:max_length]
+        labels = ([IGNORE] * len(prompt) + answer)[:max_length]
+        return Encoded(ids, labels, True, False, full)
+    prompt, _ = fit_prompt(builder, row, max_length - len(answer), prompt)
+    return Encoded(prompt + answer, [IGNORE] * len(prompt) + answer, True, True, full)
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, dtype=torch.long) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad to a rectangle; returns (ids, attention_mask)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=dtype)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, width - len(s):] = torch.as_tensor(list(s), dtype=dtype)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token, so left padding changes nothing."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class AnswerCollator:
+    """Left-pads training rows so every row's answer sits at the end, and asks the model for logits only over
+    the last ``logits_to_keep`` positions: the answer is a few tokens, full logits are vocabulary-wide."""
+
+    pad_id: int
+
+    def __call__(self, features: list[dict]) -> dict:
+        ids, mask = left_pad([f["input_ids"] for f in features], self.pad_id)
+        labels, _ = left_pad([f["labels"] for f in features], IGNORE)
+        width = labels.shape[1]
+        has = labels != IGNORE
+        first = torch.where(has.any(1), has.float().argmax(1), torch.full((len(features),), width))
+        keep = int((width - first).max().item()) + 1
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask), "labels": labels,
+                "logits_to_keep": max(2, min(keep, width))}
+
+
+def answer_loss(outputs, labels: torch.Tensor, num_items_in_batch: Optional[torch.Tensor | int] = None):
+    """Token-level cross-entropy on the answer positions; the same value as the model's own causal-LM loss
+    (sum over answer tokens / answer tokens in the whole accumulated batch) computed on a few positions."""
+    logits = outputs.logits
+    k = logits.shape[1]
+    targets = labels[:, labels.shape[1] - k + 1:]
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    n = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE).sum()
+    n = n.to(loss.device).clamp(min=1) if isinstance(n, torch.Tensor) else max(int(n), 1)
+    return loss / n

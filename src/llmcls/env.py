@@ -1,0 +1,39 @@
+"""The environment a result came from: package versions, device, git commit (every result JSON carries it)."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ["llmcls", "torch", "transformers", "peft", "accelerate", "datasets", "swanlab", "scikit-learn"]
+
+
+def git_commit(path: str | Path | None = None) -> str | None:
+    where = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def environment() -> dict:
+    import torch
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    gpu = None
+    if torch.cuda.is_available():
+        gpu = {"name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
+               "memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)}
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "versions": versions,
+            "gpu": gpu, "cpu_threads": torch.get_num_threads(), "git_commit": git_commit()}

@@ -1,0 +1,217 @@
+"""Stage 3 — model: find the weights (local folder, ModelScope, Hugging Face), load tokenizer and model in the
+right dtype, build the random-init ``tiny`` preset, and attach LoRA adapters."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from llmcls.config import LoraConfig, ModelConfig, TinyConfig
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+QWEN_VOCAB = 151936  # embedding width of Qwen1.5/Qwen2 models (the tokenizer itself has 151,646 tokens)
+# Qwen's BPE split pattern, from the model card; with qwen.tiktoken it rebuilds the Qwen tokenizer exactly.
+QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+DASHSCOPE_PIN = "dashscope==2.0.2"  # a PyPI wheel that ships Qwen's BPE ranks (resources/qwen.tiktoken)
+
+
+class ModelNotFound(RuntimeError):
+    pass
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LLMCLS_CACHE", Path.home() / ".cache" / "llmcls"))
+
+
+def device_default() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+# --------------------------------------------------------------------------------------------- weights
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """A local folder holding the model. Hub ids are downloaded (or found in the hub cache when offline)."""
+    name = cfg.name_or_path
+    if name == TINY:
+        return TINY
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return str(local)
+    if cfg.source == "local":
+        raise ModelNotFound(f"model folder not found: {local}")
+    if cfg.source in ("auto", "modelscope"):
+        from modelscope import snapshot_download
+
+        # local_files_only: ModelScope otherwise calls the network even when the files are cached.
+        try:
+            return snapshot_download(name, revision=cfg.revision, cache_dir=cfg.cache_dir,
+                                     local_files_only=cfg.offline)
+        except Exception as e:  # the hub client raises many types; all mean "not available"
+            where = "the local ModelScope cache (offline)" if cfg.offline else "ModelScope"
+            raise ModelNotFound(f"could not get '{name}' from {where}: {e}. Pass a local folder as "
+                                "model.name_or_path, or model.source=huggingface.") from e
+    from huggingface_hub import snapshot_download as hf_snapshot
+
+    try:
+        return hf_snapshot(name, revision=cfg.revision, cache_dir=cfg.cache_dir, local_files_only=cfg.offline)
+    except Exception as e:
+        where = "the local Hugging Face cache (offline)" if cfg.offline else "the Hugging Face Hub"
+        raise ModelNotFound(f"could not get '{name}' from {where}: {e}") from e
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+def build_qwen_tokenizer(out_dir: Path, tiktoken_file: Optional[Path] = None) -> Path:
+    """Rebuild the exact Qwen tokenizer from Qwen's BPE ranks, which the ``dashscope`` wheel on PyPI ships.
+    Only that one file is taken from the wheel (``pip download --no-deps``), not the package's dependencies."""
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    if tiktoken_file is None:
+        wheel_dir = cache_root() / "wheels"
+        wheels = sorted(wheel_dir.glob("dashscope-*.whl"))
+        if not wheels:
+            log.info("downloading %s from PyPI for Qwen's tokenizer ranks", DASHSCOPE_PIN)
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+                            "-d", str(wheel_dir), DASHSCOPE_PIN], check=True)
+            wheels = sorted(wheel_dir.glob("dashscope-*.whl"))
+        tiktoken_file = out_dir.parent / "qwen.tiktoken"
+        tiktoken_file.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheels[-1]) as z:
+            tiktoken_file.write_bytes(z.read("dashscope/resources/qwen.tiktoken"))
+    core = TikTokenConverter(vocab_file=str(tiktoken_file), pattern=QWEN_PATTERN).converted()
+    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  chat_template=QWEN_CHAT_TEMPLATE,
+                                  additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tok.save_pretrained(tmp)
+    if out_dir.exists():  # another process finished first; its build is identical
+        shutil.rmtree(tmp)
+    else:
+        tmp.replace(out_dir)
+    return out_dir
+
+
+def qwen_tokenizer_dir() -> Path:
+    """The Qwen tokenizer for the tiny preset: ``$LLMCLS_TOKENIZER``, else a cached build from PyPI."""
+    env = os.environ.get("LLMCLS_TOKENIZER")
+    if env:
+        return Path(env)
+    out = cache_root() / "qwen-tokenizer"
+    if not (out / "tokenizer.json").is_file():
+        build_qwen_tokenizer(out)
+    return out
+
+
+def load_tokenizer(cfg: ModelConfig, path: Optional[str] = None):
+    """Load from a folder (transformers 5 renamed constructor arguments; folders load the same everywhere).
+    ``path`` wins over ``cfg.tokenizer``, which wins over the model's own folder."""
+    from transformers import AutoTokenizer
+
+    path = path or cfg.tokenizer
+    if path is None:
+        path = str(qwen_tokenizer_dir()) if cfg.name_or_path == TINY else resolve_model_path(cfg)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# ------------------------------------------------------------------------------------------------ model
+def build_tiny(tiny: TinyConfig, tokenizer, out_dir: Path, seed: int) -> Path:
+    """Materialise the random-init tiny preset as an ordinary model folder, so that every later stage (eval,
+    predict, export, serve) loads it like any other local model."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=max(QWEN_VOCAB, len(tokenizer)), hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size, num_hidden_layers=tiny.num_hidden_layers,
+        num_attention_heads=tiny.num_attention_heads, num_key_value_heads=tiny.num_key_value_heads,
+        max_position_embeddings=4096, tie_word_embeddings=tiny.tie_word_embeddings,
+        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    model = Qwen2ForCausalLM(config)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(out_dir)
+    return out_dir
+
+
+def load_model(cfg: ModelConfig, path: str, device: Optional[str] = None, dtype: Optional[torch.dtype] = None):
+    from transformers import AutoModelForCausalLM
+
+    device = device or device_default()
+    dtype = dtype or resolve_dtype(cfg.dtype, device)
+    kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model.to(device)
+
+
+def add_lora(model, cfg: LoraConfig):
+    """Wrap with PEFT LoRA adapters (or, for ``method: full``, leave every weight trainable)."""
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig as PeftLoraConfig, TaskType, get_peft_model
+
+    peft_cfg = PeftLoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.r, lora_alpha=cfg.alpha,
+                              lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules))
+    return get_peft_model(model, peft_cfg)
+
+
+def trainable_summary(model) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"parameters": total, "trainable": train, "trainable_pct": round(100 * train / max(total, 1), 4)}
+
+
+def load_trained(run_dir: str | Path, device: Optional[str] = None, dtype: Optional[torch.dtype] = None):
+    """Load a finished run: (model, tokenizer, config). LoRA runs load the base named in the run's resolved
+    config and apply ``adapter/``; full fine-tunes load ``model/``."""
+    from llmcls.config import load_config
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is not a run directory (no config.yaml); train one with 'llmcls train'")
+    cfg = load_config(run / "config.yaml")
+    tok = load_tokenizer(cfg.model, str(run / "tokenizer"))
+    if (run / "adapter").is_dir():
+        from peft import PeftModel
+
+        base = load_model(cfg.model, resolve_model_path(cfg.model), device, dtype)
+        model = PeftModel.from_pretrained(base, run / "adapter")
+    elif (run / "model").is_dir():
+        model = load_model(cfg.model, str(run / "model"), device, dtype)
+    else:
+        raise FileNotFoundError(f"{run} holds neither adapter/ nor model/: did training finish? "
+                                "Resume it with 'llmcls train --resume'")
+    model.eval()
+    return model, tok, cfg

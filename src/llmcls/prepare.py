@@ -1,0 +1,103 @@
+"""Stage 1+2 recipe — ``llmcls prepare``: validate the raw file, write the tutorial's instruction jsonl, encode
+every row and report what the encoding did (rows, invalid, labels, token lengths, shortened, answer kept).
+
+Outputs are cached on the input file's content, the data and prompt settings and the tokenizer, never on the
+mere existence of a file (the tutorial's ``if not os.path.exists``), so an edited input is always re-read.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+from tqdm.auto import tqdm
+
+from llmcls.config import Config
+from llmcls.data import read_rows, to_instruction
+from llmcls.encode import PromptBuilder, encode_train
+from llmcls.io import atomic_write_json, atomic_write_jsonl, sha256_file, sha256_json
+
+CACHE_VERSION = 1
+
+
+def _tokenizer_key(tok) -> str:
+    return sha256_json({"name": tok.name_or_path.rsplit("/", 1)[-1], "vocab": len(tok),
+                        "template": tok.chat_template or "", "eos": tok.eos_token_id})
+
+
+def _percentiles(values: list[int]) -> dict:
+    s = sorted(values)
+    pick = lambda q: s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]  # noqa: E731
+    return {"min": s[0], "median": statistics.median(s), "p90": pick(0.9), "p99": pick(0.99), "max": s[-1],
+            "mean": round(sum(s) / len(s), 1)}
+
+
+def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[str] = None,
+            progress: bool = True) -> dict:
+    """Convert, validate and encode the training file into ``out_dir``; returns the summary (also written to
+    ``out_dir/prepare.json``). Re-running with the same inputs and settings reuses the outputs."""
+    from datasets import Dataset
+
+    train_file = train_file or cfg.data.train_file
+    if not train_file:
+        raise ValueError("no training file: set data.train_file in the config or pass --train FILE")
+    out = Path(out_dir)
+    key = sha256_json({"v": CACHE_VERSION, "input": sha256_file(train_file), "data": vars(cfg.data),
+                       "prompt": vars(cfg.prompt), "tokenizer": _tokenizer_key(tokenizer)})
+    summary_path = out / "prepare.json"
+    if summary_path.is_file() and (out / "encoded").is_dir():
+        cached = json.loads(summary_path.read_text(encoding="utf-8"))
+        if cached.get("cache_key") == key:
+            cached["cached"] = True
+            return cached
+
+    rows, invalid = read_rows(train_file, cfg.data, limit=cfg.data.max_train_rows)
+    builder = PromptBuilder(tokenizer, cfg.prompt)
+    cols: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
+    full_lengths, shortened, kept, tutorial_kept = [], 0, 0, 0
+    bar = tqdm(total=len(rows), desc="encode", unit="row", disable=not progress)
+    for start in range(0, len(rows), 256):
+        chunk = rows[start:start + 256]
+        for row, ids in zip(chunk, builder.batch_prompt_ids(chunk)):
+            enc = encode_train(builder, row, cfg.data.max_length, cfg.data.truncation, ids)
+            cols["input_ids"].append(enc.input_ids)
+            cols["labels"].append(enc.labels)
+            cols["length"].append(len(enc.input_ids))
+            full_lengths.append(enc.full_length)
+            shortened += enc.shortened
+            kept += enc.answer_kept
+            # The tutorial cuts prompt+answer from the right: an answer token survives iff the prompt is shorter.
+            tutorial_kept += enc.full_length - len(builder.answer_ids(row.label)) < cfg.data.max_length
+        bar.update(len(chunk))
+    bar.close()
+
+    atomic_write_jsonl(out / "train.instruct.jsonl", (to_instruction(r, cfg.prompt) for r in rows))
+    tmp = out / "encoded.tmp"
+    Dataset.from_dict(cols).save_to_disk(str(tmp))
+    if (out / "encoded").exists():
+        import shutil
+
+        shutil.rmtree(out / "encoded")
+    tmp.replace(out / "encoded")
+
+    labels = Counter(r.label for r in rows)
+    summary = {
+        "file": str(train_file), "rows": len(rows), "invalid": len(invalid),
+        "invalid_examples": [str(e) for e in invalid[:20]],
+        "labels": dict(labels.most_common()), "num_labels": len(labels),
+        "max_length": cfg.data.max_length, "truncation": cfg.data.truncation,
+        "token_lengths": _percentiles(full_lengths), "trained_tokens": sum(cols["length"]),
+        "shortened": shortened, "answer_kept": kept, "tutorial_answer_kept": tutorial_kept,
+        "cache_key": key, "cached": False,
+    }
+    atomic_write_json(summary_path, summary)
+    return summary
+
+
+def load_encoded(out_dir: str | Path):
+    from datasets import load_from_disk
+
+    return load_from_disk(str(Path(out_dir) / "encoded"))

@@ -1,0 +1,179 @@
+"""Stage 4 recipe — ``llmcls train``: prepare the data, load the model, attach LoRA, run the HF Trainer, save.
+
+Reads top to bottom like the tutorial. What differs from it, and why:
+- rows keep their whole answer (the text is shortened instead, see ``encode.py``);
+- batches are left-padded and the LM head runs only on the answer positions (same loss, far less work);
+- the run directory never gets silently overwritten, and ``resume=True`` continues from the last checkpoint.
+
+Run directory layout::
+
+    RUN/config.yaml          resolved configuration (what was actually run)
+    RUN/data/                prepare outputs: train.instruct.jsonl, encoded/, prepare.json
+    RUN/base-model/          the tiny preset's random-init base (tiny runs only)
+    RUN/checkpoints/         Trainer checkpoints (resume from the last one)
+    RUN/adapter/             LoRA adapter, PEFT format, safetensors      (method: lora)
+    RUN/model/               fine-tuned weights, safetensors              (method: full)
+    RUN/tokenizer/           tokenizer used for training
+    RUN/train_log.jsonl      one line per logging step
+    RUN/train_summary.json   steps, loss, throughput, memory, versions
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from llmcls.config import Config, save_config, to_dict
+from llmcls.encode import AnswerCollator, answer_loss
+from llmcls.env import environment
+from llmcls.io import atomic_write_json
+from llmcls.model import (TINY, add_lora, build_tiny, load_model, load_tokenizer, resolve_dtype,
+                          resolve_model_path, trainable_summary)
+from llmcls.prepare import load_encoded, prepare
+from llmcls.track import JsonlLogCallback, Tracker
+
+log = logging.getLogger(__name__)
+
+
+class RunExists(FileExistsError):
+    pass
+
+
+def plan(cfg: Config, rows: int | None = None) -> dict:
+    """Optimizer steps the run will take (for --dry-run), from the row count when known."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * world
+    out = {"rows_per_optimizer_step": per_step, "world_size": world}
+    if rows is not None:
+        steps_per_epoch = math.ceil(math.ceil(rows / (cfg.train.batch_size * world)) / cfg.train.grad_accum)
+        total = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(steps_per_epoch * cfg.train.epochs)
+        out.update(rows=rows, steps_per_epoch=steps_per_epoch, total_steps=total,
+                   checkpoints=total // cfg.train.save_steps if cfg.train.save_steps > 0 else 0)
+    return out
+
+
+def _last_checkpoint(ckpt_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+
+
+def _save_dir_atomically(save, target: Path) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.replace(target)
+
+
+def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    run = Path(cfg.train.output_dir)
+    finished = (run / "adapter").is_dir() or (run / "model").is_dir()
+    started = (run / "checkpoints").is_dir() or finished
+    if started and not resume and not overwrite:
+        raise RunExists(f"{run} already holds a run; pass --resume to continue it, --overwrite to start over, "
+                        "or choose another train.output_dir")
+    if overwrite and not resume and run.exists():
+        for sub in ("checkpoints", "adapter", "model", "train_log.jsonl", "train_summary.json", "eval"):
+            p = run / sub
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    run.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.train.seed)
+
+    # 1. Tokenizer and data ------------------------------------------------------------------------------
+    is_tiny = cfg.model.name_or_path == TINY
+    model_path = None if is_tiny else resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, model_path)
+    summary = prepare(cfg, tokenizer, run / "data", progress=progress)
+    dataset = load_encoded(run / "data")
+    log.info("data: %d rows, %d shortened, answer kept in %d", summary["rows"], summary["shortened"],
+             summary["answer_kept"])
+
+    # 2. Model --------------------------------------------------------------------------------------------
+    if is_tiny:  # materialise the random-init base once, so eval/export load it like any local model
+        if not (run / "base-model").is_dir():
+            build_tiny(cfg.model.tiny, tokenizer, run / "base-model", cfg.train.seed)
+        model_path = str((run / "base-model").resolve())
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=model_path,
+                                                                 source="local"))
+    save_config(cfg, run / "config.yaml")
+
+    args = TrainingArguments(
+        output_dir=str(run / "checkpoints"),
+        per_device_train_batch_size=cfg.train.batch_size,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        num_train_epochs=cfg.train.epochs,
+        max_steps=cfg.train.max_steps,
+        learning_rate=cfg.train.lr,
+        lr_scheduler_type=cfg.train.lr_scheduler,
+        warmup_steps=cfg.train.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=cfg.train.weight_decay,
+        logging_steps=cfg.train.logging_steps,
+        logging_first_step=True,
+        save_steps=cfg.train.save_steps,
+        save_total_limit=cfg.train.save_total_limit,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.train.gradient_checkpointing else None,
+        seed=cfg.train.seed,
+        dataloader_num_workers=cfg.train.dataloader_workers,
+        train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,  # the collator needs 'labels'; 'length' is dropped there
+        report_to="none",             # trackers are attached explicitly below (see track.py)
+        disable_tqdm=not progress,
+    )
+    device = str(args.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    model = load_model(cfg.model, model_path, device=device, dtype=dtype)
+    model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    model = add_lora(model, cfg.lora)
+    params = trainable_summary(model)
+    log.info("trainable parameters: %s", params)
+
+    # 3. Train --------------------------------------------------------------------------------------------
+    tracker = Tracker(cfg.track, run, {**to_dict(cfg), "data_summary": {k: v for k, v in summary.items()
+                                                                         if k != "invalid_examples"}},
+                      is_main=args.process_index == 0)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=dataset,
+        data_collator=AnswerCollator(pad_id=tokenizer.pad_token_id),
+        compute_loss_func=answer_loss,
+        callbacks=[JsonlLogCallback(run / "train_log.jsonl", echo=args.process_index == 0), *tracker.callbacks],
+    )
+    checkpoint = _last_checkpoint(run / "checkpoints") if resume else None
+    if resume and checkpoint is None:
+        log.warning("no checkpoint in %s; starting from the beginning", run / "checkpoints")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    wall = time.perf_counter() - t0
+
+    # 4. Save (rank 0 only) ---------------------------------------------------------------------------------
+    out = {
+        "global_step": trainer.state.global_step, "train_loss": result.training_loss,
+        "final_logged_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
+        "wall_s": round(wall, 2), "resumed_from": checkpoint, **params,
+        "rows": summary["rows"], "tokens_seen": trainer.state.num_input_tokens_seen,
+        "tokens_per_s": round(trainer.state.num_input_tokens_seen / wall, 1) if wall > 0 else None,
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
+        "environment": environment(),
+    }
+    if trainer.is_world_process_zero():
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        target = run / ("model" if cfg.lora.method == "full" else "adapter")
+        _save_dir_atomically(lambda p: unwrapped.save_pretrained(p, safe_serialization=True), target)
+        _save_dir_atomically(tokenizer.save_pretrained, run / "tokenizer")
+        atomic_write_json(run / "train_summary.json", out)
+        tracker.log({"train/final_loss": out["train_loss"]}, step=trainer.state.global_step)
+    tracker.finish()
+    return out
