@@ -96,7 +96,7 @@ def fit_prompt(builder: PromptBuilder, row: Row, max_tokens: int,
     budget = max_tokens - empty
     if budget <= 0:
         raise PromptTooLong(
-            f"line {row.line}: the prompt without any text is already {empty} tokens; the limit of {max_tokens} "
+            f"the prompt without any text is already {empty} tokens; the limit of {max_tokens} "
             "leaves no room for the text (raise max_length, or shorten the system prompt or the candidates)")
     # Token boundaries can shift where the text is cut, so re-tokenise and tighten until it fits.
     while True:

@@ -16,8 +16,8 @@ from typing import Optional
 from tqdm.auto import tqdm
 
 from llmcls.config import Config
-from llmcls.data import read_rows, to_instruction
-from llmcls.encode import PromptBuilder, encode_train
+from llmcls.data import DataError, read_rows, to_instruction
+from llmcls.encode import PromptBuilder, PromptTooLong, encode_train
 from llmcls.io import atomic_write_json, atomic_write_jsonl, sha256_file, sha256_json
 
 CACHE_VERSION = 1
@@ -58,11 +58,20 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
     builder = PromptBuilder(tokenizer, cfg.prompt)
     cols: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
     full_lengths, shortened, kept, tutorial_kept = [], 0, 0, 0
+    used = []
     bar = tqdm(total=len(rows), desc="encode", unit="row", disable=not progress)
     for start in range(0, len(rows), 256):
         chunk = rows[start:start + 256]
         for row, ids in zip(chunk, builder.batch_prompt_ids(chunk)):
-            enc = encode_train(builder, row, cfg.data.max_length, cfg.data.truncation, ids)
+            try:
+                enc = encode_train(builder, row, cfg.data.max_length, cfg.data.truncation, ids)
+            except PromptTooLong as e:
+                err = DataError(train_file, row.line, cfg.data.category_field, str(e))
+                if cfg.data.on_invalid != "skip":
+                    raise err from None
+                invalid.append(err)
+                continue
+            used.append(row)
             cols["input_ids"].append(enc.input_ids)
             cols["labels"].append(enc.labels)
             cols["length"].append(len(enc.input_ids))
@@ -74,6 +83,9 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
         bar.update(len(chunk))
     bar.close()
 
+    rows = used
+    if not rows:
+        raise DataError(train_file, 0, None, "no row fits max_length")
     atomic_write_jsonl(out / "train.instruct.jsonl", (to_instruction(r, cfg.prompt) for r in rows))
     tmp = out / "encoded.tmp"
     Dataset.from_dict(cols).save_to_disk(str(tmp))

@@ -1,0 +1,108 @@
+"""Shared fixtures: the real Qwen tokenizer, tiny random models built from a config, tiny learnable datasets.
+
+The tokenizer comes from ``../shared/qwen-tokenizer`` when present; otherwise it is rebuilt from Qwen's BPE
+ranks in the ``dashscope`` wheel on PyPI (see ``llmcls.model.build_qwen_tokenizer``), so a fresh clone tests the
+same tokenizer. Tests that need the shared *data* skip with a reason when it is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+SHARED_TOKENIZER = SHARED / "qwen-tokenizer"
+FUDAN = SHARED / "data" / "fudan-news"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    if (SHARED_TOKENIZER / "vocab.json").is_file():
+        path = SHARED_TOKENIZER
+    else:
+        from llmcls.model import qwen_tokenizer_dir
+
+        path = qwen_tokenizer_dir()
+    os.environ["LLMCLS_TOKENIZER"] = str(path)  # the tiny preset in CLI runs picks it up
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+def tiny_model(seed: int = 0, layers: int = 2, hidden: int = 64):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=151936, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      tie_word_embeddings=True, eos_token_id=151645, pad_token_id=151643, bos_token_id=151643)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def model_factory():
+    return tiny_model
+
+
+LABELS = ["Sport", "Politics", "Enviornment", "Technology"]
+KEYWORDS = {"Sport": "football", "Politics": "election", "Enviornment": "pollution", "Technology": "software"}
+FILLER = "the of and a to in is was it for on with as by at from this that".split()
+
+
+def learnable_rows(n: int, seed: int) -> list[dict]:
+    """A task a tiny model can learn: the label is signalled by a keyword among filler words."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(LABELS)
+        words = [rng.choice(FILLER) for _ in range(rng.randint(6, 14))]
+        words.insert(rng.randrange(len(words)), KEYWORDS[label])
+        cands = rng.sample([x for x in LABELS if x != label], rng.randint(1, 3)) + [label]
+        rng.shuffle(cands)
+        rows.append({"text": " ".join(words), "category": cands, "output": label})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def learnable_data(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("learnable")
+    return {"train": write_jsonl(d / "train.jsonl", learnable_rows(240, 1)),
+            "test": write_jsonl(d / "test.jsonl", learnable_rows(60, 2)), "dir": d}
+
+
+def tiny_args(train: Path, test: Path, out: Path, **extra) -> list[str]:
+    """CLI options for a fast tiny run on the learnable task (full fine-tuning of a 2-layer model)."""
+    opts = {"model.name_or_path": "tiny", "data.train_file": str(train), "data.test_file": str(test),
+            "data.max_length": 128, "lora.method": "full", "train.output_dir": str(out), "train.epochs": 6,
+            "train.batch_size": 16, "train.grad_accum": 1, "train.lr": 3e-3, "train.logging_steps": 5,
+            "train.save_steps": 30, "train.gradient_checkpointing": "false", "train.seed": 0,
+            "track.tracker": "none", "eval.batch_size": 32}
+    opts.update(extra)
+    return [x for k, v in opts.items() for x in (f"--{k}", str(v))]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tokenizer_dir, learnable_data) -> Path:
+    """A tiny run trained and evaluated once through the real CLI, shared by tests that only read it."""
+    from llmcls.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "learnable"
+    assert main(["run", *tiny_args(learnable_data["train"], learnable_data["test"], out)]) == 0
+    return out
