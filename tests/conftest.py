@@ -90,7 +90,7 @@ def learnable_data(tmp_path_factory) -> dict:
 def tiny_args(train: Path, test: Path, out: Path, **extra) -> list[str]:
     """CLI options for a fast tiny run on the learnable task (full fine-tuning of a 2-layer model)."""
     opts = {"model.name_or_path": "tiny", "data.train_file": str(train), "data.test_file": str(test),
-            "data.max_length": 128, "lora.method": "full", "train.output_dir": str(out), "train.epochs": 6,
+            "data.max_length": 128, "lora.method": "full", "train.output_dir": str(out), "train.epochs": 12,
             "train.batch_size": 16, "train.grad_accum": 1, "train.lr": 3e-3, "train.logging_steps": 5,
             "train.save_steps": 30, "train.gradient_checkpointing": "false", "train.seed": 0,
             "track.tracker": "none", "eval.batch_size": 32}
@@ -104,5 +104,9 @@ def trained_run(tmp_path_factory, tokenizer_dir, learnable_data) -> Path:
     from llmcls.cli import main
 
     out = tmp_path_factory.mktemp("runs") / "learnable"
-    assert main(["run", *tiny_args(learnable_data["train"], learnable_data["test"], out)]) == 0
+    # SwanLab as in the tutorial; with no API key it must run offline (no prompt, no network).
+    os.environ.pop("SWANLAB_API_KEY", None)
+    args = tiny_args(learnable_data["train"], learnable_data["test"], out, **{"track.tracker": "swanlab",
+                                                                          "track.project": "llmcls-tests"})
+    assert main(["run", *args]) == 0
     return out

@@ -17,6 +17,9 @@ def test_train_eval_predict_cli(trained_run, learnable_data, tmp_path, capsys):
     for f in ("config.yaml", "model/model.safetensors", "tokenizer/tokenizer_config.json"):
         assert (trained_run / f).exists(), f
 
+    swanlog = trained_run / "swanlog"
+    assert swanlog.is_dir() and any(p.is_file() for p in swanlog.rglob("*")), "no offline SwanLab logs"
+
     out = tmp_path / "pred.jsonl"
     assert main(["predict", str(trained_run), "--input", str(learnable_data["test"]), "--output", str(out)]) == 0
     preds = [json.loads(l) for l in out.read_text().splitlines()]
@@ -27,3 +30,25 @@ def test_train_eval_predict_cli(trained_run, learnable_data, tmp_path, capsys):
     for p, r in zip(preds, rows):
         assert set(p["probs"]) == set(r["category"])
         assert abs(sum(p["probs"].values()) - 1) < 1e-4
+
+
+def test_predict_from_stdin_with_fixed_labels(trained_run, capsys, monkeypatch):
+    import io
+
+    from llmcls.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"text": "the football was of a"}\n{"text": "pollution and"}\n'))
+    assert main(["predict", str(trained_run), "--labels", "Sport,Enviornment"]) == 0
+    out = [json.loads(l) for l in capsys.readouterr().out.strip().splitlines()]
+    assert [o["label"] for o in out] == ["Sport", "Enviornment"]
+    assert all(set(o["probs"]) == {"Sport", "Enviornment"} for o in out)
+
+
+def test_predict_never_overwrites(trained_run, learnable_data, tmp_path, capsys):
+    from llmcls.cli import main
+
+    out = tmp_path / "mine.jsonl"
+    out.write_text("precious\n")
+    assert main(["predict", str(trained_run), "-i", str(learnable_data["test"]), "-o", str(out)]) == 2
+    assert out.read_text() == "precious\n"
+    assert "--overwrite" in capsys.readouterr().err

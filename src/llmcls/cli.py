@@ -172,12 +172,12 @@ def cmd_make_dataset(args) -> int:
 
 # ------------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llmcls", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="llmcls", description=__doc__.split("\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quiet", "-q", action="store_true", help="Only warnings and errors in the log.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("prepare", help="Validate and convert the raw data; report lengths and truncation.",
+    s = sub.add_parser("prepare", allow_abbrev=False, help="Validate and convert the raw data; report lengths and truncation.",
                        description="Validate the raw jsonl, write the instruction jsonl and encoded rows, and "
                                    "report rows, labels, token lengths and what the max-length cut does.")
     add_config_options(s)
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, text in (("train", cmd_train, "Fine-tune (LoRA or full) with the HF Trainer."),
                              ("run", cmd_run, "Train, then evaluate on data.test_file (the demo's command).")):
-        s = sub.add_parser(name, help=text, description=text)
+        s = sub.add_parser(name, help=text, description=text, allow_abbrev=False)
         add_config_options(s)
         s.add_argument("--resume", action="store_true", help="Continue from the last checkpoint of the run.")
         s.add_argument("--overwrite", action="store_true", help="Replace an existing run in train.output_dir.")

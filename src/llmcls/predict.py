@@ -27,8 +27,8 @@ def trained_labels(run_dir: str | Path) -> Optional[list[str]]:
 
 def predict(run_dir: str | Path, input_path: Optional[str], output: Optional[str] = None,
             labels: Optional[list[str]] = None, method: Optional[str] = None, batch_size: Optional[int] = None,
-            overwrite: bool = False, progress: bool = True, stdin: TextIO = sys.stdin,
-            stdout: TextIO = sys.stdout, model_and_tokenizer=None) -> int:
+            overwrite: bool = False, progress: bool = True, stdin: Optional[TextIO] = None,
+            stdout: Optional[TextIO] = None, model_and_tokenizer=None) -> int:
     """Returns the number of rows written."""
     import tempfile
 
@@ -44,7 +44,7 @@ def predict(run_dir: str | Path, input_path: Optional[str], output: Optional[str
         (model, tok), cfg = model_and_tokenizer, load_config(Path(run_dir) / "config.yaml")
     if input_path in (None, "-"):  # stdin is read whole, then parsed with the same validation as files
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as tmp:
-            tmp.write(stdin.read())
+            tmp.write((stdin or sys.stdin).read())
         input_path = tmp.name
     labels = labels or trained_labels(run_dir)
     rows, _ = read_rows(input_path, cfg.data, need_label=False, on_invalid="error", labels=labels)
@@ -63,5 +63,5 @@ def predict(run_dir: str | Path, input_path: Optional[str], output: Optional[str
         with atomic_open(output) as fh:
             fh.write("\n".join(lines) + "\n")
     else:
-        stdout.write("\n".join(lines) + "\n")
+        (stdout or sys.stdout).write("\n".join(lines) + "\n")
     return len(lines)

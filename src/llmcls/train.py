@@ -73,7 +73,9 @@ def _save_dir_atomically(save, target: Path) -> None:
     tmp.replace(target)
 
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          callbacks: list | None = None) -> dict:
+    """Fine-tune as configured; returns the training summary. ``callbacks`` are extra TrainerCallbacks."""
     from transformers import Trainer, TrainingArguments, set_seed
 
     run = Path(cfg.train.output_dir)
@@ -147,7 +149,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
         model=model, args=args, train_dataset=dataset,
         data_collator=AnswerCollator(pad_id=tokenizer.pad_token_id),
         compute_loss_func=answer_loss,
-        callbacks=[JsonlLogCallback(run / "train_log.jsonl", echo=args.process_index == 0), *tracker.callbacks],
+        callbacks=[JsonlLogCallback(run / "train_log.jsonl", echo=args.process_index == 0), *tracker.callbacks,
+                   *(callbacks or [])],
     )
     checkpoint = _last_checkpoint(run / "checkpoints") if resume else None
     if resume and checkpoint is None:

@@ -1,0 +1,85 @@
+"""Config: typed, validated before any model loads, overridable, documented in --help."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from llmcls.config import ALL_PROJ, Config, ConfigError, iter_fields, load_config
+
+TUTORIAL = ROOT / "configs" / "qwen1.5-7b-chat-fudan.yaml"
+
+
+def test_tutorial_config_is_the_tutorial():
+    c = load_config(TUTORIAL)
+    assert (c.model.name_or_path, c.model.source) == ("qwen/Qwen1.5-7B-Chat", "modelscope")
+    assert c.model.trust_remote_code is False
+    assert c.prompt.system.startswith("You are an expert in text classification.")
+    assert c.prompt.user_template == "Text: {text}, Type Options: {category}"
+    assert c.data.max_length == 384
+    assert (c.lora.r, c.lora.alpha, c.lora.dropout, c.lora.target_modules) == (8, 32, 0.1, ALL_PROJ)
+    t = c.train
+    assert (t.batch_size, t.grad_accum, t.epochs, t.lr, t.logging_steps, t.save_steps) == (4, 4, 2, 1e-4, 10, 100)
+    assert t.gradient_checkpointing is True
+    assert (c.track.project, c.track.experiment) == ("Qwen-fintune", "Qwen1.5-7B-Chat")
+
+
+def test_unknown_and_bad_keys_are_named(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"train": {"lr": 1e-4, "epoch": 3}}))
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.epoch' \(did you mean 'epochs'\?\)"):
+        load_config(p)
+    p.write_text(yaml.safe_dump({"lora": {"r": "eight"}}))
+    with pytest.raises(ConfigError, match="lora.r: expected an integer"):
+        load_config(p)
+    p.write_text(yaml.safe_dump({"eval": {"method": "vote"}}))
+    with pytest.raises(ConfigError, match="eval.method: 'vote' is not one of score, generate"):
+        load_config(p)
+    p.write_text(yaml.safe_dump({"modle": {}}))
+    with pytest.raises(ConfigError, match="unknown config key 'modle'"):
+        load_config(p)
+
+
+def test_overrides_are_typed():
+    c = load_config(TUTORIAL, {"train.lr": "2e-4", "train.gradient_checkpointing": "false",
+                               "lora.target_modules": "q_proj,v_proj", "data.max_eval_rows": "none"})
+    assert c.train.lr == 2e-4 and c.train.gradient_checkpointing is False
+    assert c.lora.target_modules == ["q_proj", "v_proj"] and c.data.max_eval_rows is None
+
+
+def test_help_documents_every_option():
+    from llmcls.cli import build_parser
+
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices
+    for name in ("prepare", "train", "eval", "predict", "run"):
+        text = sub[name].format_help()
+        for action in sub[name]._actions:
+            assert action.help, f"{name} {action.option_strings} has no help"
+    train_help = sub["train"].format_help()
+    for key, *_ in iter_fields(Config):
+        assert f"--{key}" in train_help
+
+
+def test_dry_run_loads_and_downloads_nothing(tmp_path):
+    """An unreachable hub id and the offline switch: a dry run must still print the plan."""
+    out = subprocess.run([sys.executable, "-m", "llmcls.cli", "train", "-c", str(TUTORIAL), "--dry-run",
+                          "--model.name_or_path", "nobody/does-not-exist", "--model.offline", "true",
+                          "--train.output_dir", str(tmp_path / "run")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "name_or_path: nobody/does-not-exist" in out.stdout
+    assert "rows_per_optimizer_step: 16" in out.stdout
+    assert not (tmp_path / "run").exists()
+    if (ROOT.parent / "shared" / "data" / "fudan-news" / "train.jsonl").is_file():
+        assert "total_steps: 836" in out.stdout  # 6,675 rows / 16 per step, 2 epochs
+
+
+def test_saved_config_round_trips(tmp_path):
+    from llmcls.config import save_config, to_dict
+
+    c = load_config(TUTORIAL, {"train.seed": "7"})
+    save_config(c, tmp_path / "c.yaml")
+    assert to_dict(load_config(tmp_path / "c.yaml")) == to_dict(c)

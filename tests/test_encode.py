@@ -1,0 +1,102 @@
+"""Prompts, masking and answer-keeping truncation on the real Qwen tokenizer."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import FUDAN
+from llmcls.config import DataConfig, PromptConfig, TUTORIAL_SYSTEM, load_config
+from llmcls.data import Row, read_rows
+from llmcls.encode import IGNORE, AnswerCollator, PromptBuilder, PromptTooLong, answer_loss, encode_train
+
+
+def tutorial_prompt(text, category):
+    # The tutorial's process_func, verbatim in substance: a hand-written ChatML string.
+    user = f"Text: {text}, Type Options: {category}"
+    return (f"<|im_start|>system\n{TUTORIAL_SYSTEM}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+            f"<|im_start|>assistant\n")
+
+
+def test_prompt_equals_tutorial_string(tokenizer):
+    b = PromptBuilder(tokenizer, PromptConfig())
+    rows = [Row("国务院召开会议，讨论经济形势。", ["Economy", "Politics"], "Economy"),
+            Row("Arsenal won 2-1 at home.\nGreat match!", ["Sport", "Art", "Enviornment"], "Sport")]
+    for r in rows:
+        want = tokenizer(tutorial_prompt(r.text, r.candidates), add_special_tokens=False)["input_ids"]
+        assert b.prompt_ids(r) == want
+        assert b.prompt_text(r) == tutorial_prompt(r.text, r.candidates)
+
+
+def test_masking_and_end_token(tokenizer):
+    b = PromptBuilder(tokenizer, PromptConfig())
+    r = Row("短新闻", ["Enviornment", "Sport"], "Enviornment")
+    enc = encode_train(b, r, 384)
+    prompt = b.prompt_ids(r)
+    answer = tokenizer("Enviornment", add_special_tokens=False)["input_ids"]
+    assert len(answer) == 3  # a multi-token label
+    assert enc.input_ids == prompt + answer + [151645]  # <|im_end|> closes the answer
+    assert enc.labels == [IGNORE] * len(prompt) + answer + [151645]
+    assert not enc.shortened and enc.answer_kept
+
+
+def test_long_row_keeps_whole_answer(tokenizer):
+    b = PromptBuilder(tokenizer, PromptConfig())
+    text = "经济发展和社会进步是我们的共同目标。" * 200
+    r = Row(text, ["Economy", "Enviornment"], "Enviornment")
+    for max_len in (100, 200, 384):
+        enc = encode_train(b, r, max_len)
+        answer = b.answer_ids("Enviornment")
+        assert len(enc.input_ids) <= max_len
+        assert len(enc.input_ids) >= max_len - 3  # the text is cut close to the limit, not far below it
+        assert enc.input_ids[-len(answer):] == answer
+        assert [t for t in enc.labels if t != IGNORE] == answer
+        assert enc.shortened and enc.answer_kept
+        # the shortened prompt is a real prompt: a prefix of the text inside the same template
+        prompt_text = tokenizer.decode(enc.input_ids[:-len(answer)])
+        kept = prompt_text.split("Text: ", 1)[1].split(", Type Options:")[0]
+        assert text.startswith(kept) and len(kept) > 10
+    right = encode_train(b, r, 200, truncation="right")  # the tutorial's cut loses the answer
+    assert len(right.input_ids) == 200 and all(t == IGNORE for t in right.labels)
+
+
+def test_prompt_too_long_is_a_clear_error(tokenizer):
+    b = PromptBuilder(tokenizer, PromptConfig())
+    with pytest.raises(PromptTooLong, match="without any text"):
+        encode_train(b, Row("x" * 500, ["A", "B"], "A"), 30)
+
+
+def test_answer_loss_equals_model_loss(tokenizer, model_factory):
+    """Left padding + logits on answer positions only gives the model's own full-logits loss."""
+    model = model_factory(seed=3)
+    b = PromptBuilder(tokenizer, PromptConfig())
+    rows = [Row("a short one", ["Sport", "Art"], "Sport"), Row("a much longer text " * 8, ["Enviornment", "Art"],
+                                                                   "Enviornment")]
+    feats = [{"input_ids": e.input_ids, "labels": e.labels} for e in (encode_train(b, r, 128) for r in rows)]
+    batch = AnswerCollator(pad_id=tokenizer.pad_token_id)(feats)
+    assert batch["logits_to_keep"] < batch["input_ids"].shape[1]
+    labels = batch.pop("labels")
+    fast = answer_loss(model(**batch), labels)
+    # reference: each row alone, unpadded, full logits, the model's own loss summed over answer tokens
+    total, n = 0.0, 0
+    for f in feats:
+        ids, lab = torch.tensor([f["input_ids"]]), torch.tensor([f["labels"]])
+        k = int((lab != IGNORE).sum())
+        total += model(input_ids=ids, labels=lab).loss.item() * k
+        n += k
+    assert abs(fast.item() - total / n) < 1e-4
+
+
+@pytest.mark.skipif(not (FUDAN / "train.jsonl").is_file(), reason="../shared/data/fudan-news is absent")
+def test_fudan_every_row_keeps_its_answer(tokenizer, tmp_path):
+    """On the real development data (first 600 rows, for time) the tutorial's cut drops most answers; ours
+    keeps every one. The full file is checked by `llmcls prepare --json` (see README)."""
+    from llmcls.prepare import prepare
+
+    cfg = load_config(None, {"data.train_file": str(FUDAN / "train.jsonl"), "data.max_train_rows": 600})
+    s = prepare(cfg, tokenizer, tmp_path / "prep", progress=False)
+    assert s["rows"] == 600 and s["answer_kept"] == 600
+    assert s["tutorial_answer_kept"] < 0.25 * 600
+    assert s["shortened"] > 400
+    enc = json.loads((tmp_path / "prep" / "prepare.json").read_text())
+    assert enc["answer_kept"] == s["answer_kept"]

@@ -1,0 +1,81 @@
+"""Training: LoRA weights change while the base stays frozen; a resumed run ends where an uninterrupted one does."""
+
+import json
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from llmcls.config import load_config
+from llmcls.train import RunExists, train
+
+
+def lora_cfg(data, out, **extra):
+    opts = {"model.name_or_path": "tiny", "data.train_file": str(data["train"]), "data.test_file": str(data["test"]),
+            "data.max_length": 128, "lora.method": "lora", "lora.r": "4", "train.output_dir": str(out),
+            "train.max_steps": "8", "train.batch_size": "8", "train.grad_accum": "2", "train.lr": "1e-2",
+            "train.logging_steps": "1", "train.save_steps": "4", "train.gradient_checkpointing": "true",
+            "train.seed": "0", "track.tracker": "none"}
+    opts.update(extra)
+    return load_config(None, opts)
+
+
+class Snapshot(TrainerCallback):
+    def __init__(self):
+        self.before, self.after, self.grad = {}, {}, {}
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.grad = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    def on_train_end(self, args, state, control, model=None, **kw):
+        self.after = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_lora_changes_adapters_and_freezes_base(tokenizer_dir, learnable_data, tmp_path):
+    snap = Snapshot()
+    out = train(lora_cfg(learnable_data, tmp_path / "run"), progress=False, callbacks=[snap])
+    lora = [n for n in snap.before if "lora_" in n]
+    base = [n for n in snap.before if "lora_" not in n]
+    assert len(lora) == 2 * 7 * 2  # A and B on 7 projections in 2 layers
+    assert all(snap.grad[n] for n in lora) and not any(snap.grad[n] for n in base)
+    for n in lora:
+        if "lora_B" in n:  # B starts at zero; any change means it trained
+            assert snap.before[n].abs().max() == 0 and snap.after[n].abs().max() > 0, n
+        else:
+            assert not torch.equal(snap.before[n], snap.after[n]), n
+    for n in base:
+        assert torch.equal(snap.before[n], snap.after[n]), n
+    assert out["trainable"] < 0.05 * out["parameters"]
+    run = tmp_path / "run"
+    from safetensors.torch import load_file
+
+    saved = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert saved and all("lora_" in k for k in saved)
+    assert (run / "adapter" / "adapter_config.json").is_file() and (run / "tokenizer").is_dir()
+    with pytest.raises(RunExists):  # never silently overwrite a finished run
+        train(lora_cfg(learnable_data, run), progress=False)
+
+
+class Crash(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == 6:
+            raise KeyboardInterrupt("simulated crash")
+
+
+def test_resume_matches_uninterrupted(tokenizer_dir, learnable_data, tmp_path):
+    full = train(lora_cfg(learnable_data, tmp_path / "a"), progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(lora_cfg(learnable_data, tmp_path / "b"), progress=False, callbacks=[Crash()])
+    assert (tmp_path / "b" / "checkpoints" / "checkpoint-4").is_dir()
+    assert not (tmp_path / "b" / "adapter").exists()
+    resumed = train(lora_cfg(learnable_data, tmp_path / "b"), resume=True, progress=False)
+    assert resumed["resumed_from"].endswith("checkpoint-4")
+    assert resumed["global_step"] == full["global_step"] == 8
+    assert abs(resumed["final_logged_loss"] - full["final_logged_loss"]) < 1e-5
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
