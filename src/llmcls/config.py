@@ -62,6 +62,7 @@ class ModelConfig:
         None, "Tokenizer folder; default: the model's own (the tiny preset uses the Qwen tokenizer)."
     )
     attn_implementation: Optional[str] = f(None, "Attention kernel ('sdpa', 'eager', 'flash_attention_2').")
+    offload_embeddings: bool = f(False, "Keep the frozen input embedding table in CPU memory (16 GB mode).")
     tiny: TinyConfig = field(default_factory=TinyConfig, metadata={"doc": "Shape of the 'tiny' preset."})
 
 
@@ -97,6 +98,8 @@ class LoraConfig:
     alpha: int = f(32, "LoRA alpha (scaling = alpha / r).")
     dropout: float = f(0.1, "LoRA dropout.")
     target_modules: list[str] = f(list(ALL_PROJ), "Modules that get adapters.")
+    dtype: Literal["auto", "float32"] = f(
+        "auto", "Adapter weights dtype: 'auto' follows the base model (bf16 on a GPU); 'float32' is the tutorial's.")
 
 
 @dataclass

@@ -113,12 +113,12 @@ def map_output(text: str, candidates: Sequence[str]) -> Optional[str]:
 
 @torch.no_grad()
 def generate_batch(model, builder: PromptBuilder, rows: Sequence[Row], max_new_tokens: int,
-                   max_length: Optional[int] = None) -> list[str]:
+                   max_length: Optional[int] = None, **generate_kwargs) -> list[str]:
     dev = _model_device(model)
     ids, mask = left_pad(_prompts(builder, rows, max_length), builder.tok.pad_token_id)
     out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=builder.tok.pad_token_id,
-                         eos_token_id=builder.tok.eos_token_id)
+                         eos_token_id=builder.tok.eos_token_id, **generate_kwargs)
     return builder.tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
 
 

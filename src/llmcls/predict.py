@@ -42,12 +42,17 @@ def predict(run_dir: str | Path, input_path: Optional[str], output: Optional[str
         from llmcls.config import load_config
 
         (model, tok), cfg = model_and_tokenizer, load_config(Path(run_dir) / "config.yaml")
-    if input_path in (None, "-"):  # stdin is read whole, then parsed with the same validation as files
+    from_stdin = input_path in (None, "-")
+    if from_stdin:  # stdin is read whole, then parsed with the same validation as files
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as tmp:
             tmp.write((stdin or sys.stdin).read())
         input_path = tmp.name
     labels = labels or trained_labels(run_dir)
-    rows, _ = read_rows(input_path, cfg.data, need_label=False, on_invalid="error", labels=labels)
+    try:
+        rows, _ = read_rows(input_path, cfg.data, need_label=False, on_invalid="error", labels=labels)
+    finally:
+        if from_stdin:
+            Path(input_path).unlink(missing_ok=True)
     preds = classify(model, PromptBuilder(tok, cfg.prompt), rows, method=method or cfg.eval.method,
                      batch_size=batch_size or cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
                      max_length=cfg.data.max_length, progress=progress, desc="predict")

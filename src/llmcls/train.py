@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainingArguments
 
 from llmcls.config import Config, save_config, to_dict
 from llmcls.encode import AnswerCollator, answer_loss
@@ -73,10 +74,61 @@ def _save_dir_atomically(save, target: Path) -> None:
     tmp.replace(target)
 
 
+class _Arguments(TrainingArguments):
+    """llmcls places the model itself (``model.load_model``), so the Trainer must not move it: with
+    ``model.offload_embeddings`` part of it stays on the CPU on purpose. This property is the documented hook."""
+
+    @property
+    def place_model_on_device(self) -> bool:
+        return False
+
+
+def training_arguments(cfg: Config, run: Path, progress: bool = True) -> TrainingArguments:
+    return _Arguments(
+        output_dir=str(run / "checkpoints"),
+        per_device_train_batch_size=cfg.train.batch_size,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        num_train_epochs=cfg.train.epochs,
+        max_steps=cfg.train.max_steps,
+        learning_rate=cfg.train.lr,
+        lr_scheduler_type=cfg.train.lr_scheduler,
+        warmup_steps=cfg.train.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=cfg.train.weight_decay,
+        logging_steps=cfg.train.logging_steps,
+        logging_first_step=True,
+        save_steps=cfg.train.save_steps,
+        save_total_limit=cfg.train.save_total_limit,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.train.gradient_checkpointing else None,
+        seed=cfg.train.seed,
+        dataloader_num_workers=cfg.train.dataloader_workers,
+        train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,  # the collator needs 'labels'; 'length' is dropped there
+        report_to="none",             # trackers are attached explicitly (see track.py)
+        disable_tqdm=not progress,
+    )
+
+
+def prepare_for_training(model, cfg: Config):
+    """Attach adapters (or unfreeze everything) and switch off what training doesn't need."""
+    model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    return add_lora(model, cfg.lora)
+
+
+def build_trainer(model, tokenizer, dataset, args: TrainingArguments, callbacks: list | None = None):
+    """The HF Trainer with llmcls's collator (left padding, answer-position logits) and loss."""
+    from transformers import Trainer
+
+    return Trainer(model=model, args=args, train_dataset=dataset,
+                   data_collator=AnswerCollator(pad_id=tokenizer.pad_token_id),
+                   compute_loss_func=answer_loss, callbacks=callbacks or [])
+
+
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: bool = True,
           callbacks: list | None = None) -> dict:
     """Fine-tune as configured; returns the training summary. ``callbacks`` are extra TrainerCallbacks."""
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import set_seed
 
     run = Path(cfg.train.output_dir)
     finished = (run / "adapter").is_dir() or (run / "model").is_dir()
@@ -109,35 +161,10 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
                                                                  source="local"))
     save_config(cfg, run / "config.yaml")
 
-    args = TrainingArguments(
-        output_dir=str(run / "checkpoints"),
-        per_device_train_batch_size=cfg.train.batch_size,
-        gradient_accumulation_steps=cfg.train.grad_accum,
-        num_train_epochs=cfg.train.epochs,
-        max_steps=cfg.train.max_steps,
-        learning_rate=cfg.train.lr,
-        lr_scheduler_type=cfg.train.lr_scheduler,
-        warmup_steps=cfg.train.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-        weight_decay=cfg.train.weight_decay,
-        logging_steps=cfg.train.logging_steps,
-        logging_first_step=True,
-        save_steps=cfg.train.save_steps,
-        save_total_limit=cfg.train.save_total_limit,
-        gradient_checkpointing=cfg.train.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.train.gradient_checkpointing else None,
-        seed=cfg.train.seed,
-        dataloader_num_workers=cfg.train.dataloader_workers,
-        train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
-        include_num_input_tokens_seen="non_padding",
-        remove_unused_columns=False,  # the collator needs 'labels'; 'length' is dropped there
-        report_to="none",             # trackers are attached explicitly below (see track.py)
-        disable_tqdm=not progress,
-    )
+    args = training_arguments(cfg, run, progress)
     device = str(args.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
-    model = load_model(cfg.model, model_path, device=device, dtype=dtype)
-    model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
-    model = add_lora(model, cfg.lora)
+    model = prepare_for_training(load_model(cfg.model, model_path, device=device, dtype=dtype), cfg)
     params = trainable_summary(model)
     log.info("trainable parameters: %s", params)
 
@@ -145,13 +172,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
     tracker = Tracker(cfg.track, run, {**to_dict(cfg), "data_summary": {k: v for k, v in summary.items()
                                                                          if k != "invalid_examples"}},
                       is_main=args.process_index == 0)
-    trainer = Trainer(
-        model=model, args=args, train_dataset=dataset,
-        data_collator=AnswerCollator(pad_id=tokenizer.pad_token_id),
-        compute_loss_func=answer_loss,
-        callbacks=[JsonlLogCallback(run / "train_log.jsonl", echo=args.process_index == 0), *tracker.callbacks,
-                   *(callbacks or [])],
-    )
+    trainer = build_trainer(model, tokenizer, dataset, args, callbacks=[
+        JsonlLogCallback(run / "train_log.jsonl", echo=args.process_index == 0), *tracker.callbacks,
+        *(callbacks or [])])
     checkpoint = _last_checkpoint(run / "checkpoints") if resume else None
     if resume and checkpoint is None:
         log.warning("no checkpoint in %s; starting from the beginning", run / "checkpoints")
