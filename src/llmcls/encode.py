@@ -33,6 +33,7 @@ class PromptBuilder:
             raise ValueError("the tokenizer has no end token (eos); chat models end each turn with one")
         self.end_id = tokenizer.eos_token_id
         self._answer_cache: dict[str, list[int]] = {}
+        self._empty_cache: dict[tuple, int] = {}
 
     def messages(self, row: Row) -> list[dict]:
         return [{"role": "system", "content": self.prompt.system},
@@ -49,6 +50,13 @@ class PromptBuilder:
         """Prompt ids of many rows in one call (the fast tokenizer works on them in parallel)."""
         texts = [self.prompt_text(r) for r in rows]
         return self.tok(texts, add_special_tokens=False)["input_ids"]
+
+    def empty_prompt_length(self, candidates: Sequence[str]) -> int:
+        """Tokens of the prompt around an empty text: the part no shortening can remove."""
+        key = tuple(candidates)
+        if key not in self._empty_cache:
+            self._empty_cache[key] = len(self.prompt_ids(Row("", list(candidates), None)))
+        return self._empty_cache[key]
 
     def label_ids(self, label: str) -> list[int]:
         """Tokens of a label as the assistant's reply (no end token)."""
@@ -89,10 +97,20 @@ def fit_prompt(builder: PromptBuilder, row: Row, max_tokens: int,
                prompt_ids: Optional[list[int]] = None) -> tuple[list[int], bool]:
     """Prompt ids of at most ``max_tokens``, shortening the text (never the instructions or candidates).
     Returns (ids, shortened). Raises :class:`PromptTooLong` when even an empty text does not fit."""
-    prompt = prompt_ids if prompt_ids is not None else builder.prompt_ids(row)
-    if len(prompt) <= max_tokens:
-        return prompt, False
-    empty = len(builder.prompt_ids(Row("", row.candidates, row.label)))
+    fitted, ids = fit_row(builder, row, max_tokens, prompt_ids)
+    return ids, fitted is not row
+
+
+def fit_row(builder: PromptBuilder, row: Row, max_tokens: int,
+            prompt_ids: Optional[list[int]] = None) -> tuple[Row, list[int]]:
+    """The row (with its text shortened if needed) and its prompt ids, at most ``max_tokens`` of them.
+    A long text is never tokenised whole (slow for long Chinese texts): only as much of its head as can fit."""
+    prompt = prompt_ids
+    if prompt is None and len(row.text) <= 2 * max_tokens:
+        prompt = builder.prompt_ids(row)
+    if prompt is not None and len(prompt) <= max_tokens:
+        return row, prompt
+    empty = builder.empty_prompt_length(row.candidates)
     budget = max_tokens - empty
     if budget <= 0:
         raise PromptTooLong(
@@ -100,10 +118,11 @@ def fit_prompt(builder: PromptBuilder, row: Row, max_tokens: int,
             "leaves no room for the text (raise max_length, or shorten the system prompt or the candidates)")
     # Token boundaries can shift where the text is cut, so re-tokenise and tighten until it fits.
     while True:
-        prompt = builder.prompt_ids(_cut_text(builder, row, budget))
+        cut = _cut_text(builder, row, budget)
+        prompt = builder.prompt_ids(cut)
         excess = len(prompt) - max_tokens
         if excess <= 0:
-            return prompt, True
+            return (cut if len(cut.text) < len(row.text) else row), prompt
         budget -= excess
 
 

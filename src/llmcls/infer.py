@@ -36,21 +36,20 @@ def _batches(order: list[int], size: int) -> Iterable[list[int]]:
         yield order[i:i + size]
 
 
-def _prompts(builder: PromptBuilder, rows: Sequence[Row], max_length: Optional[int]) -> list[list[int]]:
+def prompts_for(builder: PromptBuilder, rows: Sequence[Row], max_length: Optional[int]) -> list[list[int]]:
     """Prompt ids, with texts shortened exactly as in training: prompt + longest answer fit ``max_length``."""
-    ids = builder.batch_prompt_ids(rows)
     if max_length is None:
-        return ids
-    return [fit_prompt(builder, r, max_length - max(len(builder.answer_ids(c)) for c in r.candidates), p)[0]
-            for r, p in zip(rows, ids)]
+        return builder.batch_prompt_ids(rows)
+    return [fit_prompt(builder, r, max_length - max(len(builder.answer_ids(c)) for c in r.candidates))[0]
+            for r in rows]
 
 
 @torch.no_grad()
-def score_batch(model, builder: PromptBuilder, rows: Sequence[Row],
-                max_length: Optional[int] = None) -> list[list[float]]:
+def score_batch(model, builder: PromptBuilder, rows: Sequence[Row], max_length: Optional[int] = None,
+                prompts: Optional[list[list[int]]] = None) -> list[list[float]]:
     """Log-likelihood of every candidate of every row (same order as ``row.candidates``)."""
     dev = _model_device(model)
-    prompts = _prompts(builder, rows, max_length)
+    prompts = prompts if prompts is not None else prompts_for(builder, rows, max_length)
     ids, mask = left_pad(prompts, builder.tok.pad_token_id)
     ids, mask = ids.to(dev), mask.to(dev)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True,
@@ -113,9 +112,11 @@ def map_output(text: str, candidates: Sequence[str]) -> Optional[str]:
 
 @torch.no_grad()
 def generate_batch(model, builder: PromptBuilder, rows: Sequence[Row], max_new_tokens: int,
-                   max_length: Optional[int] = None, **generate_kwargs) -> list[str]:
+                   max_length: Optional[int] = None, prompts: Optional[list[list[int]]] = None,
+                   **generate_kwargs) -> list[str]:
     dev = _model_device(model)
-    ids, mask = left_pad(_prompts(builder, rows, max_length), builder.tok.pad_token_id)
+    prompts = prompts if prompts is not None else prompts_for(builder, rows, max_length)
+    ids, mask = left_pad(prompts, builder.tok.pad_token_id)
     out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=builder.tok.pad_token_id,
                          eos_token_id=builder.tok.eos_token_id, **generate_kwargs)
@@ -128,18 +129,28 @@ def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "
     """Classify rows in batches (longest first, so padding stays small); results come back in input order."""
     from tqdm.auto import tqdm
 
+    from concurrent.futures import ThreadPoolExecutor
+
     lengths = [len(r.text) for r in rows]
     order = sorted(range(len(rows)), key=lambda i: -lengths[i])
+    batches = list(_batches(order, batch_size))
     preds: list[Optional[Prediction]] = [None] * len(rows)
-    with tqdm(total=len(rows), desc=desc, unit="row", disable=not progress) as bar:
-        for idx in _batches(order, batch_size):
+    # Tokenising the next batch on a thread (the tokenizer releases the GIL) overlaps it with the model.
+    with tqdm(total=len(rows), desc=desc, unit="row", disable=not progress) as bar, \
+            ThreadPoolExecutor(max_workers=1) as pool:
+        prep = lambda idx: prompts_for(builder, [rows[i] for i in idx], max_length)  # noqa: E731
+        pending = pool.submit(prep, batches[0]) if batches else None
+        for k, idx in enumerate(batches):
+            prompts = pending.result()
+            if k + 1 < len(batches):
+                pending = pool.submit(prep, batches[k + 1])
             batch = [rows[i] for i in idx]
             if method == "score":
-                for i, r, ll in zip(idx, batch, score_batch(model, builder, batch, max_length)):
+                for i, r, ll in zip(idx, batch, score_batch(model, builder, batch, prompts=prompts)):
                     probs = dict(zip(r.candidates, to_probs(ll)))
                     preds[i] = Prediction(i, max(probs, key=probs.get), probs)
             else:
-                texts = generate_batch(model, builder, batch, max_new_tokens, max_length)
+                texts = generate_batch(model, builder, batch, max_new_tokens, prompts=prompts)
                 for i, r, t in zip(idx, batch, texts):
                     preds[i] = Prediction(i, map_output(t, r.candidates), None, t)
             bar.update(len(idx))
