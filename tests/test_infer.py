@@ -44,6 +44,17 @@ def test_score_equals_brute_force(tokenizer, model_factory):
         assert pred.pred == row.candidates[max(range(len(lls)), key=lls.__getitem__)]
 
 
+def test_cached_scoring_path_equals_packed(tokenizer, model_factory):
+    """The KV-cache path (used with flash-attention, which takes no custom mask) gives the same scores."""
+    from llmcls.infer import _score_cached, _score_packed, prompts_for
+
+    model = model_factory(seed=4)
+    b = PromptBuilder(tokenizer, PromptConfig())
+    prompts = prompts_for(b, ROWS, None)
+    for x, y in zip(_score_packed(model, b, ROWS, prompts), _score_cached(model, b, ROWS, prompts)):
+        assert max(abs(p - q) for p, q in zip(x, y)) < 1e-4
+
+
 def test_batched_generate_equals_single(tokenizer, model_factory):
     model = model_factory(seed=2)
     b = PromptBuilder(tokenizer, PromptConfig())

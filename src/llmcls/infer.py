@@ -44,12 +44,76 @@ def prompts_for(builder: PromptBuilder, rows: Sequence[Row], max_length: Optiona
             for r in rows]
 
 
+def _packed_ok(model) -> bool:
+    # A custom 4-D mask reaches the kernel with sdpa and eager attention; flash-attention takes none.
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return impl in (None, "sdpa", "eager")
+
+
 @torch.no_grad()
 def score_batch(model, builder: PromptBuilder, rows: Sequence[Row], max_length: Optional[int] = None,
                 prompts: Optional[list[list[int]]] = None) -> list[list[float]]:
     """Log-likelihood of every candidate of every row (same order as ``row.candidates``)."""
-    dev = _model_device(model)
     prompts = prompts if prompts is not None else prompts_for(builder, rows, max_length)
+    if _packed_ok(model):
+        return _score_packed(model, builder, rows, prompts)
+    return _score_cached(model, builder, rows, prompts)
+
+
+def _score_packed(model, builder: PromptBuilder, rows: Sequence[Row], prompts: list[list[int]]) -> list[list[float]]:
+    """One forward per batch: each row's prompt (left-padded) is followed by one slot per candidate holding the
+    candidate's tokens. A 4-D mask lets a slot see the prompt and its own earlier tokens only, and its position
+    ids continue from the prompt's end, so every slot computes exactly what a separate prompt+candidate forward
+    would. Logits are taken only at the last prompt position and in the slots."""
+    dev = _model_device(model)
+    answers = [[builder.answer_ids(c) for c in r.candidates] for r in rows]
+    B, P = len(rows), max(len(p) for p in prompts)
+    W = max(len(a) for ans in answers for a in ans)
+    K = max(len(ans) for ans in answers)
+    L = P + K * W
+    ids = torch.full((B, L), builder.tok.pad_token_id, dtype=torch.long)
+    pos = torch.zeros((B, L), dtype=torch.long)
+    allowed = torch.zeros((B, L, L), dtype=torch.bool)
+    allowed[:, torch.arange(L), torch.arange(L)] = True  # padding attends to itself: no fully masked rows
+    tri = lambda n: torch.ones(n, n, dtype=torch.bool).tril()  # noqa: E731
+    pair_b, pair_pos, pair_tok, pair_valid = [], [], [], []
+    for i, (p, ans) in enumerate(zip(prompts, answers)):
+        off = P - len(p)
+        ids[i, off:P] = torch.tensor(p)
+        pos[i, off:P] = torch.arange(len(p))
+        allowed[i, off:P, off:P] = tri(len(p))
+        for j, a in enumerate(ans):
+            s = P + j * W
+            ids[i, s:s + len(a)] = torch.tensor(a)
+            pos[i, s:s + len(a)] = len(p) + torch.arange(len(a))
+            allowed[i, s:s + len(a), off:P] = True
+            allowed[i, s:s + len(a), s:s + len(a)] = tri(len(a))
+            # token t of the candidate is predicted at kept position 0 (t=0) or at its slot's position t-1
+            kept = [0] + [1 + j * W + t for t in range(len(a) - 1)]
+            pair_b.append([i] * W)
+            pair_pos.append(kept + [0] * (W - len(a)))
+            pair_tok.append(a + [0] * (W - len(a)))
+            pair_valid.append([True] * len(a) + [False] * (W - len(a)))
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros((B, 1, L, L), dtype=dtype)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    keep = torch.cat([torch.tensor([P - 1]), torch.arange(P, L)])
+    out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                logits_to_keep=keep.to(dev), use_cache=False)
+    logits = out.logits.float()                                                  # [B, 1 + K*W, V]
+    pb, pp, pt = (torch.tensor(x, device=dev) for x in (pair_b, pair_pos, pair_tok))
+    picked = logits[pb, pp].gather(-1, pt[..., None]).squeeze(-1) - torch.logsumexp(logits[pb, pp], dim=-1)
+    total = (picked * torch.tensor(pair_valid, device=dev)).sum(1)
+    result, k = [], 0
+    for ans in answers:
+        result.append(total[k:k + len(ans)].tolist())
+        k += len(ans)
+    return result
+
+
+def _score_cached(model, builder: PromptBuilder, rows: Sequence[Row], prompts: list[list[int]]) -> list[list[float]]:
+    """Prompt forward with a KV cache, then the candidates' remaining tokens over copies of the cache."""
+    dev = _model_device(model)
     ids, mask = left_pad(prompts, builder.tok.pad_token_id)
     ids, mask = ids.to(dev), mask.to(dev)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True,
