@@ -242,7 +242,7 @@ def add_report_commands(sub) -> None:
     s.add_argument("--train", required=True, metavar="FILE", help="Raw training jsonl.")
     s.add_argument("--test", required=True, metavar="FILE", help="Raw test jsonl.")
     s.add_argument("--out", metavar="DIR", help="Write metrics.json and predictions.jsonl here (e.g. RUN/baseline).")
-    s.add_argument("--C", type=float, default=1.0, help="SVM regularisation (default: 1.0).")
+    s.add_argument("--C", type=float, default=2.0, help="SVM regularisation strength inverse (default: 2.0).")
     s.add_argument("--overwrite", action="store_true", help="Replace results already in --out.")
     s.add_argument("--json", action="store_true", help="Print metrics as one JSON object.")
     s.set_defaults(func=cmd_baseline)

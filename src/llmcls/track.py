@@ -29,9 +29,19 @@ def swanlab_mode(cfg: TrackConfig) -> str:
 
 
 def _has_swanlab_key() -> bool:
+    """An API key in the environment or saved by ``swanlab login`` (a .netrc under SWANLAB_ROOT or ~/.swanlab,
+    or ./.swanlab)."""
     if os.environ.get("SWANLAB_API_KEY"):
         return True
-    try:  # a key saved by `swanlab login`
+    try:  # swanlab >= 0.9: the settings resolve env, config files and the saved .netrc
+        from swanlab.sdk.internal.settings import create_settings  # type: ignore
+
+        return bool(create_settings().api_key)
+    except ImportError:
+        pass
+    except Exception:  # a malformed saved key must not stop training: treat as "no key", run offline
+        return False
+    try:  # swanlab 0.6 - 0.8
         from swanlab.core_python.auth import get_key  # type: ignore
 
         return bool(get_key())
