@@ -159,7 +159,7 @@ def cmd_run(args) -> int:
     m = evaluate(run, tracker=tracker)
     tracker.finish()
     print(_metrics_line(m))
-    after_eval(run, cfg, with_baseline=not args.dry_run and not args.no_baseline)
+    after_eval(run, cfg, with_baseline=not args.no_baseline)
     print(f"run directory: {run}")
     return 0
 

@@ -196,9 +196,9 @@ def plot_f1_bars(labels: list[str], series: Sequence[tuple[str, dict[str, float]
     ax.set_xlim(0, 1.0)
     ax.set_xlabel("F1")
     ax.grid(axis="x", alpha=0.3)
-    # Above the axes: inside, the legend would hide the bars of the last classes.
-    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.06), ncol=min(n, 3), frameon=False)
-    ax.set_title("Per-class F1", pad=10 + 14 * ((n + 2) // 3))
+    ax.set_title("Per-class F1")
+    # Below the axes: inside, the legend would hide the bars of the last classes.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.16), ncol=min(n, 3), frameon=False)
     fig.tight_layout()
     return fig
 
@@ -250,9 +250,14 @@ def _fmt(v: Any, kind: str = "") -> str:
     return esc(v)
 
 
+def _cell(c: Any) -> str:
+    """A cell is HTML, or (HTML, css class)."""
+    return f'<td class="{c[1]}">{c[0]}</td>' if isinstance(c, tuple) else f"<td>{c}</td>"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") -> str:
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(_cell(c) for c in r) + "</tr>" for r in rows)
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
@@ -466,11 +471,12 @@ def _mistakes(runs: Sequence[RunData], n: int) -> str:
             top = ", ".join(f"{esc(k)} {v:.2f}" for k, v in sorted(probs.items(), key=lambda kv: -kv[1])[:4])
             rows.append([_fmt(p.get("line")), esc(p.get("truth")), f"<b>{esc(p.get('pred') or INVALID)}</b>",
                          _fmt(p.get("confidence"), "f3"), top or esc(p.get("raw", "")),
-                         f'<span title="{esc(text[:2000])}">{esc(short) or "<i>text unavailable</i>"}</span>'])
+                         (f'<span title="{esc(text[:2000])}">{esc(short) or "<i>text unavailable</i>"}</span>',
+                          "text")])
         parts.append(f"{head}<p>{len(wrong)} most confident of {total_wrong} wrong predictions "
                      f"({len(d.predictions)} rows).</p>"
                      + _table(["line", "truth", "predicted", "confidence", "candidate probabilities", "text"],
-                              rows, "mistakes").replace("<td><span title", '<td class="text"><span title'))
+                              rows, "mistakes"))
     return "".join(parts) or _missing("No predictions (eval/predictions.jsonl).")
 
 

@@ -96,7 +96,7 @@ class Tracker:
             self.kind = "none"
             return
         if mode == "local" and not swanboard_available():
-            # SwanLab itself only fails at the first log call, after the model has loaded; fail before that.
+            # A ConfigError reaches the user as one line from the CLI, before any step is trained.
             raise ConfigError("track.mode=local needs the SwanLab dashboard: pip install 'swanlab[dashboard]' "
                               "(or use track.mode=offline and `swanlab sync` later)")
         logdir = self.run_dir / "swanlog"
