@@ -144,12 +144,27 @@ def confident_mistakes(predictions: Sequence[dict], n: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ plots
+# Chinese label names (the tutorial's data set) need a CJK font; matplotlib falls back along this list per glyph.
+CJK_FONTS = ["Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
+             "Microsoft YaHei", "SimHei", "PingFang SC", "Heiti SC"]
+_fonts_done = False
+
+
 def _plt():
+    global _fonts_done
     import matplotlib
 
     matplotlib.use("Agg", force=False)  # no display here; never let a GUI backend be picked
     import matplotlib.pyplot as plt
 
+    if not _fonts_done:
+        from matplotlib import font_manager
+
+        have = {f.name for f in font_manager.fontManager.ttflist}
+        # Only installed ones: a missing family in the list makes matplotlib warn on every text it draws.
+        extra = [f for f in CJK_FONTS if f in have and f not in matplotlib.rcParams["font.sans-serif"]]
+        matplotlib.rcParams["font.sans-serif"] = [*matplotlib.rcParams["font.sans-serif"], *extra]
+        _fonts_done = True
     return plt
 
 
