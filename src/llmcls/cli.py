@@ -126,6 +126,7 @@ def cmd_eval(args) -> int:
     else:
         print(_metrics_line(m))
         print(f"written to {Path(args.run_dir) / 'eval'}")
+    after_eval(Path(args.run_dir), echo=not args.json)
     return 0
 
 
@@ -158,6 +159,7 @@ def cmd_run(args) -> int:
     m = evaluate(run, tracker=tracker)
     tracker.finish()
     print(_metrics_line(m))
+    after_eval(run, cfg, with_baseline=not args.no_baseline)
     print(f"run directory: {run}")
     return 0
 
@@ -168,6 +170,86 @@ def cmd_make_dataset(args) -> int:
     info = make_bbc(args.out, seed=args.seed)
     print(f"wrote {info['train']} training and {info['test']} test rows ({', '.join(info['labels'])}) to {args.out}")
     return 0
+
+
+# --------------------------------------------------------------------- report, baseline (issue 3) -- begin
+def cmd_report(args) -> int:
+    from llmcls.report import write_report
+
+    out = write_report(args.run_dirs, args.out, args.baseline, args.overwrite, args.top_mistakes)
+    print(f"report written to {out}")
+    return 0
+
+
+def cmd_baseline(args) -> int:
+    from llmcls.baseline import baseline, summary_line
+    from llmcls.io import refuse_overwrite
+
+    if args.out:
+        refuse_overwrite(Path(args.out) / "metrics.json", args.overwrite)
+    m = baseline(args.train, args.test, args.out, C=args.C, progress=not args.json)
+    if args.json:
+        print(json.dumps({k: v for k, v in m.items() if k != "environment"}, ensure_ascii=False))
+    else:
+        print(summary_line(m))
+        if args.out:
+            print(f"written to {args.out}")
+    return 0
+
+
+def after_eval(run: Path, cfg: Config | None = None, with_baseline: bool = False, echo: bool = True) -> None:
+    """What follows an evaluation: the baseline on the run's own data (``llmcls run``), then RUN/report.html.
+    Neither may fail a finished run: a problem is logged and the run's results stand."""
+    if with_baseline and cfg is not None and cfg.data.train_file and cfg.data.test_file:
+        from llmcls.baseline import baseline, summary_line
+
+        try:
+            m = baseline(cfg.data.train_file, cfg.data.test_file, run / "baseline", cfg.data,
+                         max_train_rows=cfg.data.max_train_rows, max_test_rows=cfg.data.max_eval_rows)
+            print(summary_line(m))
+        except Exception as e:  # noqa: BLE001 (e.g. a single-label training file)
+            log.warning("baseline skipped: %s", e)
+    try:
+        from llmcls.report import write_report
+
+        out = write_report([run])
+        if echo:
+            print(f"report: {out}")
+    except Exception as e:  # noqa: BLE001
+        log.warning("report not written: %s (run 'llmcls report %s' to retry)", e, run)
+
+
+def add_report_commands(sub) -> None:
+    s = sub.add_parser("report", help="One self-contained HTML page on one run, or comparing several.",
+                       description="Write an HTML report (no network needed: plots are inlined) with loss and "
+                                   "learning-rate curves, metrics beside the baseline, per-class F1, confusion "
+                                   "matrix, the most confident mistakes, truncation statistics, throughput, "
+                                   "config and environment. Several run directories give a side-by-side "
+                                   "comparison.")
+    s.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="Run directories written by 'llmcls run'.")
+    s.add_argument("--out", "-o", metavar="FILE",
+                   help="Output file (default: RUN_DIR/report.html for one run, ./llmcls-report.html for several).")
+    s.add_argument("--baseline", metavar="DIR",
+                   help="Baseline folder from 'llmcls baseline --out DIR' (default: RUN_DIR/baseline if present).")
+    s.add_argument("--top-mistakes", type=int, default=10, metavar="N", help="Mistakes listed per run (default: 10).")
+    s.add_argument("--overwrite", action="store_true", help="Replace --out if it exists.")
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("baseline", help="Classical baseline: character n-gram TF-IDF + linear SVM.",
+                       description="Train character 1-2-gram TF-IDF + a linear SVM (scikit-learn) on --train and "
+                                   "score --test with the same metrics as 'llmcls eval', over all labels and "
+                                   "restricted to each row's candidates.")
+    s.add_argument("--train", required=True, metavar="FILE", help="Raw training jsonl.")
+    s.add_argument("--test", required=True, metavar="FILE", help="Raw test jsonl.")
+    s.add_argument("--out", metavar="DIR", help="Write metrics.json and predictions.jsonl here (e.g. RUN/baseline).")
+    s.add_argument("--C", type=float, default=2.0, help="SVM regularisation strength inverse (default: 2.0).")
+    s.add_argument("--overwrite", action="store_true", help="Replace results already in --out.")
+    s.add_argument("--json", action="store_true", help="Print metrics as one JSON object.")
+    s.set_defaults(func=cmd_baseline)
+
+    sub.choices["run"].add_argument("--no-baseline", action="store_true",
+                                    help="Skip the TF-IDF + SVM baseline that 'run' writes to RUN/baseline.")
+# --------------------------------------------------------------------- report, baseline (issue 3) -- end
 
 
 # ------------------------------------------------------------------------------------------------- parser
@@ -230,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", metavar="DIR", required=True, help="Folder for train.jsonl and test.jsonl.")
     s.add_argument("--seed", type=int, default=0, help="Seed for candidates and the split (default: 0).")
     s.set_defaults(func=cmd_make_dataset)
+    add_report_commands(sub)
     return p
 
 

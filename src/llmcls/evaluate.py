@@ -111,12 +111,13 @@ def evaluate(run_dir: str | Path, test_file: Optional[str] = None, method: Optio
         tracker.log({"eval/accuracy": metrics["accuracy"], "eval/macro_f1": metrics["macro_f1"],
                      "eval/invalid_rate": metrics["invalid_rate"]})
         tracker.log_samples(samples_for_tracker(rows, records, cfg.eval.log_samples))
+        tracker.log_eval_details(metrics)
     return metrics
 
 
 def eval_tracker(run_dir: str | Path, cfg: Config):
-    """A tracker for a stand-alone ``llmcls eval`` (logs into the same project and experiment name)."""
+    """A tracker for ``llmcls eval``: continues the SwanLab run that training started in this run directory."""
     from llmcls.config import to_dict
     from llmcls.track import Tracker
 
-    return Tracker(cfg.track, run_dir, to_dict(cfg))
+    return Tracker(cfg.track, run_dir, to_dict(cfg), resume=True)

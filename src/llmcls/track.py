@@ -29,9 +29,19 @@ def swanlab_mode(cfg: TrackConfig) -> str:
 
 
 def _has_swanlab_key() -> bool:
+    """An API key in the environment or saved by ``swanlab login`` (a .netrc under SWANLAB_ROOT or ~/.swanlab,
+    or ./.swanlab)."""
     if os.environ.get("SWANLAB_API_KEY"):
         return True
-    try:  # a key saved by `swanlab login`
+    try:  # swanlab >= 0.9: the settings resolve env, config files and the saved .netrc
+        from swanlab.sdk.internal.settings import create_settings  # type: ignore
+
+        return bool(create_settings().api_key)
+    except ImportError:
+        pass
+    except Exception:  # a malformed saved key must not stop training: treat as "no key", run offline
+        return False
+    try:  # swanlab 0.6 - 0.8
         from swanlab.core_python.auth import get_key  # type: ignore
 
         return bool(get_key())
@@ -39,18 +49,34 @@ def _has_swanlab_key() -> bool:
         return False
 
 
-class Tracker:
-    """One tracked run. ``callbacks`` go to the Trainer; ``log`` and ``log_samples`` take eval results."""
+RUN_RECORD = "llmcls-run.json"  # in RUN/swanlog: the SwanLab run id that a later `llmcls eval` resumes
 
-    def __init__(self, cfg: TrackConfig, run_dir: str | Path, config: dict, is_main: bool = True):
+
+def swanboard_available() -> bool:
+    """The local dashboard (``swanlab watch``) and the 'local' mode need the ``swanlab[dashboard]`` extra."""
+    try:
+        import swanboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Tracker:
+    """One tracked run. ``callbacks`` go to the Trainer; ``log``, ``log_samples`` and ``log_eval_details`` take
+    eval results. With ``resume``, SwanLab continues the run that training started in the same run directory
+    (same id), so one experiment holds the loss curves and the eval results."""
+
+    def __init__(self, cfg: TrackConfig, run_dir: str | Path, config: dict, is_main: bool = True,
+                 resume: bool = False):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.kind = cfg.tracker if is_main else "none"
         self.callbacks: list = []
         self._run = None
         self._tb = None
+        self.mode: Optional[str] = None
         if self.kind == "swanlab":
-            self._start_swanlab(config)
+            self._start_swanlab(config, resume)
         elif self.kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
@@ -60,22 +86,44 @@ class Tracker:
 
             self.callbacks.append(TensorBoardCallback(tb_writer=self._tb))
 
-    def _start_swanlab(self, config: dict) -> None:
+    def _start_swanlab(self, config: dict, resume: bool) -> None:
         import swanlab
 
-        mode = swanlab_mode(self.cfg)
+        from llmcls.config import ConfigError
+
+        mode = self.mode = swanlab_mode(self.cfg)
         if mode == "disabled":
             self.kind = "none"
             return
+        if mode == "local" and not swanboard_available():
+            # A ConfigError reaches the user as one line from the CLI, before any step is trained.
+            raise ConfigError("track.mode=local needs the SwanLab dashboard: pip install 'swanlab[dashboard]' "
+                              "(or use track.mode=offline and `swanlab sync` later)")
         logdir = self.run_dir / "swanlog"
         logdir.mkdir(parents=True, exist_ok=True)
+        record = logdir / RUN_RECORD
+        previous = None
+        if resume and record.is_file():
+            try:
+                previous = json.loads(record.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                previous = None
+        extra = {"id": previous["id"], "resume": "allow"} if previous and previous.get("mode") == mode else {}
         self._run = swanlab.init(project=self.cfg.project, name=self.cfg.experiment, config=config, mode=mode,
-                                 log_dir=str(logdir), reinit=True)
+                                 log_dir=str(logdir), reinit=True, **extra)
+        if not extra:
+            from llmcls.io import atomic_write_json
+
+            atomic_write_json(record, {"id": self._run.id, "mode": mode, "project": self.cfg.project,
+                                       "experiment": self.cfg.experiment})
         from swanlab.integration.transformers import SwanLabCallback
 
         # The run above is already active, so the callback logs into it instead of starting its own.
         self.callbacks.append(SwanLabCallback(log_config=False))
-        log.info("SwanLab run '%s/%s' in %s mode, logs in %s", self.cfg.project, self.cfg.experiment, mode, logdir)
+        hint = {"offline": f"upload later with `swanlab sync {logdir}/run-*`",
+                "local": f"view with `swanlab watch {logdir}`"}.get(mode, "")
+        log.info("SwanLab run '%s/%s' in %s mode, logs in %s%s", self.cfg.project, self.cfg.experiment, mode,
+                 logdir, f"; {hint}" if hint else "")
 
     def log(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -100,6 +148,31 @@ class Tracker:
         elif self.kind == "tensorboard":
             self._tb.add_text(key, "\n\n".join(lines))
 
+    def log_eval_details(self, metrics: dict, key: str = "eval") -> None:
+        """Per-class F1 as scalars and the confusion matrix: an interactive ECharts heatmap for the SwanLab web
+        UI plus the report's matplotlib heatmap as an image (the local dashboard shows images, not ECharts)."""
+        if self.kind == "none":
+            return
+        per_class = metrics.get("per_class") or {}
+        self.log({f"{key}/f1/{c}": v["f1"] for c, v in per_class.items()})
+        cm = metrics.get("confusion_matrix")
+        if not cm:
+            return
+        from llmcls.report import plot_confusion
+
+        fig = plot_confusion(cm["labels"], cm["matrix"])
+        if self.kind == "swanlab":
+            import swanlab
+
+            swanlab.log({f"{key}/confusion_matrix": swanlab.ECharts(confusion_heatmap(cm["labels"], cm["matrix"])),
+                         f"{key}/confusion_matrix_image": swanlab.Image(fig, caption="rows: truth, columns: "
+                                                                                      "prediction")})
+        elif self.kind == "tensorboard":
+            self._tb.add_figure(f"{key}/confusion_matrix", fig)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
     def finish(self) -> None:
         if self.kind == "swanlab":
             import swanlab
@@ -107,6 +180,27 @@ class Tracker:
             swanlab.finish()
         elif self._tb is not None:
             self._tb.close()
+
+
+def confusion_heatmap(labels: list[str], matrix: list[list[int]]):
+    """The confusion matrix as a SwanLab ECharts heatmap (rows: truth, columns: prediction, cells: counts)."""
+    from swanlab import echarts
+
+    opts = echarts.options
+
+    n_true = len(matrix)
+    data = [[j, i, int(matrix[i][j])] for i in range(n_true) for j in range(len(labels))]
+    top = max((v for _, _, v in data), default=1) or 1
+    chart = echarts.HeatMap()
+    chart.add_xaxis(list(labels))
+    chart.add_yaxis("count", list(labels[:n_true]), data, label_opts=opts.LabelOpts(is_show=True, position="inside"))
+    chart.set_global_opts(
+        title_opts=opts.TitleOpts(title="Confusion matrix"),
+        visualmap_opts=opts.VisualMapOpts(min_=0, max_=top),
+        xaxis_opts=opts.AxisOpts(name="prediction", type_="category"),
+        yaxis_opts=opts.AxisOpts(name="truth", type_="category"),
+    )
+    return chart
 
 
 class JsonlLogCallback(TrainerCallback):
@@ -130,19 +224,41 @@ class JsonlLogCallback(TrainerCallback):
 
         now = time.perf_counter()
         rec: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs}
-        if self._t is not None and state.num_input_tokens_seen:
+        seen = state.num_input_tokens_seen
+        # The Trainer's closing log (train_runtime...) comes with no new tokens: no rate rather than a false 0.
+        if self._t is not None and seen and seen > self._tokens:
             dt = now - self._t
             if dt > 0:
-                rec["tokens_per_s"] = round((state.num_input_tokens_seen - self._tokens) / dt, 1)
-            self._t, self._tokens = now, state.num_input_tokens_seen
+                rec["tokens_per_s"] = round((seen - self._tokens) / dt, 1)
+            self._t, self._tokens = now, seen
         if torch.cuda.is_available():
             rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        rss = _peak_rss_gib()
+        if rss is not None:  # on a CPU run this is the only memory figure there is
+            rec["peak_rss_gib"] = rss
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as fh:  # appended: a resumed run continues the log
             fh.write(json.dumps(rec) + "\n")
         if self.echo and "loss" in logs:
             extra = f" tokens/s {rec['tokens_per_s']:.0f}" if "tokens_per_s" in rec else ""
-            mem = f" mem {rec['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in rec else ""
+            if "peak_mem_gib" in rec:
+                mem = f" gpu mem {rec['peak_mem_gib']:.2f} GiB"
+            elif "peak_rss_gib" in rec:
+                mem = f" rss {rec['peak_rss_gib']:.2f} GiB"
+            else:
+                mem = ""
             lr = logs.get("learning_rate", float("nan"))
             print(f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} lr {lr:.2e}{extra}{mem}",
                   flush=True)
+
+
+def _peak_rss_gib() -> Optional[float]:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    # ru_maxrss is in KiB on Linux and in bytes on macOS.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    import sys
+
+    return round(peak / (2**30 if sys.platform == "darwin" else 2**20), 3)

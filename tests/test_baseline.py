@@ -1,0 +1,129 @@
+"""The TF-IDF + SVM baseline: metrics recomputed by brute force from its own predictions file, the candidate
+restriction doing what it says, the CLI, and (opt-in, ~1-2 min) the reference numbers on ../shared Fudan news."""
+
+import json
+import os
+import random
+
+import pytest
+
+from conftest import FUDAN, KEYWORDS, LABELS, learnable_rows, write_jsonl
+
+
+def confusing_rows(n: int, seed: int) -> tuple[list[dict], set[int]]:
+    """Learnable rows where a third also carry another label's keyword, three times: the all-labels SVM follows
+    the louder decoy (wrong); restricted to candidates it is right whenever the decoy is not among them."""
+    rng = random.Random(seed)
+    rows, swapped = learnable_rows(n, seed), set()
+    for i, r in enumerate(rows):
+        if rng.random() < 0.33:
+            other = rng.choice([x for x in LABELS if x != r["output"]])
+            r["text"] += f" {KEYWORDS[other]}" * 3
+            swapped.add(i)
+    return rows, swapped
+
+
+def macro_f1_by_hand(truth, pred, labels):
+    f1s = []
+    for c in labels:
+        tp = sum(t == c and p == c for t, p in zip(truth, pred))
+        fp = sum(t != c and p == c for t, p in zip(truth, pred))
+        fn = sum(t == c and p != c for t, p in zip(truth, pred))
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return sum(f1s) / len(f1s)
+
+
+@pytest.fixture(scope="module")
+def confusing(tmp_path_factory):
+    d = tmp_path_factory.mktemp("confusing")
+    test, swapped = confusing_rows(90, 7)
+    return {"train": write_jsonl(d / "train.jsonl", learnable_rows(240, 1)), "test": write_jsonl(d / "test.jsonl", test),
+            "rows": test, "swapped": swapped, "dir": d}
+
+
+def test_baseline_metrics_recomputed_by_hand(confusing, tmp_path, capsys):
+    from llmcls.cli import main
+
+    out = tmp_path / "bl"
+    assert main(["baseline", "--train", str(confusing["train"]), "--test", str(confusing["test"]),
+                 "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "baseline: svm" in err and "baseline: tf-idf train" in err  # progress bars (tqdm, on stderr)
+
+    m = json.loads((out / "metrics.json").read_text())
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    rows = confusing["rows"]
+    assert len(preds) == len(rows) == m["test_rows"] == 90
+    truth = [r["output"] for r in rows]
+    labels = sorted(LABELS)
+    assert m["labels"] == labels
+
+    # Re-derive both predictions from the stored decision values, then the metrics, without scikit-learn.
+    pred_all = [max(p["scores"], key=p["scores"].get) for p in preds]
+    pred_cand = [max(r["category"], key=p["scores"].get) for p, r in zip(preds, rows)]
+    assert pred_all == [p["pred"] for p in preds]
+    assert pred_cand == [p["pred_candidates"] for p in preds]
+    for key, pred in (("all_labels", pred_all), ("candidates", pred_cand)):
+        acc = sum(t == p for t, p in zip(truth, pred)) / len(truth)
+        assert m[key]["accuracy"] == pytest.approx(acc, abs=1e-12), key
+        assert m[key]["macro_f1"] == pytest.approx(macro_f1_by_hand(truth, pred, labels), abs=1e-12), key
+        assert sum(map(sum, m[key]["confusion_matrix"]["matrix"])) == len(rows)
+
+    # The data is built so the restriction matters: it must fix the swapped rows whose decoy label is no candidate.
+    swapped = confusing["swapped"]
+    decoy_absent = [i for i in swapped if pred_all[i] not in rows[i]["category"]]
+    assert len(decoy_absent) >= 5
+    assert all(pred_cand[i] == truth[i] for i in decoy_absent)
+    assert sum(pred_all[i] != truth[i] for i in swapped) >= 0.8 * len(swapped)  # the SVM follows the decoy
+    assert all(pred_all[i] == truth[i] for i in range(len(rows)) if i not in swapped)
+    assert m["candidates"]["accuracy"] > m["all_labels"]["accuracy"] + 0.1
+
+
+def test_baseline_agrees_with_sklearn_multiclass_svm(confusing):
+    """The per-label loop (for an honest ETA) is LinearSVC's own one-vs-rest: same predictions."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.pipeline import make_pipeline
+    from sklearn.svm import LinearSVC
+
+    from llmcls.baseline import baseline
+
+    m = baseline(confusing["train"], confusing["test"], out_dir=confusing["dir"] / "bl2", progress=False)
+    train = [json.loads(line) for line in confusing["train"].read_text().splitlines()]
+    ref = make_pipeline(TfidfVectorizer(analyzer="char", ngram_range=(1, 2), sublinear_tf=True),
+                        LinearSVC(C=2.0, random_state=0))
+    ref.fit([r["text"] for r in train], [r["output"] for r in train])
+    ref_pred = ref.predict([r["text"] for r in confusing["rows"]])
+    ours = [json.loads(line)["pred"] for line in (confusing["dir"] / "bl2" / "predictions.jsonl").read_text()
+            .splitlines()]
+    agree = sum(a == b for a, b in zip(ours, ref_pred)) / len(ours)
+    assert agree >= 0.98, agree
+    assert m["all_labels"]["accuracy"] == pytest.approx(
+        sum(p == r["output"] for p, r in zip(ref_pred, confusing["rows"])) / len(ours), abs=0.02)
+
+
+def test_baseline_cli_refuses_to_overwrite(confusing, tmp_path, capsys):
+    from llmcls.cli import main
+
+    out = tmp_path / "bl"
+    args = ["baseline", "--train", str(confusing["train"]), "--test", str(confusing["test"]), "--out", str(out)]
+    assert main(args + ["--json"]) == 0
+    first = (out / "metrics.json").read_text()
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "metrics.json").read_text() == first
+    assert main(args + ["--overwrite", "--json"]) == 0
+
+
+@pytest.mark.skipif(not (FUDAN / "train.jsonl").is_file(), reason="needs ../shared/data/fudan-news")
+@pytest.mark.skipif(os.environ.get("LLMCLS_SLOW_TESTS") != "1",
+                    reason="takes 1-2 min on 2 cores; set LLMCLS_SLOW_TESTS=1 to check the reference numbers")
+def test_baseline_reproduces_fudan_reference(tmp_path):
+    from llmcls.baseline import baseline
+
+    m = baseline(FUDAN / "train.jsonl", FUDAN / "test.jsonl", tmp_path / "bl", progress=False)
+    assert (m["train_rows"], m["test_rows"], len(m["labels"])) == (6675, 1669, 20)
+    # Reference (../shared/README.md): 92.3% / 0.78 over all labels, 98.7% / 0.96 restricted to candidates.
+    assert m["all_labels"]["accuracy"] == pytest.approx(0.923, abs=0.003)
+    assert m["all_labels"]["macro_f1"] == pytest.approx(0.78, abs=0.01)
+    assert m["candidates"]["accuracy"] == pytest.approx(0.987, abs=0.003)
+    assert m["candidates"]["macro_f1"] == pytest.approx(0.96, abs=0.01)
