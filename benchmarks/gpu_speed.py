@@ -138,11 +138,12 @@ class StepTimer:
 
     def summary(self, warmup: int, rows_per_step: int) -> dict:
         dts = [b - a for a, b in zip(self.t[warmup:], self.t[warmup + 1:])]
-        toks = [b - a for a, b in zip(self.tokens[warmup - 1:], self.tokens[warmup:])] if warmup else self.tokens
-        dt = statistics.median(dts)
-        tok_per_step = statistics.mean(toks[: len(dts)])
+        toks = [b - a for a, b in zip(self.tokens[warmup - 1:], self.tokens[warmup:])][: len(dts)]
+        # Totals over the timed steps: with length-grouped batches the steps differ in size on purpose.
+        dt = sum(dts) / len(dts)
+        tok_per_step = sum(toks) / len(toks)
         return {"step_s": round(dt, 4), "tokens_per_step": round(tok_per_step, 1),
-                "tokens_per_s": round(tok_per_step / dt, 1), "rows_per_s": round(rows_per_step / dt, 2),
+                "tokens_per_s": round(sum(toks) / sum(dts), 1), "rows_per_s": round(rows_per_step / dt, 2),
                 "timed_steps": len(dts)}
 
 
@@ -174,10 +175,19 @@ def run_tutorial(model, tok, rows, steps, warmup, device, out_dir):
     return base, res
 
 
+VARIANTS = {  # llmcls training paths; each keeps 16 rows per optimizer step
+    "llmcls-eager": dict(micro=16, accum=1, checkpointing=False, offload=False, compile=False, group=True),
+    "llmcls": dict(micro=16, accum=1, checkpointing=False, offload=False, compile=True, group=True),
+    "llmcls-16gb": dict(micro=4, accum=4, checkpointing=True, offload=True, compile=True, group=True),
+    "llmcls-16gb-m2": dict(micro=2, accum=8, checkpointing=True, offload=True, compile=True, group=True),
+    "llmcls-16gb-eager": dict(micro=4, accum=4, checkpointing=True, offload=True, compile=False, group=True),
+}
+
+
 def run_llmcls(model, tok, rows, steps, warmup, device, out_dir, name, micro, accum, checkpointing, offload,
-               compile=False):
+               compile=False, group=False):
     cfg = load_config(None, {"lora.dtype": "auto", "train.batch_size": micro, "train.grad_accum": accum,
-                             "train.compile": compile,
+                             "train.compile": compile, "train.group_by_length": group,
                              "train.gradient_checkpointing": checkpointing, "train.max_steps": warmup + steps,
                              "train.save_steps": 10**6, "train.logging_steps": 10**6, "track.tracker": "none"})
     b = PromptBuilder(tok, cfg.prompt)
@@ -190,6 +200,7 @@ def run_llmcls(model, tok, rows, steps, warmup, device, out_dir, name, micro, ac
     timer = StepTimer(device)
     trainer = build_trainer(peft_model, tok, ds, args, callbacks=[timer.callback])
     reset_peak(device)
+    static = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else None
     try:
         trainer.train()
     except torch.OutOfMemoryError:
@@ -200,8 +211,14 @@ def run_llmcls(model, tok, rows, steps, warmup, device, out_dir, name, micro, ac
         raise
     res = {**timer.summary(warmup, micro * accum), "peak_gib": peak_gib(device), "micro_batch": micro,
            "grad_accum": accum, "checkpointing": checkpointing, "lora_dtype": "bfloat16",
-           "offload_embeddings": offload, "compile": compile}
+           "offload_embeddings": offload, "compile": compile, "group_by_length": group,
+           "static_gib": round(static, 2) if static is not None else None}
     base = peft_model.unload()
+    if offload:  # back to one device for the next variant
+        from accelerate.hooks import remove_hook_from_submodules
+
+        remove_hook_from_submodules(base)
+        base = base.to(device)
     del trainer, peft_model
     reset_peak(device)
     return base, res
@@ -317,8 +334,7 @@ def main(argv=None):
     ap.add_argument("--rows", type=int, default=256, help="evaluation rows")
     ap.add_argument("--eval-batch", type=int, default=32)
     ap.add_argument("--single-rows", type=int, default=24, help="rows for one-at-a-time generate")
-    ap.add_argument("--fast-micro", type=int, default=16, help="llmcls default path micro-batch")
-    ap.add_argument("--only", default="check,eval,tutorial,llmcls,llmcls-compile,llmcls-16gb")
+    ap.add_argument("--only", default="check,eval,tutorial," + ",".join(VARIANTS))
     ap.add_argument("--out", default="bench-out")
     a = ap.parse_args(argv)
     out_dir = Path(a.out)
@@ -329,7 +345,7 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     n_embed = model.get_input_embeddings().weight.numel()
     peak = matmul_tflops(a.device)
-    train_rows, eval_rows = load_rows(16 * (a.warmup + 2 + a.steps), short=True)
+    train_rows, eval_rows = load_rows(16 * (a.warmup + 2 + a.steps) * 4, short=True)
     eval_rows = eval_rows[:a.rows]
     only = set(a.only.split(","))
     res = {"shape": a.shape, "device": a.device, "gpu": environment()["gpu"], "params": n_params,
@@ -345,35 +361,19 @@ def main(argv=None):
     if "tutorial" in only:
         model, res["train"]["tutorial"] = run_tutorial(model, tok, train_rows, a.steps, a.warmup, a.device, out_dir)
         print("tutorial", json.dumps(res["train"]["tutorial"]), flush=True)
-    if "llmcls" in only:
-        micro = a.fast_micro
-        while True:  # the largest micro-batch that fits this card, keeping 16 rows per optimizer step
-            try:
-                model, res["train"]["llmcls"] = run_llmcls(model, tok, train_rows, a.steps, a.warmup, a.device,
-                                                           out_dir, "llmcls", micro, 16 // micro, False, False)
-                break
-            except torch.OutOfMemoryError:
-                if micro == 1:
-                    raise
-                print(f"micro-batch {micro} does not fit; trying {micro // 2}", flush=True)
-                res.setdefault("oom", []).append(micro)
-                micro //= 2
-                reset_peak(a.device)
-        print("llmcls", json.dumps(res["train"]["llmcls"]), flush=True)
-    if "llmcls-m8" in only:
-        model, res["train"]["llmcls-m8"] = run_llmcls(model, tok, train_rows, a.steps, a.warmup, a.device,
-                                                      out_dir, "llmcls-m8", 8, 2, False, False)
-        print("llmcls-m8", json.dumps(res["train"]["llmcls-m8"]), flush=True)
-    if "llmcls-compile" in only:  # compilation happens in the untimed warm-up steps
+    for name, v in VARIANTS.items():
+        if name not in only:
+            continue
         t0 = time.perf_counter()
-        model, res["train"]["llmcls-compile"] = run_llmcls(model, tok, train_rows, a.steps, a.warmup + 2, a.device,
-                                                           out_dir, "llmcls-compile", 16, 1, False, False, True)
-        res["train"]["llmcls-compile"]["wall_s_incl_compile"] = round(time.perf_counter() - t0, 1)
-        print("llmcls-compile", json.dumps(res["train"]["llmcls-compile"]), flush=True)
-    if "llmcls-16gb" in only:
-        model, res["train"]["llmcls-16gb"] = run_llmcls(model, tok, train_rows, a.steps, a.warmup, a.device,
-                                                        out_dir, "llmcls-16gb", 4, 4, True, True)
-        print("llmcls-16gb", json.dumps(res["train"]["llmcls-16gb"]), flush=True)
+        try:  # compilation, if any, happens in the untimed warm-up steps
+            model, res["train"][name] = run_llmcls(model, tok, train_rows, a.steps, a.warmup + 2 * v["compile"],
+                                                   a.device, out_dir, name, **v)
+        except torch.OutOfMemoryError as e:
+            res["train"][name] = {"error": f"out of memory: {e}"[:300], **v}
+            print(name, "OOM", flush=True)
+            continue
+        res["train"][name]["wall_s"] = round(time.perf_counter() - t0, 1)
+        print(name, json.dumps(res["train"][name]), flush=True)
 
     # Model-FLOP utilisation against the measured matmul rate: frozen weights cost a forward (2N) and an
     # input-gradient backward (2N) per token; no recomputation is counted (so checkpointing lowers MFU).
@@ -381,6 +381,8 @@ def main(argv=None):
     train_flops = 4 * body
     ref = res["train"].get("tutorial", {}).get("tokens_per_s")
     for v in res["train"].values():
+        if "tokens_per_s" not in v:
+            continue
         v["mfu"] = round(v["tokens_per_s"] * train_flops / (peak * 1e12), 3) if peak else None
         v["vs_tutorial"] = round(v["tokens_per_s"] / ref, 2) if ref else None
     if "eval" in res:
@@ -394,7 +396,11 @@ def main(argv=None):
     lines = [f"Card: {gpu}; shape {Path(a.shape).name}; measured bf16 matmul {res['matmul_tflops']} TFLOP/s", "",
              "| training | tokens/s | rows/s | peak GiB | MFU | vs tutorial |", "|---|---|---|---|---|---|"]
     for k, v in res["train"].items():
+        if "tokens_per_s" not in v:
+            lines.append(f"| {k} | {v.get('error', 'failed')} | | | | |")
+            continue
         extra = ", compiled" if v.get("compile") else ""
+        extra += ", length-grouped" if v.get("group_by_length") else ""
         extra += ", embeddings on CPU" if v.get("offload_embeddings") else ""
         lines.append(f"| {k} (micro {v['micro_batch']} x accum {v['grad_accum']}, ckpt {v['checkpointing']}{extra}) | "
                      f"{v['tokens_per_s']:,.0f} | {v['rows_per_s']} | {v['peak_gib']} | {v['mfu']} | {v['vs_tutorial']}x |")
