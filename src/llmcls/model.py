@@ -192,7 +192,9 @@ def place_model(model, device: str, offload_embeddings: bool = False):
                 device_map[full] = str(device)
         parent = f"{parent}.{part}" if parent else part
     device_map[emb_name] = "cpu"
-    return dispatch_model(model, device_map=device_map, main_device=str(device))
+    # main_device "cpu" makes the table *run* on the CPU; with a GPU main device accelerate would instead copy
+    # the whole table to the GPU at every forward (its offloading), which saves nothing at the peak.
+    return dispatch_model(model, device_map=device_map, main_device="cpu")
 
 
 def add_lora(model, cfg: LoraConfig):
