@@ -1,4 +1,5 @@
-"""Several processes on CPUs (gloo), launched exactly as users launch them: torchrun, one node or two.
+"""Several processes on CPUs (gloo), launched exactly as users launch them: torchrun (one node, or two joined
+by its rendezvous) and accelerate launch.
 
 - 2 processes x batch 4 train to the same losses as 1 process x batch 8 (the same global batch);
 - eval and predict sharded over 2 processes give the same predictions as 1 process, in input order;
@@ -35,6 +36,17 @@ def torchrun(*args: str, nproc: int = 2, stdin=None) -> subprocess.CompletedProc
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "llmcls.cli", "-q", *args]
     p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, stdin=stdin)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return p
+
+
+def accelerate_launch(*args: str) -> subprocess.CompletedProcess:
+    """accelerate's multi-GPU launcher (torch elastic underneath); on a machine without GPUs llmcls makes the
+    processes a gloo group (dist.py)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+           "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={_free_port()}",
+           "-m", "llmcls.cli", "-q", *args]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert p.returncode == 0, p.stderr[-4000:]
     return p
 
@@ -121,7 +133,7 @@ def test_sharded_eval_and_predict_match_one_process(two_process_run, dist_data, 
     from llmcls.cli import main
 
     run = two_process_run
-    torchrun("eval", str(run), "--json")
+    accelerate_launch("eval", str(run), "--json")
     sharded = (run / "eval" / "predictions.jsonl").read_text()
     sharded_metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert sharded_metrics["processes"] == 2
@@ -136,6 +148,66 @@ def test_sharded_eval_and_predict_match_one_process(two_process_run, dist_data, 
     nodes_pred = two_nodes("predict", str(run), stdin_path=dist_data["test"])  # rows from stdin, rank 0 reads
     assert nodes_pred == single_pred
     assert len(nodes_pred.splitlines()) == 40
+
+
+FSDP_WORKER = r"""
+import sys, torch, torch.distributed as tdist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+sys.path.insert(0, sys.argv[2])
+from conftest import tiny_model
+from llmcls import dist
+from llmcls.config import LoraConfig
+from llmcls.data import DataError
+from llmcls.model import add_lora
+
+out = sys.argv[1]
+dist.state()  # the process group, as llmcls train starts it
+torch.manual_seed(0)
+model = add_lora(tiny_model().to(torch.bfloat16), LoraConfig(dropout=0.0))  # bf16 frozen base, fp32 adapter
+for name, p in model.named_parameters():
+    if "lora_B" in name:  # PEFT starts B at zero; make the saved adapter non-trivial
+        torch.nn.init.normal_(p)
+if dist.is_main():
+    model.save_pretrained(out + "/whole")
+# FSDP2 over the decoder layers (what accelerate does on GPUs), here on gloo.
+mesh = init_device_mesh("cpu", (dist.world_size(),))
+for layer in model.base_model.model.model.layers:
+    fully_shard(layer, mesh=mesh)
+fully_shard(model, mesh=mesh)
+state = dist.full_state_dict(model, trainable_only=True)
+if dist.is_main():
+    model.save_pretrained(out + "/gathered", state_dict=state)
+
+def fail():
+    raise DataError("train.jsonl", 7, "output", "missing")
+try:
+    dist.on_main(fail)
+    raise SystemExit("on_main did not raise")
+except DataError:
+    assert dist.is_main()
+except dist.OtherRankFailed as e:
+    assert not dist.is_main() and "train.jsonl:7" in str(e), e
+tdist.barrier()
+"""
+
+
+def test_fsdp_gathered_adapter_and_rank0_failure(tmp_path):
+    """What llmcls adds to accelerate's FSDP (gathering the adapter from the shards for rank 0 to save) on a
+    model sharded with FSDP2, and that a failure on rank 0 reaches every process instead of hanging them.
+    (The Trainer's FSDP itself needs CUDA; benchmarks/multi_gpu.py runs it on GPUs.)"""
+    from safetensors.torch import load_file
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(FSDP_WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
+           str(tmp_path), str(Path(__file__).parent)]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr[-4000:]
+    whole = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    gathered = load_file(tmp_path / "gathered" / "adapter_model.safetensors")
+    assert len(whole) == 28 and sorted(whole) == sorted(gathered)  # 2 layers x 7 projections x (A, B)
+    assert all(torch.equal(whole[k], gathered[k]) for k in whole)
 
 
 # ------------------------------------------------------------------------------------------ in-process
