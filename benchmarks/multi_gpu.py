@@ -43,7 +43,8 @@ TARGETS = {"ddp_train_speedup": 1.85, "ddp_score_speedup": 1.9}
 
 
 def _shared() -> Path | None:
-    for p in (ROOT / "shared", ROOT.parent / "shared", Path("/work/shared")):
+    env = os.environ.get("LLMCLS_SHARED")  # as benchmarks/gpu_speed.py
+    for p in (*([Path(env)] if env else []), ROOT / "shared", ROOT.parent / "shared"):
         if (p / "qwen-tokenizer").is_dir():
             return p
     return None
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default="/tmp/llmcls-bench", help="Model folder and run directories (large).")
     ap.add_argument("--global-batch", type=int, default=16, help="Rows per optimizer step, all processes.")
     ap.add_argument("--batch-size", type=int, default=8, help="Rows per process per micro-batch.")
-    ap.add_argument("--max-steps", type=int, default=16)
+    ap.add_argument("--max-steps", type=int, default=20)
     ap.add_argument("--warmup-steps", type=int, default=4, help="Steps left out of the tokens/s figure.")
     ap.add_argument("--train-rows", type=int, default=512)
     ap.add_argument("--eval-rows", type=int, default=1024, help="A multiple of 2 x eval batch keeps shards even.")

@@ -84,6 +84,8 @@ def cmd_prepare(args) -> int:
 
 
 def _dry_run(cfg: Config) -> int:
+    if not _is_main():  # under a launcher: one plan, not one per process
+        return 0
     import yaml
 
     from llmcls.data import iter_rows

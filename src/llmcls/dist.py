@@ -184,9 +184,9 @@ def trainer_arguments(cfg) -> dict:
     """TrainingArguments for several processes (harmless for one).
 
     FSDP (``train.fsdp``) is FSDP2 through accelerate: the units gathered for compute are the model's own
-    ``_no_split_modules`` (whole decoder layers), accelerate's default; only rank 0 reads the weights from disk
-    and the others receive their shards, so host memory holds one copy of the model rather than one per
-    process."""
+    ``_no_split_modules`` (whole decoder layers), accelerate's default. With ``cpu_ram_efficient_loading`` only
+    the first process of each node reads the checkpoint; the others start from zero-filled placeholders and
+    accelerate sends rank 0's weights into every shard."""
     # Every trainable weight gets a gradient each step; DDP's search for unused ones would cost every step.
     out: dict = {"ddp_find_unused_parameters": False}
     if launched() and _on_cpu():  # see state(): the CI's gloo runs
@@ -199,7 +199,8 @@ def trainer_arguments(cfg) -> dict:
 
 def fsdp_loading(cfg, on: bool) -> None:
     """Switch transformers' FSDP loading mode: with it on, ``from_pretrained`` reads real weights only on each
-    node's first process (accelerate then sends rank 0's into every shard). On before the model is loaded
+    node's first process, the others get zeros (accelerate then sends rank 0's into every shard). On before the
+    model is loaded
     (the Trainer's own switch comes with its construction, too late); off once training is over, or a later
     load in the same process (``llmcls run`` evaluates next) would get zeros on the other processes."""
     if cfg.train.fsdp == "off":
