@@ -13,7 +13,7 @@ Trainer's own checkpoints (written by rank 0 only) and ``--resume`` already requ
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from datetime import timedelta
 from typing import Any, Callable, Optional, TypeVar
 
