@@ -262,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         common += ["--model.tokenizer", a.tokenizer]
 
     world = a.processes
-    plans = {
-        "single": (1, "run", [], {"CUDA_VISIBLE_DEVICES": "0"}),
-        "ddp": (world, "run", [], {}),
+    plans = {  # --no-baseline: the TF-IDF baseline is not what is measured here
+        "single": (1, "run", ["--no-baseline"], {"CUDA_VISIBLE_DEVICES": "0"}),
+        "ddp": (world, "run", ["--no-baseline"], {}),
         "fsdp": (world, "train", ["--train.fsdp", "full_shard"], {}),
     }
     prepared: Path | None = None
