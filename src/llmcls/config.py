@@ -63,6 +63,10 @@ class ModelConfig:
     )
     attn_implementation: Optional[str] = f(None, "Attention kernel ('sdpa', 'eager', 'flash_attention_2').")
     offload_embeddings: bool = f(False, "Keep the frozen input embedding table in CPU memory (16 GB mode).")
+    device_map: Optional[Literal["auto", "balanced", "balanced_low_0", "sequential"]] = f(
+        None, "Spread the layers over all GPUs of one process (the tutorial's fallback for a model larger than "
+        "one card; one GPU works at a time). Not with torchrun: use train.fsdp there."
+    )
     tiny: TinyConfig = field(default_factory=TinyConfig, metadata={"doc": "Shape of the 'tiny' preset."})
 
 
@@ -122,6 +126,11 @@ class TrainConfig:
     group_by_length: bool = f(False, "Batch rows of similar length together (less padding).")
     compile: bool = f(False, "torch.compile each decoder layer: fused kernels, far fewer launches (GPU; "
                              "the first steps pay the compile time).")
+    fsdp: Literal["off", "full_shard", "shard_grad_op"] = f(
+        "off", "Shard the model over the processes of a torchrun/accelerate launch (FSDP2, CUDA only): "
+        "'full_shard' shards weights, gradients and optimizer state; 'shard_grad_op' keeps weights whole "
+        "between forward and backward (faster, more memory)."
+    )
 
 
 @dataclass

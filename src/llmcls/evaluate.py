@@ -12,11 +12,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from llmcls import dist
 from llmcls.config import Config
 from llmcls.data import read_rows
 from llmcls.encode import PromptBuilder
 from llmcls.env import environment
-from llmcls.infer import Prediction, classify
+from llmcls.infer import Prediction
 from llmcls.io import atomic_write_json, atomic_write_jsonl
 
 INVALID = "<invalid>"
@@ -89,9 +90,10 @@ def evaluate(run_dir: str | Path, test_file: Optional[str] = None, method: Optio
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    preds = classify(model, builder, rows, method=method, batch_size=batch_size or cfg.eval.batch_size,
-                     max_new_tokens=cfg.eval.max_new_tokens, max_length=cfg.data.max_length,
-                     progress=progress, desc=f"eval ({method})")
+    # Under torchrun every process classifies a share of the rows; each gets all predictions back.
+    preds = dist.classify(model, builder, rows, method=method, batch_size=batch_size or cfg.eval.batch_size,
+                          max_new_tokens=cfg.eval.max_new_tokens, max_length=cfg.data.max_length,
+                          progress=progress, desc=f"eval ({method})")
     wall = time.perf_counter() - t0
 
     labels = sorted({r.label for r in rows})
@@ -101,8 +103,11 @@ def evaluate(run_dir: str | Path, test_file: Optional[str] = None, method: Optio
         "method": method, "test_file": str(test_file), "skipped_invalid_rows": len(invalid),
         "wall_s": round(wall, 3), "rows_per_s": round(len(rows) / wall, 2) if wall > 0 else None,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
+        "processes": dist.world_size(),
         "environment": environment(),
     })
+    if not dist.is_main():
+        return metrics
     out = run / "eval"
     atomic_write_jsonl(out / "predictions.jsonl", records)
     atomic_write_json(out / "metrics.json", metrics)
@@ -120,4 +125,4 @@ def eval_tracker(run_dir: str | Path, cfg: Config):
     from llmcls.config import to_dict
     from llmcls.track import Tracker
 
-    return Tracker(cfg.track, run_dir, to_dict(cfg), resume=True)
+    return Tracker(cfg.track, run_dir, to_dict(cfg), is_main=dist.is_main(), resume=True)

@@ -189,8 +189,10 @@ def generate_batch(model, builder: PromptBuilder, rows: Sequence[Row], max_new_t
 
 def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "score", batch_size: int = 16,
              max_new_tokens: int = 8, max_length: Optional[int] = None, progress: bool = True,
-             desc: str = "classify") -> list[Prediction]:
-    """Classify rows in batches (longest first, so padding stays small); results come back in input order."""
+             desc: str = "classify", shard: Optional[tuple[int, int]] = None) -> list[Prediction]:
+    """Classify rows in batches (longest first, so padding stays small); results come back in input order.
+    ``shard=(rank, world)`` classifies only batches rank, rank + world, ... of that plan and leaves the other
+    rows None (``llmcls.dist.classify`` merges the shards of all processes)."""
     from tqdm.auto import tqdm
 
     from concurrent.futures import ThreadPoolExecutor
@@ -198,9 +200,11 @@ def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "
     lengths = [len(r.text) for r in rows]
     order = sorted(range(len(rows)), key=lambda i: -lengths[i])
     batches = list(_batches(order, batch_size))
+    if shard is not None:
+        batches = batches[shard[0]::shard[1]]
     preds: list[Optional[Prediction]] = [None] * len(rows)
     # Tokenising the next batch on a thread (the tokenizer releases the GIL) overlaps it with the model.
-    with tqdm(total=len(rows), desc=desc, unit="row", disable=not progress) as bar, \
+    with tqdm(total=sum(map(len, batches)), desc=desc, unit="row", disable=not progress) as bar, \
             ThreadPoolExecutor(max_workers=1) as pool:
         prep = lambda idx: prompts_for(builder, [rows[i] for i in idx], max_length)  # noqa: E731
         pending = pool.submit(prep, batches[0]) if batches else None

@@ -41,7 +41,8 @@ def cache_root() -> Path:
 
 
 def device_default() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The GPU of this process: under torchrun / accelerate launch, the one numbered LOCAL_RANK."""
+    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -170,6 +171,13 @@ def load_model(cfg: ModelConfig, path: str, device: Optional[str] = None, dtype:
     kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.device_map:  # accelerate places the layers over the GPUs (and CPU if they run out); no .to() after
+        if cfg.offload_embeddings:
+            from llmcls.config import ConfigError
+
+            raise ConfigError("model.device_map and model.offload_embeddings both decide where weights go; "
+                              "choose one")
+        return AutoModelForCausalLM.from_pretrained(path, device_map=cfg.device_map, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return place_model(model, device, cfg.offload_embeddings)
 
@@ -218,15 +226,21 @@ def trainable_summary(model) -> dict:
     return {"parameters": total, "trainable": train, "trainable_pct": round(100 * train / max(total, 1), 4)}
 
 
-def load_trained(run_dir: str | Path, device: Optional[str] = None, dtype: Optional[torch.dtype] = None):
+def load_trained(run_dir: str | Path, device: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+                 device_map: Optional[str] = None):
     """Load a finished run: (model, tokenizer, config). LoRA runs load the base named in the run's resolved
-    config and apply ``adapter/``; full fine-tunes load ``model/``."""
+    config and apply ``adapter/``; full fine-tunes load ``model/``. ``device_map`` overrides the run's
+    ``model.device_map`` (e.g. 'auto' to evaluate a model trained with FSDP on a single process)."""
     from llmcls.config import load_config
+    from llmcls.dist import check_device_map
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run} is not a run directory (no config.yaml); train one with 'llmcls train'")
     cfg = load_config(run / "config.yaml")
+    if device_map:
+        cfg.model.device_map = device_map
+    check_device_map(cfg.model)
     tok = load_tokenizer(cfg.model, str(run / "tokenizer"))
     if (run / "adapter").is_dir():
         from peft import PeftModel

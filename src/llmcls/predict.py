@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 from typing import Optional, TextIO
 
+from llmcls import dist
 from llmcls.data import read_rows
 from llmcls.encode import PromptBuilder
-from llmcls.infer import classify
 from llmcls.io import atomic_open, refuse_overwrite
 
 
@@ -44,8 +44,10 @@ def predict(run_dir: str | Path, input_path: Optional[str], output: Optional[str
         (model, tok), cfg = model_and_tokenizer, load_config(Path(run_dir) / "config.yaml")
     from_stdin = input_path in (None, "-")
     if from_stdin:  # stdin is read whole, then parsed with the same validation as files
+        # Under torchrun every process inherits stdin: rank 0 reads it, all get the text.
+        text = dist.on_main(lambda: (stdin or sys.stdin).read())
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as tmp:
-            tmp.write((stdin or sys.stdin).read())
+            tmp.write(text)
         input_path = tmp.name
     labels = labels or trained_labels(run_dir)
     try:
@@ -53,9 +55,11 @@ def predict(run_dir: str | Path, input_path: Optional[str], output: Optional[str
     finally:
         if from_stdin:
             Path(input_path).unlink(missing_ok=True)
-    preds = classify(model, PromptBuilder(tok, cfg.prompt), rows, method=method or cfg.eval.method,
-                     batch_size=batch_size or cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                     max_length=cfg.data.max_length, progress=progress, desc="predict")
+    preds = dist.classify(model, PromptBuilder(tok, cfg.prompt), rows, method=method or cfg.eval.method,
+                          batch_size=batch_size or cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                          max_length=cfg.data.max_length, progress=progress, desc="predict")
+    if not dist.is_main():
+        return len(preds)
     lines = []
     for r, p in zip(rows, preds):
         rec = {"index": p.index, "line": r.line, "label": p.pred}

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments
 
+from llmcls import dist
 from llmcls.config import Config, save_config, to_dict
 from llmcls.encode import AnswerCollator, answer_loss
 from llmcls.env import environment
@@ -107,6 +108,7 @@ def training_arguments(cfg: Config, run: Path, progress: bool = True) -> Trainin
         remove_unused_columns=False,  # the collator needs 'labels'; 'length' is dropped there
         report_to="none",             # trackers are attached explicitly (see track.py)
         disable_tqdm=not progress,
+        **dist.trainer_arguments(cfg),  # several processes: DDP / FSDP settings (dist.py)
     )
 
 
@@ -137,40 +139,48 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
     """Fine-tune as configured; returns the training summary. ``callbacks`` are extra TrainerCallbacks."""
     from transformers import set_seed
 
+    dist.check_launch(cfg)
     run = Path(cfg.train.output_dir)
     finished = (run / "adapter").is_dir() or (run / "model").is_dir()
     started = (run / "checkpoints").is_dir() or finished
     if started and not resume and not overwrite:
         raise RunExists(f"{run} already holds a run; pass --resume to continue it, --overwrite to start over, "
                         "or choose another train.output_dir")
-    if overwrite and not resume and run.exists():
-        for sub in ("checkpoints", "adapter", "model", "train_log.jsonl", "train_summary.json", "eval"):
-            p = run / sub
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    run.mkdir(parents=True, exist_ok=True)
+    # Under a launcher, rank 0 alone writes the run directory; the others wait for it, then read (dist.py).
+    if dist.is_main():
+        if overwrite and not resume and run.exists():
+            for sub in ("checkpoints", "adapter", "model", "train_log.jsonl", "train_summary.json", "eval"):
+                p = run / sub
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        run.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.train.seed)
 
     # 1. Tokenizer and data ------------------------------------------------------------------------------
     is_tiny = cfg.model.name_or_path == TINY
-    model_path = None if is_tiny else resolve_model_path(cfg.model)
-    tokenizer = load_tokenizer(cfg.model, model_path)
-    summary = prepare(cfg, tokenizer, run / "data", progress=progress)
+    with dist.local_main_first():  # downloads and tokenizer builds land in per-node caches
+        model_path = None if is_tiny else resolve_model_path(cfg.model)
+        tokenizer = load_tokenizer(cfg.model, model_path)
+    summary = dist.on_main(lambda: prepare(cfg, tokenizer, run / "data", progress=progress))
     dataset = load_encoded(run / "data")
     log.info("data: %d rows, %d shortened, answer kept in %d", summary["rows"], summary["shortened"],
              summary["answer_kept"])
 
     # 2. Model --------------------------------------------------------------------------------------------
     if is_tiny:  # materialise the random-init base once, so eval/export load it like any local model
-        if not (run / "base-model").is_dir():
-            build_tiny(cfg.model.tiny, tokenizer, run / "base-model", cfg.train.seed)
+        dist.on_main(lambda: (run / "base-model").is_dir()
+                     or build_tiny(cfg.model.tiny, tokenizer, run / "base-model", cfg.train.seed))
         model_path = str((run / "base-model").resolve())
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=model_path,
                                                                  source="local"))
-    save_config(cfg, run / "config.yaml")
+    if dist.is_main():
+        save_config(cfg, run / "config.yaml")
 
     args = training_arguments(cfg, run, progress)
     device = str(args.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
+    dist.fsdp_loading(cfg, True)
+    # Under FSDP the model stays in host memory: accelerate moves only each process's shard to its GPU.
+    device = "cpu" if cfg.train.fsdp != "off" else device
     model = prepare_for_training(load_model(cfg.model, model_path, device=device, dtype=dtype), cfg)
     params = trainable_summary(model)
     log.info("trainable parameters: %s", params)
@@ -190,6 +200,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     wall = time.perf_counter() - t0
+    dist.fsdp_loading(cfg, False)
 
     # 4. Save (rank 0 only) ---------------------------------------------------------------------------------
     out = {
@@ -199,14 +210,22 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
         "rows": summary["rows"], "tokens_seen": trainer.state.num_input_tokens_seen,
         "tokens_per_s": round(trainer.state.num_input_tokens_seen / wall, 1) if wall > 0 else None,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
+        "world_size": args.world_size, "fsdp": cfg.train.fsdp,
         "environment": environment(),
     }
+    if args.world_size > 1:
+        out["peak_mem_gib_per_process"] = dist.all_gather(out["peak_mem_gib"])
+    # Under FSDP each process holds a shard of every weight: all of them take part in gathering the weights.
+    state_dict = (dist.full_state_dict(trainer.model, trainable_only=cfg.lora.method != "full")
+                  if trainer.is_fsdp_enabled else None)
     if trainer.is_world_process_zero():
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         target = run / ("model" if cfg.lora.method == "full" else "adapter")
-        _save_dir_atomically(lambda p: unwrapped.save_pretrained(p, safe_serialization=True), target)
+        _save_dir_atomically(lambda p: unwrapped.save_pretrained(p, state_dict=state_dict, safe_serialization=True),
+                             target)
         _save_dir_atomically(tokenizer.save_pretrained, run / "tokenizer")
         atomic_write_json(run / "train_summary.json", out)
         tracker.log({"train/final_loss": out["train_loss"]}, step=trainer.state.global_step)
     tracker.finish()
+    dist.barrier()  # nobody goes on (llmcls run evaluates next) before rank 0 has written the model
     return out
