@@ -83,3 +83,13 @@ def test_saved_config_round_trips(tmp_path):
     c = load_config(TUTORIAL, {"train.seed": "7"})
     save_config(c, tmp_path / "c.yaml")
     assert to_dict(load_config(tmp_path / "c.yaml")) == to_dict(c)
+
+
+def test_readme_documents_every_key():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("config_reference", ROOT / "scripts" / "config_reference.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.table() in (ROOT / "README.md").read_text(encoding="utf-8"), \
+        "README's configuration reference is stale: python scripts/config_reference.py"
