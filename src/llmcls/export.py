@@ -1,0 +1,200 @@
+"""``llmcls export``: a finished run as a standard Hugging Face model folder that plain ``transformers`` loads.
+
+LoRA runs are merged into their base (PEFT ``merge_and_unload``), so neither PEFT nor llmcls is needed to use the
+result; full fine-tunes are re-saved as they are. Beside the weights (safetensors), the tokenizer and a generation
+config, ``llmcls.json`` records what a classifier needs and a bare model folder cannot say: the label set and the
+exact prompt (system message, user template, how candidates are rendered, the token budget).
+
+Export layout::
+
+    OUT/config.json, OUT/model*.safetensors, OUT/generation_config.json   the merged model
+    OUT/tokenizer.json, OUT/tokenizer_config.json, ...                     the run's tokenizer (with chat template)
+    OUT/llmcls.json                                                        labels and prompt settings
+    OUT/README.md                                                          how to use it
+
+The folder is built under a temporary name beside OUT and renamed into place, so OUT is either absent, the old
+export, or the complete new one; an existing OUT is replaced only when asked (``overwrite``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "llmcls-export"
+EXPORT_VERSION = 1
+META_FILE = "llmcls.json"
+
+
+def _base_dtype(run: Path, cfg) -> torch.dtype:
+    """The dtype the weights were stored in: exporting must not silently double (fp32) or halve the folder."""
+    from llmcls.model import resolve_model_path
+
+    folder = run / "model" if (run / "model").is_dir() else Path(resolve_model_path(cfg.model))
+    try:
+        conf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return torch.float32
+    name = conf.get("dtype") or conf.get("torch_dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+
+
+def _generation_config(model, tok, cfg, labels: list[str]):
+    """Greedy decoding that stops at the chat turn's end: a classifier's reply is one label, so sampling settings
+    inherited from a chat model (temperature, top_p) would only make ``generate`` disagree with scoring."""
+    from transformers import GenerationConfig
+
+    eos = [tok.eos_token_id]
+    base_eos = model.config.eos_token_id
+    for e in (base_eos if isinstance(base_eos, list) else [base_eos]):
+        if e is not None and e not in eos:
+            eos.append(e)
+    longest = max((len(tok(l, add_special_tokens=False)["input_ids"]) for l in labels), default=0)
+    return GenerationConfig(do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                            bos_token_id=model.config.bos_token_id,
+                            max_new_tokens=max(longest + 1, cfg.eval.max_new_tokens))
+
+
+def _model_card(meta: dict) -> str:
+    labels = ", ".join(meta["labels"])
+    return f"""# Text classifier exported by llmcls
+
+A causal LM fine-tuned ({meta['source']['method']}) to answer with one label. Labels: {labels}.
+
+Load it with plain `transformers` (`AutoModelForCausalLM`, `AutoTokenizer`); no PEFT or llmcls is needed.
+`{META_FILE}` holds the prompt it was trained with: the system message, the user template (`{{text}}` and
+`{{category}}` are filled in; candidates render as {meta['prompt']['category_format']}), and `max_length`, the token
+budget of prompt + answer. Classify by scoring each candidate's log-likelihood (its tokens plus the end-of-turn
+token) after the chat-template prompt, or by greedy generation (`generation_config.json`).
+
+Serve it over HTTP with `llmcls serve {'{'}this folder{'}'}`.
+"""
+
+
+def _refuse_self_destruction(run: Path, out: Path) -> None:
+    r, o = run.resolve(), out.resolve()
+    if o == r or o in r.parents:
+        raise ValueError(f"{out} holds the run {run}: exporting there would replace the run itself")
+
+
+def export(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, device: str = "cpu",
+           dtype: Optional[torch.dtype] = None) -> dict:
+    """Merge and write the export; returns the contents of ``llmcls.json``.
+
+    ``dtype`` defaults to the dtype the base (or fine-tuned) weights are stored in. LoRA deltas are added in that
+    dtype, the single rounding ``merge_and_unload`` always makes."""
+    from llmcls.config import load_config, to_dict
+    from llmcls.env import environment
+    from llmcls.model import load_trained
+    from llmcls.predict import trained_labels
+
+    run, out = Path(run_dir), Path(out_dir)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is not a run directory (no config.yaml); train one with 'llmcls train'")
+    _refuse_self_destruction(run, out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    labels = trained_labels(run)
+    if not labels:
+        raise FileNotFoundError(f"{run / 'data' / 'prepare.json'} is missing: the run's label set is unknown")
+
+    cfg = load_config(run / "config.yaml")
+    dtype = dtype or _base_dtype(run, cfg)
+    t0 = time.perf_counter()
+    model, tok, cfg = load_trained(run, device=device, dtype=dtype)
+    method = "lora" if (run / "adapter").is_dir() else "full"
+    if method == "lora":
+        model = model.merge_and_unload()
+    model.config.use_cache = True  # training switched it off; users of the export generate with a cache
+    model.generation_config = _generation_config(model, tok, cfg, labels)
+
+    summary_file = run / "train_summary.json"
+    summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
+    metrics_file = run / "eval" / "metrics.json"
+    metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else None
+    env = environment()
+    meta = {
+        "format": EXPORT_FORMAT, "format_version": EXPORT_VERSION,
+        "labels": labels,
+        "prompt": {"system": cfg.prompt.system, "user_template": cfg.prompt.user_template,
+                   "category_format": cfg.prompt.category_format},
+        "max_length": cfg.data.max_length,
+        "eval_method": cfg.eval.method,
+        "scoring": "log-likelihood of each candidate's tokens plus the tokenizer's eos token after the chat-template "
+                   "prompt (add_generation_prompt=True); probabilities are the softmax over the candidates",
+        "dtype": str(dtype).replace("torch.", ""),
+        "source": {"run_dir": str(run.resolve()), "method": method, "base_model": cfg.model.name_or_path,
+                   "global_step": summary.get("global_step"), "train_loss": summary.get("train_loss")},
+        "eval": {k: metrics[k] for k in ("rows", "accuracy", "macro_f1") if k in metrics} if metrics else None,
+        "config": to_dict(cfg),
+        "llmcls_version": env["versions"].get("llmcls"), "git_commit": env["git_commit"],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(_model_card(meta), encoding="utf-8")
+        _finalise_tree(tmp)
+        _swap_into_place(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s (%s) to %s in %.1f s", run, method, out, time.perf_counter() - t0)
+    return meta
+
+
+def _finalise_tree(folder: Path) -> None:
+    """Flush the files before the rename publishes them (a crash must not leave a complete-looking folder of
+    truncated weights), and give them the usual umask modes: the temporary folder is private (0700) and
+    safetensors writes 0600, but an export is made to be shared."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in folder.iterdir():
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(p, 0o666 & ~mask)
+    os.chmod(folder, 0o777 & ~mask)
+
+
+def _swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    if not overwrite:  # appeared while we were exporting
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    # Move the old export aside first, so that a failure between the renames leaves it recoverable under .old.
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.rmdir(old)
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def read_export_meta(path: str | Path) -> dict:
+    """``llmcls.json`` of an export folder, checked for the fields a server needs."""
+    meta_path = Path(path) / META_FILE
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{meta_path} is not an llmcls export (format {meta.get('format')!r})")
+    if meta.get("format_version", 0) > EXPORT_VERSION:
+        raise ValueError(f"{meta_path} has format_version {meta['format_version']}; this llmcls reads "
+                         f"up to {EXPORT_VERSION}: upgrade llmcls")
+    for key in ("labels", "prompt", "max_length"):
+        if key not in meta:
+            raise ValueError(f"{meta_path} lacks '{key}'")
+    return meta
