@@ -110,3 +110,49 @@ def trained_run(tmp_path_factory, tokenizer_dir, learnable_data) -> Path:
                                                                           "track.project": "llmcls-tests"})
     assert main(["run", *args]) == 0
     return out
+
+
+# ----------------------------------------------------------------------------- export and serve (issue 6)
+def short_run_args(train: Path, test: Path, out: Path, method: str, steps: int) -> list[str]:
+    """A few optimizer steps: enough to move the weights away from the base, which is all that export and serve
+    tests need (they check the export reproduces the run, not that the run learned the task)."""
+    return tiny_args(train, test, out, **{"lora.method": method, "lora.dropout": 0, "train.max_steps": steps,
+                                          "train.lr": 5e-3, "train.save_steps": 1000})
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("small")
+    return {"train": write_jsonl(d / "train.jsonl", learnable_rows(48, 3)),
+            "test": write_jsonl(d / "test.jsonl", learnable_rows(12, 4)), "dir": d}
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory, tokenizer_dir, small_data) -> Path:
+    """A tiny LoRA run (adapter on a random-init base) trained through the CLI."""
+    from llmcls.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "lora"
+    assert main(["train", *short_run_args(small_data["train"], small_data["test"], out, "lora", 4)]) == 0
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    return out
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory, tokenizer_dir, small_data) -> Path:
+    """A tiny full fine-tune through the CLI (two steps: its weights differ from the base)."""
+    from llmcls.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "full"
+    assert main(["train", *short_run_args(small_data["train"], small_data["test"], out, "full", 2)]) == 0
+    assert (out / "model" / "model.safetensors").is_file()
+    return out
+
+
+@pytest.fixture(scope="session")
+def lora_export(tmp_path_factory, lora_run) -> Path:
+    from llmcls.cli import main
+
+    out = tmp_path_factory.mktemp("exports") / "lora-merged"
+    assert main(["export", str(lora_run), str(out)]) == 0
+    return out

@@ -272,6 +272,75 @@ def add_report_commands(sub) -> None:
 # --------------------------------------------------------------------- report, baseline (issue 3) -- end
 
 
+# ------------------------------------------------------------------------------ export and serve (issue 6)
+def _dtype_arg(name):
+    import torch
+
+    return None if name in (None, "auto") else getattr(torch, name)
+
+
+def cmd_export(args) -> int:
+    from llmcls.export import export
+
+    try:
+        meta = export(args.run_dir, args.out_dir, overwrite=args.overwrite, device=args.device,
+                      dtype=_dtype_arg(args.dtype))
+    except ValueError as e:
+        print(f"llmcls export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {meta['source']['method']} run ({len(meta['labels'])} labels, {meta['dtype']}) to {args.out_dir}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from llmcls.serve import run
+
+    run(args.path, host=args.host, port=args.port, token=args.token, device=args.device,
+        dtype=_dtype_arg(args.dtype), log_level="warning" if args.quiet else "info", max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes, max_texts=args.max_texts,
+        max_queue_rows=args.max_queue_rows)
+    return 0
+
+
+def add_export_serve(sub) -> None:
+    from llmcls.serve import DEFAULTS, TOKEN_ENV
+
+    dtypes = ["auto", "bfloat16", "float16", "float32"]
+    s = sub.add_parser("export", help="Merge LoRA into the base; write a plain Hugging Face model folder.",
+                       description="Write OUT_DIR: the merged model (safetensors), tokenizer, generation config and "
+                                   "llmcls.json (labels, prompt). Plain transformers loads it; no peft needed.")
+    s.add_argument("run_dir", metavar="RUN_DIR", help="Run directory written by 'llmcls train'.")
+    s.add_argument("out_dir", metavar="OUT_DIR", help="Folder to create.")
+    s.add_argument("--overwrite", action="store_true", help="Replace OUT_DIR if it exists.")
+    s.add_argument("--device", default="cpu", help="Where to merge (default: cpu).")
+    s.add_argument("--dtype", choices=dtypes, default="auto",
+                   help="Weights dtype of the export (default: the dtype the weights are stored in).")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("serve", help="Serve a run or an export over HTTP (POST /classify), batching requests.",
+                       description="HTTP JSON API: POST /classify, GET /labels, GET /health, GET /openapi.json. "
+                                   "Concurrent requests share forward passes (dynamic batching).")
+    s.add_argument("path", metavar="RUN_DIR|EXPORT_DIR", help="A run directory or an 'llmcls export' folder.")
+    s.add_argument("--host", default="127.0.0.1", help="Address to bind (default: 127.0.0.1, this machine only).")
+    s.add_argument("--port", type=int, default=8000, help="Port (default: 8000).")
+    s.add_argument("--token", help=f"Require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV}, if set; "
+                                   "prefer the variable: a command line is visible to other users).")
+    s.add_argument("--device", help="cuda or cpu (default: cuda if available).")
+    s.add_argument("--dtype", choices=dtypes, default="auto", help="Default: bfloat16 on a GPU, float32 on a CPU.")
+    s.add_argument("--max-batch", type=int, default=DEFAULTS["max_batch"], metavar="N",
+                   help="Most rows per forward pass (default: %(default)s; 1 turns batching off).")
+    s.add_argument("--max-wait-ms", type=float, default=DEFAULTS["max_wait_ms"], metavar="MS",
+                   help="How long a lone row waits for others to share its pass (default: %(default)s).")
+    s.add_argument("--max-body-bytes", type=int, default=DEFAULTS["max_body_bytes"], metavar="N",
+                   help="Larger request bodies get 413 (default: %(default)s).")
+    s.add_argument("--max-texts", type=int, default=DEFAULTS["max_texts"], metavar="N",
+                   help="Most texts in one request (default: %(default)s).")
+    s.add_argument("--max-queue-rows", type=int, default=DEFAULTS["max_queue_rows"], metavar="N",
+                   help="Rows waiting beyond this get 503 (default: %(default)s).")
+    s.set_defaults(func=cmd_serve)
+# ------------------------------------------------------------------------- end of export and serve (issue 6)
+
+
 # ------------------------------------------------------------------------------------------------- parser
 DEVICE_MAPS = ["auto", "balanced", "balanced_low_0", "sequential"]
 DEVICE_MAP_HELP = ("Spread the model over all GPUs of this one process (a model larger than one card, e.g. "
@@ -340,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="Seed for candidates and the split (default: 0).")
     s.set_defaults(func=cmd_make_dataset)
     add_report_commands(sub)
+    add_export_serve(sub)  # issue 6
     return p
 
 
