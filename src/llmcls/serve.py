@@ -31,6 +31,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -329,6 +330,10 @@ def create_app(clf: Classifier, token: Optional[str] = None, max_batch: int = DE
 
     batcher = batcher or Batcher(clf.classify, max_batch, max_wait_ms, max_queue_rows)
     labels = clf.labels
+    if max_body_bytes:
+        # Every text the schema allows must fit in a body the server accepts (a character can take 12 bytes as
+        # an escaped surrogate pair), so that a text one character too long gets 422 and names the field, not 413.
+        max_text_chars = max(1, min(max_text_chars, max_body_bytes // 16))
 
     # ---- request and response models: the label set becomes an enum, so the schema itself tells clients (and
     # the fuzzer) which candidates exist, and an unknown one fails validation (422) like any other bad field.
@@ -468,6 +473,31 @@ def create_app(clf: Classifier, token: Optional[str] = None, max_batch: int = DE
     if max_body_bytes:
         app.add_middleware(BodyLimit, limit=max_body_bytes)
     return app
+
+
+@contextmanager
+def running(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning", start_timeout: float = 120):
+    """Serve ``app`` with uvicorn on a background thread for the duration of a ``with`` block; yields the base
+    URL. Port 0 picks a free one. Used by the tests and the load benchmark."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError("the server did not start (see the log above)")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()
+    try:
+        yield f"http://{'[' + bound[0] + ']' if ':' in bound[0] else bound[0]}:{bound[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def run(path: str | Path, host: str = "127.0.0.1", port: int = 8000, token: Optional[str] = None,

@@ -1,0 +1,97 @@
+"""The dynamic batcher on its own, with a scorer that records its calls (no model, no HTTP)."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from llmcls.data import Row
+from llmcls.serve import Batcher, Overloaded
+
+
+class Recorder:
+    def __init__(self, delay=0.0, fail_on=None):
+        self.calls, self.delay, self.fail_on = [], delay, fail_on
+        self.threads = set()
+
+    def __call__(self, rows):
+        self.calls.append([r.text for r in rows])
+        self.threads.add(threading.get_ident())
+        time.sleep(self.delay)
+        if self.fail_on and any(r.text == self.fail_on for r in rows):
+            raise ValueError(f"cannot score {self.fail_on}")
+        return [f"result:{r.text}" for r in rows]
+
+
+def rows(*texts):
+    return [Row(t, ["A", "B"], None) for t in texts]
+
+
+async def _burst(batcher, n, per_request=1):
+    batcher.start()
+    reqs = [batcher.submit(rows(*(f"t{i}.{j}" for j in range(per_request)))) for i in range(n)]
+    out = await asyncio.gather(*reqs, return_exceptions=True)
+    await batcher.stop()
+    return out
+
+
+def test_concurrent_rows_share_batches_up_to_max_batch():
+    rec = Recorder(delay=0.01)
+    b = Batcher(rec, max_batch=4, max_wait_ms=50)
+    out = asyncio.run(_burst(b, 10))
+    assert out == [[f"result:t{i}.0"] for i in range(10)]       # every request gets its own rows back, in order
+    sizes = [len(c) for c in rec.calls]
+    assert sum(sizes) == 10 and max(sizes) == 4 and len(sizes) == 3
+    assert len(rec.threads) == 1                               # one model thread, never the event loop's
+
+
+def test_max_batch_one_is_one_row_per_pass():
+    rec = Recorder()
+    out = asyncio.run(_burst(Batcher(rec, max_batch=1, max_wait_ms=50), 5, per_request=2))
+    assert all(len(c) == 1 for c in rec.calls) and len(rec.calls) == 10
+    assert out[3] == ["result:t3.0", "result:t3.1"]
+
+
+def test_a_failing_row_fails_only_its_own_request():
+    rec = Recorder(fail_on="t2.0")
+    b = Batcher(rec, max_batch=8, max_wait_ms=50)
+    out = asyncio.run(_burst(b, 5))
+    assert isinstance(out[2], ValueError)
+    assert [o for i, o in enumerate(out) if i != 2] == [[f"result:t{i}.0"] for i in (0, 1, 3, 4)]
+    assert b.stats["failed_batches"] == 1
+
+
+def test_full_queue_is_refused_not_grown():
+    async def main():
+        b = Batcher(Recorder(delay=0.2), max_batch=2, max_wait_ms=0, max_queue_rows=3)
+        b.start()
+        first = asyncio.ensure_future(b.submit(rows("a", "b")))
+        await asyncio.sleep(0.05)                            # the first batch is running, the queue is empty
+        second = asyncio.ensure_future(b.submit(rows("c", "d", "e")))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):
+            await b.submit(rows("f"))
+        assert await first == ["result:a", "result:b"]
+        assert await second == ["result:c", "result:d", "result:e"]
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_rows_of_a_cancelled_request_are_skipped():
+    async def main():
+        rec = Recorder(delay=0.1)
+        b = Batcher(rec, max_batch=1, max_wait_ms=0)
+        b.start()
+        busy = asyncio.ensure_future(b.submit(rows("busy")))
+        await asyncio.sleep(0.02)
+        gone = asyncio.ensure_future(b.submit(rows("gone")))
+        await asyncio.sleep(0.01)
+        gone.cancel()                                        # the client disconnected while queued
+        assert await busy == ["result:busy"]
+        assert await b.submit(rows("next")) == ["result:next"]
+        await b.stop()
+        return rec.calls
+
+    assert asyncio.run(main()) == [["busy"], ["next"]]
