@@ -42,11 +42,16 @@ def client(server):
         yield c
 
 
-def test_classify_matches_the_library(client, classifier, lora_run, small_data):
+def test_classify_matches_the_library(client, classifier, lora_run, small_data, tmp_path):
     from llmcls.data import read_rows
     from llmcls.serve import load_classifier
 
     rows = [json.loads(l) for l in small_data["test"].read_text().splitlines()]
+    # Texts far over max_length (128 tokens): the server shortens them before batching, as scoring would.
+    rows += [{"text": "pollution and the " * 100, "category": ["Enviornment", "Sport"]},
+             {"text": "软件" * 400 + " software", "category": ["Technology", "Politics", "Sport"]}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows), encoding="utf-8")
     r = client.post("/classify", headers=AUTH,
                     json={"inputs": [{"text": x["text"], "candidates": x["category"]} for x in rows]})
     assert r.status_code == 200, r.text
@@ -54,7 +59,7 @@ def test_classify_matches_the_library(client, classifier, lora_run, small_data):
 
     # The same rows through the run directory (base + adapter) and llmcls's own batch scoring.
     run_clf = load_classifier(lora_run, device="cpu")
-    parsed, _ = read_rows(small_data["test"], run_clf_cfg(lora_run), need_label=False)
+    parsed, _ = read_rows(path, run_clf_cfg(lora_run), need_label=False)
     expected = run_clf.classify(parsed)
     assert len(results) == len(expected) == len(rows)
     for got, exp, row in zip(results, expected, rows):

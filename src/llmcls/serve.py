@@ -29,6 +29,7 @@ import collections
 import hmac
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 TOKEN_ENV = "LLMCLS_SERVE_TOKEN"
 DEFAULTS = {"max_batch": 32, "max_wait_ms": 5.0, "max_body_bytes": 1 << 20, "max_texts": 64,
-            "max_text_chars": 100_000, "max_queue_rows": 4096}
+            "max_text_chars": 100_000, "max_queue_rows": 4096, "prepare_threads": min(4, os.cpu_count() or 1)}
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -67,6 +68,7 @@ class Classifier:
         from llmcls.encode import PromptBuilder
 
         self.builder = PromptBuilder(self.tokenizer, self.prompt)
+        self._local = threading.local()
 
     @property
     def device(self) -> str:
@@ -75,6 +77,25 @@ class Classifier:
     @property
     def dtype(self) -> str:
         return str(next(self.model.parameters()).dtype).replace("torch.", "")
+
+    def prepare(self, rows: Sequence[Row]) -> list[Row]:
+        """The rows with their texts already shortened to ``max_length``, exactly as scoring would shorten them.
+        Tokenising a long text costs milliseconds of CPU; done here, on the request's side and in parallel, it
+        stays off the model thread, which then only re-tokenises prompts that already fit. Each thread uses its
+        own copy of the tokenizer: a fast tokenizer shared between threads can fail with 'Already borrowed'."""
+        if self.max_length is None:
+            return list(rows)
+        from llmcls.encode import fit_row
+        from llmcls.infer import prompt_budget
+
+        builder = getattr(self._local, "builder", None)
+        if builder is None:
+            import copy
+
+            from llmcls.encode import PromptBuilder
+
+            builder = self._local.builder = PromptBuilder(copy.deepcopy(self.tokenizer), self.prompt)
+        return [fit_row(builder, r, prompt_budget(builder, r, self.max_length))[0] for r in rows]
 
     def classify(self, rows: Sequence[Row]) -> list:
         """One :class:`llmcls.infer.Prediction` per row, scored in one batch."""
@@ -129,10 +150,14 @@ class Batcher:
     batch that fails is retried row by row, so one bad row fails its own request and no other."""
 
     def __init__(self, score: Callable[[Sequence[Row]], list], max_batch: int = 32, max_wait_ms: float = 5.0,
-                 max_queue_rows: int = 4096):
+                 max_queue_rows: int = 4096, prepare: Optional[Callable[[Sequence[Row]], list]] = None,
+                 prepare_threads: int = 4):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.score = score
+        self.prepare = prepare
+        self.prepare_threads = max(1, prepare_threads)
+        self._prep_pool: Optional[ThreadPoolExecutor] = None
         self.max_batch = max_batch
         self.max_wait = max(0.0, max_wait_ms) / 1000
         self.max_queue_rows = max_queue_rows
@@ -152,6 +177,8 @@ class Batcher:
             return
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmcls-model")
+        if self.prepare is not None:
+            self._prep_pool = ThreadPoolExecutor(max_workers=self.prepare_threads, thread_name_prefix="llmcls-prep")
         self._task = asyncio.get_running_loop().create_task(self._run(), name="llmcls-batcher")
 
     async def stop(self) -> None:
@@ -166,9 +193,10 @@ class Batcher:
             item = self._items.popleft()
             if not item.future.done():
                 item.future.cancel()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        for pool in (self._executor, self._prep_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._executor = self._prep_pool = None
 
     async def submit(self, rows: Sequence[Row]) -> list:
         """Queue the rows and wait for their results (in order). Raises :class:`Overloaded` when full, or the
@@ -177,6 +205,8 @@ class Batcher:
         if len(self._items) + len(rows) > self.max_queue_rows:
             raise Overloaded(f"{len(self._items)} rows are queued; retry later")
         loop = asyncio.get_running_loop()
+        if self.prepare is not None:
+            rows = await loop.run_in_executor(self._prep_pool, self.prepare, rows)
         items = [_Item(r, loop.create_future()) for r in rows]
         self._items.extend(items)
         self._wake.set()
@@ -316,7 +346,8 @@ def _clean_errors(errors) -> list[dict]:
 def create_app(clf: Classifier, token: Optional[str] = None, max_batch: int = DEFAULTS["max_batch"],
                max_wait_ms: float = DEFAULTS["max_wait_ms"], max_body_bytes: int = DEFAULTS["max_body_bytes"],
                max_texts: int = DEFAULTS["max_texts"], max_text_chars: int = DEFAULTS["max_text_chars"],
-               max_queue_rows: int = DEFAULTS["max_queue_rows"], batcher: Optional[Batcher] = None):
+               max_queue_rows: int = DEFAULTS["max_queue_rows"], prepare_threads: int = DEFAULTS["prepare_threads"],
+               batcher: Optional[Batcher] = None):
     from contextlib import asynccontextmanager
     from typing import Annotated, Literal, Union
 
@@ -328,7 +359,8 @@ def create_app(clf: Classifier, token: Optional[str] = None, max_batch: int = DE
 
     from llmcls.encode import PromptTooLong
 
-    batcher = batcher or Batcher(clf.classify, max_batch, max_wait_ms, max_queue_rows)
+    batcher = batcher or Batcher(clf.classify, max_batch, max_wait_ms, max_queue_rows, prepare=clf.prepare,
+                                 prepare_threads=prepare_threads)
     labels = clf.labels
     if max_body_bytes:
         # Every text the schema allows must fit in a body the server accepts (a character can take 12 bytes as
