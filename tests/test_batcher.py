@@ -95,3 +95,27 @@ def test_rows_of_a_cancelled_request_are_skipped():
         return rec.calls
 
     assert asyncio.run(main()) == [["busy"], ["next"]]
+
+
+def test_load_generator_counts_only_the_measuring_window():
+    """benchmarks/serve_load.py's closed-loop driver, against a fake 10 ms server."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("serve_load", ROOT / "benchmarks" / "serve_load.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    async def send(row):
+        await asyncio.sleep(0.01)
+        return 200 if row["text"] != "bad" else 500
+
+    rows = [{"text": "a", "candidates": ["A"]}] * 3 + [{"text": "bad", "candidates": ["A"]}]
+    raw = asyncio.run(bench.drive(send, rows, concurrency=4, warmup_s=0.1, seconds=0.5))
+    assert raw["errors"] > 0 and raw["statuses"]["500"] == raw["errors"]
+    # 4 clients x 0.5 s / 10 ms = at most 200 answers in the window, 3 in 4 of them good.
+    assert 40 <= raw["completed"] <= 160
+    assert all(5 <= ms < 200 for ms in raw["latencies_ms"])
+    m = bench.summarise("x", 1, raw, {"mean_batch": 1.0})
+    assert m["rows_per_s"] == pytest.approx(raw["completed"] / 0.5) and m["p50_ms"] <= m["p99_ms"]
