@@ -172,7 +172,7 @@ def run_mode(clf, name: str, max_batch: int, args, rows_file: Path, rows: list[d
 
     if args.transport == "inprocess":
         async def go():
-            b = Batcher(clf.classify, max_batch, args.max_wait_ms if max_batch > 1 else 0.0,
+            b = Batcher(clf.score, max_batch, args.max_wait_ms if max_batch > 1 else 0.0,
                         prepare=clf.prepare)
             b.start()
 

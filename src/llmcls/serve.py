@@ -12,7 +12,7 @@ pool of preparation threads (tokenising a 3,000-character text takes millisecond
 stall the GPU), then queued as one row. One background task takes rows off the queue — waiting at most
 ``max_wait_ms`` for company once the first row is there (longer, up to ``PREP_WAIT_FACTOR`` times, while rows are
 known to be in preparation), never more than ``max_batch`` rows — scores them with one
-:func:`llmcls.infer.classify` call on a single model thread, and resolves the waiting requests. Under load a
+:func:`llmcls.infer.score_batch` call on a single model thread, and resolves the waiting requests. Under load a
 forward pass serves many requests at once; alone, a request waits only ``max_wait_ms``. The event loop never
 runs the model, so /health answers while a batch runs.
 
@@ -84,15 +84,13 @@ class Classifier:
     def dtype(self) -> str:
         return str(next(self.model.parameters()).dtype).replace("torch.", "")
 
-    def prepare(self, rows: Sequence[Row]) -> list[Row]:
-        """The rows with their texts already shortened to ``max_length``, exactly as scoring would shorten them.
-        Tokenising a long text costs milliseconds of CPU; done here, on the request's side and in parallel, it
-        stays off the model thread, which then only re-tokenises prompts that already fit. Each thread uses its
-        own copy of the tokenizer: a fast tokenizer shared between threads can fail with 'Already borrowed'."""
-        if self.max_length is None:
-            return list(rows)
-        from llmcls.encode import fit_row
-        from llmcls.infer import prompt_budget
+    def prepare(self, rows: Sequence[Row]) -> list[tuple[Row, list[int]]]:
+        """Each row with its prompt ids, the text shortened to ``max_length`` as in training
+        (:func:`llmcls.infer.prompts_for`). Tokenising costs milliseconds of CPU per long text; done here, on the
+        requests' side and on several threads, it overlaps the model's work instead of stalling it. Each thread
+        has its own copy of the tokenizer: a fast tokenizer shared between threads can fail with 'Already
+        borrowed'."""
+        from llmcls.infer import prompts_for
 
         builder = getattr(self._local, "builder", None)
         if builder is None:
@@ -101,10 +99,23 @@ class Classifier:
             from llmcls.encode import PromptBuilder
 
             builder = self._local.builder = PromptBuilder(copy.deepcopy(self.tokenizer), self.prompt)
-        return [fit_row(builder, r, prompt_budget(builder, r, self.max_length))[0] for r in rows]
+        return list(zip(rows, prompts_for(builder, rows, self.max_length)))
+
+    def score(self, prepared: Sequence[tuple[Row, list[int]]]) -> list:
+        """One :class:`llmcls.infer.Prediction` per prepared row, all in one :func:`llmcls.infer.score_batch`."""
+        from llmcls.infer import Prediction, score_batch, to_probs
+
+        rows = [r for r, _ in prepared]
+        logliks = score_batch(self.model, self.builder, rows, prompts=[p for _, p in prepared])
+        out = []
+        for i, (r, ll) in enumerate(zip(rows, logliks)):
+            probs = dict(zip(r.candidates, to_probs(ll)))
+            out.append(Prediction(i, max(probs, key=probs.get), probs))
+        return out
 
     def classify(self, rows: Sequence[Row]) -> list:
-        """One :class:`llmcls.infer.Prediction` per row, scored in one batch."""
+        """The library's own path (:func:`llmcls.infer.classify`), for comparisons: the server uses
+        :meth:`prepare` and :meth:`score`."""
         from llmcls.infer import classify
 
         return classify(self.model, self.builder, rows, method="score", batch_size=max(1, len(rows)),
@@ -153,10 +164,11 @@ class _Item:
 class Batcher:
     """Dynamic batching: rows from concurrent requests share forward passes.
 
-    ``score`` maps a list of rows to one result per row; it runs on one worker thread, one batch at a time. A
-    batch that fails is retried row by row, so one bad row fails its own request and no other."""
+    ``prepare`` (optional) turns a request's rows into items, on a pool of ``prepare_threads`` threads; ``score``
+    maps a list of items (rows, without ``prepare``) to one result each, on one model thread, one batch at a time.
+    A batch that fails is retried item by item, so one bad row fails its own request and no other."""
 
-    def __init__(self, score: Callable[[Sequence[Row]], list], max_batch: int = 32, max_wait_ms: float = 5.0,
+    def __init__(self, score: Callable[[Sequence[Any]], list], max_batch: int = 32, max_wait_ms: float = 5.0,
                  max_queue_rows: int = 4096, prepare: Optional[Callable[[Sequence[Row]], list]] = None,
                  prepare_threads: int = 4):
         if max_batch < 1:
@@ -374,7 +386,7 @@ def create_app(clf: Classifier, token: Optional[str] = None, max_batch: int = DE
 
     from llmcls.encode import PromptTooLong
 
-    batcher = batcher or Batcher(clf.classify, max_batch, max_wait_ms, max_queue_rows, prepare=clf.prepare,
+    batcher = batcher or Batcher(clf.score, max_batch, max_wait_ms, max_queue_rows, prepare=clf.prepare,
                                  prepare_threads=prepare_threads)
     labels = clf.labels
     if max_body_bytes:
