@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPE_FILES = {"qwen1.5-7b": "qwen1.5-7b-chat.json", "qwen2.5-7b": "qwen2.5-7b-instruct.json",
                "qwen2.5-0.5b": "qwen2.5-0.5b-instruct.json"}
 PRESETS = {  # per device: what a bounded run can afford
-    "cpu": {"seconds": 20, "warmup_s": 4, "concurrency": 16, "max_batch": 16},
-    "cuda": {"seconds": 40, "warmup_s": 8, "concurrency": 64, "max_batch": 32},
+    "cpu": {"seconds": 20, "warmup_s": 4, "concurrency": 16, "max_batch": 16, "max_length": "384"},
+    "cuda": {"seconds": 30, "warmup_s": 6, "concurrency": 64, "max_batch": 32, "max_length": "384,128"},
 }
 
 
@@ -208,16 +208,20 @@ def run_mode(clf, name: str, max_batch: int, args, rows_file: Path, rows: list[d
 
 
 def markdown(res: dict) -> str:
-    lines = ["| card | model | transport | mode | max batch | clients | requests | rows/s | p50 ms | p99 ms | "
-             "mean batch |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for m in res["modes"]:
-        lines.append(f"| {res['card']} | {res['shape']} ({res['dtype']}) | {res['transport']} | {m['mode']} | "
-                     f"{m['max_batch']} | {res['concurrency']} | {m['requests']} | {m['rows_per_s']} | "
-                     f"{m['p50_ms']} | {m['p99_ms']} | {m['server_mean_batch']} |")
+    lines = ["| card | model | transport | max_length | mode | max batch | clients | requests | rows/s | p50 ms | "
+             "p99 ms | mean batch |", "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for run in res["runs"]:
+        for m in run["modes"]:
+            lines.append(f"| {res['card']} | {res['shape']} ({res['dtype']}) | {res['transport']} | "
+                         f"{run['max_length']} | {m['mode']} | {m['max_batch']} | {res['concurrency']} | "
+                         f"{m['requests']} | {m['rows_per_s']} | {m['p50_ms']} | {m['p99_ms']} | "
+                         f"{m['server_mean_batch']} |")
     lines.append("")
-    ratio = f"{res['ratio']}x" if res["ratio"] is not None else "n/a (no request finished one at a time)"
-    lines.append(f"Dynamic batching / one at a time: **{ratio}** rows/s "
-                 f"({res['rows_source']}; max_length {res['max_length']}; {res['wall_s']} s in all).")
+    for run in res["runs"]:
+        ratio = f"{run['ratio']}x" if run["ratio"] is not None else "n/a (no request finished one at a time)"
+        lines.append(f"- max_length {run['max_length']}: dynamic batching / one at a time = **{ratio}** rows/s")
+    lines.append("")
+    lines.append(f"Rows: {res['rows_source']}; {res['wall_s']} s in all.")
     return "\n".join(lines) + "\n"
 
 
@@ -225,12 +229,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="tiny", help="tiny, qwen1.5-7b, qwen2.5-7b, qwen2.5-0.5b or a config .json")
     p.add_argument("--device", help="cpu or cuda (default: cuda for a named shape, cpu for tiny)")
-    p.add_argument("--seconds", type=float, help="Measuring window per mode (default: cpu 20, cuda 40).")
-    p.add_argument("--warmup-s", type=float, help="Unmeasured load before each window (default: cpu 4, cuda 8).")
+    p.add_argument("--seconds", type=float, help="Measuring window per mode (default: cpu 20, cuda 30).")
+    p.add_argument("--warmup-s", type=float, help="Unmeasured load before each window (default: cpu 4, cuda 6).")
     p.add_argument("--concurrency", type=int, help="Closed-loop clients (default: cpu 16, cuda 64).")
     p.add_argument("--max-batch", type=int, help="Dynamic mode's max batch (default: cpu 16, cuda 32).")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="Dynamic mode's batching window (default: 5).")
-    p.add_argument("--max-length", type=int, default=384, help="Token budget per row (default: 384).")
+    p.add_argument("--max-length", help="Token budget per row; a comma-separated list runs each in turn "
+                                        "(default: cpu 384; cuda 384,128: the tutorial's budget, then short rows).")
     p.add_argument("--rows", type=int, default=512, help="Distinct rows cycled through (default: 512).")
     p.add_argument("--transport", choices=["auto", "http", "inprocess"], default="auto")
     p.add_argument("--torch-threads", type=int,
@@ -268,6 +273,7 @@ def main() -> int:
     for k, v in preset.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    args.max_length = [int(x) for x in str(args.max_length).split(",") if x.strip()]
     if args.transport == "auto":
         try:
             import fastapi  # noqa: F401
@@ -291,35 +297,39 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         tmp = Path(tmp)
         model, dtype = build_model(args.shape, args.device, shared, tok, tmp)
-        clf = Classifier(model, tok, PromptConfig(), labels, args.max_length, args.shape, "benchmark")
         rows_file = tmp / "rows.jsonl"
         rows_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         setup_s = time.monotonic() - t_start
 
-        # Both windows must fit the time limit with room for start-up, warm-up and draining the queue.
+        # Every window must fit the time limit with room for start-up, warm-up and draining the queue.
+        n_modes = 2 * len(args.max_length)
         per_mode_overhead = args.warmup_s + 15
-        remaining = args.time_limit_s - (time.monotonic() - t_start) - 2 * per_mode_overhead
-        seconds = max(3.0, min(args.seconds, remaining / 2))
+        remaining = args.time_limit_s - (time.monotonic() - t_start) - n_modes * per_mode_overhead
+        seconds = max(3.0, min(args.seconds, remaining / n_modes))
         if seconds < args.seconds:
             print(f"measuring {seconds:.0f} s per mode to stay within {args.time_limit_s:.0f} s", file=sys.stderr)
 
-        modes = []
-        for name, mb in (("dynamic batching", args.max_batch), ("one at a time", 1)):
-            m = run_mode(clf, name, mb, args, rows_file, rows, seconds)
-            print(f"{name}: {m['rows_per_s']} rows/s, p50 {m['p50_ms']} ms, p99 {m['p99_ms']} ms, "
-                  f"mean batch {m['server_mean_batch']}, errors {m['errors']}", file=sys.stderr)
-            modes.append(m)
-            if args.device.startswith("cuda"):
-                torch.cuda.empty_cache()
+        runs = []
+        for max_length in args.max_length:
+            clf = Classifier(model, tok, PromptConfig(), labels, max_length, args.shape, "benchmark")
+            modes = []
+            for name, mb in (("dynamic batching", args.max_batch), ("one at a time", 1)):
+                m = run_mode(clf, name, mb, args, rows_file, rows, seconds)
+                print(f"max_length {max_length}, {name}: {m['rows_per_s']} rows/s, p50 {m['p50_ms']} ms, "
+                      f"p99 {m['p99_ms']} ms, mean batch {m['server_mean_batch']}, errors {m['errors']}",
+                      file=sys.stderr)
+                modes.append(m)
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+            dyn, one = modes
+            ratio = round(dyn["rows_per_s"] / one["rows_per_s"], 2) if one["rows_per_s"] else None
+            runs.append({"max_length": max_length, "modes": modes, "ratio": ratio})
 
-    dyn, one = modes
-    ratio = round(dyn["rows_per_s"] / one["rows_per_s"], 2) if one["rows_per_s"] else None
     env = environment()
     res = {"benchmark": "serve_load", "card": args.card or card_name(args.device), "shape": args.shape,
            "device": args.device, "dtype": dtype, "transport": args.transport, "concurrency": args.concurrency,
-           "max_wait_ms": args.max_wait_ms, "max_length": args.max_length, "rows_source": source,
-           "torch_threads": torch.get_num_threads(),
-           "rows_distinct": len(rows), "labels": len(labels), "modes": modes, "ratio": ratio,
+           "max_wait_ms": args.max_wait_ms, "rows_source": source, "torch_threads": torch.get_num_threads(),
+           "rows_distinct": len(rows), "labels": len(labels), "runs": runs,
            "target_ratio": 5.0 if args.device.startswith("cuda") else None,
            "setup_s": round(setup_s, 1), "wall_s": round(time.monotonic() - t_start, 1),
            "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
