@@ -189,6 +189,7 @@ except DataError:
 except dist.OtherRankFailed as e:
     assert not dist.is_main() and "train.jsonl:7" in str(e), e
 tdist.barrier()
+tdist.destroy_process_group()  # a clean exit: gloo's threads otherwise race the interpreter's shutdown
 """
 
 
