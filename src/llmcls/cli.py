@@ -348,7 +348,7 @@ DEVICE_MAP_HELP = ("Spread the model over all GPUs of this one process (a model 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llmcls", description=__doc__.split("\n")[0], allow_abbrev=False,
+    p = argparse.ArgumentParser(prog="llmcls", allow_abbrev=False, description="Fine-tune a chat LLM into a text classifier: prepare -> train -> eval -> predict, report, export, serve. `llmcls COMMAND --help` documents each command.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quiet", "-q", action="store_true", help="Only warnings and errors in the log.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
