@@ -157,7 +157,7 @@ class Overloaded(RuntimeError):
 
 @dataclass
 class _Item:
-    row: Row
+    payload: Any            # a row, or what ``prepare`` made of it
     future: asyncio.Future
 
 
@@ -248,9 +248,10 @@ class Batcher:
             while not self._items:
                 self._wake.clear()
                 await self._wake.wait()
-            # Wait briefly for company only while the batch is not full; rows that queued up while the previous
-            # batch ran are taken at once. Rows still being prepared (tokenised) are known to be milliseconds
-            # away: waiting for them, up to PREP_WAIT_FACTOR windows, costs less than a forward pass without them.
+            # A batch that is not full waits up to max_wait for company (under load the queue refills while the
+            # model runs, so full batches leave at once). Rows still being prepared (tokenised) are known to be
+            # milliseconds away: waiting for them, up to PREP_WAIT_FACTOR windows, costs less than a forward pass
+            # without them.
             now = loop.time()
             deadline, hard = now + self.max_wait, now + self.max_wait * PREP_WAIT_FACTOR
             while len(self._items) < self.max_batch:
@@ -270,7 +271,7 @@ class Batcher:
             if not batch:
                 continue
             t0 = time.perf_counter()
-            results = await loop.run_in_executor(self._executor, self._score_isolating, [i.row for i in batch])
+            results = await loop.run_in_executor(self._executor, self._score_isolating, [i.payload for i in batch])
             self.stats["busy_s"] += time.perf_counter() - t0
             self.stats["batches"] += 1
             self.stats["rows"] += len(batch)
