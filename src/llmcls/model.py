@@ -254,3 +254,13 @@ def load_trained(run_dir: str | Path, device: Optional[str] = None, dtype: Optio
                                 "Resume it with 'llmcls train --resume'")
     model.eval()
     return model, tok, cfg
+
+
+def model_for_run(run_dir: str | Path, model_and_tokenizer=None):
+    """(model, tokenizer, config) of a run: the caller's already-loaded pair, or :func:`load_trained`'s."""
+    if model_and_tokenizer is None:
+        return load_trained(run_dir)
+    from llmcls.config import load_config
+
+    model, tok = model_and_tokenizer
+    return model, tok, load_config(Path(run_dir) / "config.yaml")

@@ -32,16 +32,11 @@ def predict(run_dir: str | Path, input_path: Optional[str], output: Optional[str
     """Returns the number of rows written."""
     import tempfile
 
-    from llmcls.model import load_trained
+    from llmcls.model import model_for_run
 
     if output:
         refuse_overwrite(output, overwrite)
-    if model_and_tokenizer is None:
-        model, tok, cfg = load_trained(run_dir)
-    else:
-        from llmcls.config import load_config
-
-        (model, tok), cfg = model_and_tokenizer, load_config(Path(run_dir) / "config.yaml")
+    model, tok, cfg = model_for_run(run_dir, model_and_tokenizer)
     from_stdin = input_path in (None, "-")
     if from_stdin:  # stdin is read whole, then parsed with the same validation as files
         # Under torchrun every process inherits stdin: rank 0 reads it, all get the text.
