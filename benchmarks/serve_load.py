@@ -37,17 +37,22 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPE_FILES = {"qwen1.5-7b": "qwen1.5-7b-chat.json", "qwen2.5-7b": "qwen2.5-7b-instruct.json",
                "qwen2.5-0.5b": "qwen2.5-0.5b-instruct.json"}
 PRESETS = {  # per device: what a bounded run can afford
-    "cpu": {"seconds": 20, "warmup_s": 4, "concurrency": 16, "max_batch": 16, "max_length": "384"},
-    "cuda": {"seconds": 30, "warmup_s": 6, "concurrency": 64, "max_batch": 32, "max_length": "384,128"},
+    "cpu": {"seconds": 20, "warmup_s": 4, "concurrency": 16, "max_batch": 16, "max_length": "384",
+            "client_procs": 1},
+    "cuda": {"seconds": 30, "warmup_s": 6, "concurrency": 64, "max_batch": 32, "max_length": "384,128",
+             "client_procs": 4},
 }
 
 
 # ------------------------------------------------------------------------------------------- load generator
-async def drive(send, rows: list[dict], concurrency: int, warmup_s: float, seconds: float) -> dict:
-    """``concurrency`` closed-loop clients; requests completed inside the measuring window are counted."""
+async def drive(send, rows: list[dict], concurrency: int, warmup_s: float, seconds: float,
+                start_at: float | None = None) -> dict:
+    """``concurrency`` closed-loop clients; requests completed inside the measuring window are counted. The window
+    opens ``warmup_s`` from now, or at wall-clock time ``start_at`` (so that several processes share it)."""
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    start, end = t0 + warmup_s, t0 + warmup_s + seconds
+    start = t0 + (start_at - time.time() if start_at is not None else warmup_s)
+    end = start + seconds
     latencies, errors, statuses = [], 0, {}
     counter = iter(range(10**9))
 
@@ -86,7 +91,7 @@ def client_main(args) -> int:
                 r = await c.post("/classify", json={"text": row["text"], "candidates": row["candidates"]})
                 return r.status_code
 
-            return await drive(send, rows, args.concurrency, args.warmup_s, args.seconds)
+            return await drive(send, rows, args.concurrency, args.warmup_s, args.seconds, args.start_at)
 
     print(json.dumps(asyncio.run(run())))
     return 0
@@ -197,12 +202,25 @@ def run_mode(clf, name: str, max_batch: int, args, rows_file: Path, rows: list[d
     app = create_app(clf, max_batch=max_batch, max_wait_ms=args.max_wait_ms if max_batch > 1 else 0.0,
                      max_queue_rows=100_000)
     with running(app) as url:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--client", url, "--rows-file", str(rows_file),
-               "--concurrency", str(args.concurrency), "--warmup-s", str(args.warmup_s), "--seconds", str(seconds)]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.warmup_s + seconds + 300)
-        if out.returncode != 0:
-            raise SystemExit(f"load generator failed:\n{out.stderr[-3000:]}")
-        raw = json.loads(out.stdout.strip().splitlines()[-1])
+        # Several client processes: one Python process of httpx clients tops out at a few hundred requests/s
+        # (measured: ~5 ms of client CPU per request), below what a batching server on a GPU answers.
+        procs = max(1, min(args.client_procs, args.concurrency))
+        start_at = time.time() + args.warmup_s + 3  # the processes' start-up fits in the extra seconds
+        running_procs = []
+        for k in range(procs):
+            n = args.concurrency // procs + (k < args.concurrency % procs)
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--client", url, "--rows-file", str(rows_file),
+                   "--concurrency", str(n), "--seconds", str(seconds), "--start-at", str(start_at)]
+            running_procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        parts = []
+        for proc in running_procs:
+            out, err = proc.communicate(timeout=args.warmup_s + seconds + 300)
+            if proc.returncode != 0:
+                raise SystemExit(f"load generator failed:\n{err[-3000:]}")
+            parts.append(json.loads(out.strip().splitlines()[-1]))
+        raw = {"window_s": seconds, "completed": sum(x["completed"] for x in parts),
+               "errors": sum(x["errors"] for x in parts), "latencies_ms": [v for x in parts for v in x["latencies_ms"]],
+               "statuses": {k: sum(x["statuses"].get(k, 0) for x in parts) for x in parts for k in x["statuses"]}}
         snap = httpx.get(f"{url}/health", timeout=60).json()["batcher"]
     return summarise(name, max_batch, raw, snap)
 
@@ -212,7 +230,8 @@ def markdown(res: dict) -> str:
              "p99 ms | mean batch |", "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for run in res["runs"]:
         for m in run["modes"]:
-            lines.append(f"| {res['card']} | {res['shape']} ({res['dtype']}) | {res['transport']} | "
+            model = f"{res['shape']} ({res['dtype']}{', compiled' if res.get('compiled') else ''})"
+            lines.append(f"| {res['card']} | {model} | {res['transport']} | "
                          f"{run['max_length']} | {m['mode']} | {m['max_batch']} | {res['concurrency']} | "
                          f"{m['requests']} | {m['rows_per_s']} | {m['p50_ms']} | {m['p99_ms']} | "
                          f"{m['server_mean_batch']} |")
@@ -238,6 +257,8 @@ def main() -> int:
                                         "(default: cpu 384; cuda 384,128: the tutorial's budget, then short rows).")
     p.add_argument("--rows", type=int, default=512, help="Distinct rows cycled through (default: 512).")
     p.add_argument("--transport", choices=["auto", "http", "inprocess"], default="auto")
+    p.add_argument("--compile", action="store_true",
+                   help="Compile the decoder layers first (llmcls serve --compile); both modes use them.")
     p.add_argument("--torch-threads", type=int,
                    help="torch intra-op threads (default on a CPU: 1; on a GPU: torch's own). Several OpenMP "
                         "threads on a small, shared CPU spin-wait on each other: 10x slower on 2 busy cores.")
@@ -248,7 +269,9 @@ def main() -> int:
     p.add_argument("--out", help="JSON result path (default: benchmarks/results/serve_load-SHAPE-DEVICE.json).")
     p.add_argument("--time-limit-s", type=float, default=230, help="Bound on the whole run (default: 230).")
     # internal: the load-generator process
+    p.add_argument("--client-procs", type=int, help="Client processes sharing --concurrency (default: cpu 1, cuda 4).")
     p.add_argument("--client", help=argparse.SUPPRESS)
+    p.add_argument("--start-at", type=float, help=argparse.SUPPRESS)
     p.add_argument("--rows-file", help=argparse.SUPPRESS)
     p.add_argument("--token", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -297,6 +320,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         tmp = Path(tmp)
         model, dtype = build_model(args.shape, args.device, shared, tok, tmp)
+        if args.compile:
+            from llmcls.model import compile_layers
+
+            compile_layers(model)
         rows_file = tmp / "rows.jsonl"
         rows_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         setup_s = time.monotonic() - t_start
@@ -312,6 +339,11 @@ def main() -> int:
         runs = []
         for max_length in args.max_length:
             clf = Classifier(model, tok, PromptConfig(), labels, max_length, args.shape, "benchmark")
+            if args.compile:  # compilation happens here, outside the measuring windows
+                from llmcls.data import Row
+
+                for n in (args.max_batch, 1, 3, args.max_batch // 2):
+                    clf.score(clf.prepare([Row(r["text"], r["candidates"], None) for r in rows[:n]]))
             modes = []
             for name, mb in (("dynamic batching", args.max_batch), ("one at a time", 1)):
                 m = run_mode(clf, name, mb, args, rows_file, rows, seconds)
@@ -327,7 +359,8 @@ def main() -> int:
 
     env = environment()
     res = {"benchmark": "serve_load", "card": args.card or card_name(args.device), "shape": args.shape,
-           "device": args.device, "dtype": dtype, "transport": args.transport, "concurrency": args.concurrency,
+           "device": args.device, "dtype": dtype, "compiled": args.compile, "transport": args.transport,
+           "concurrency": args.concurrency, "client_processes": args.client_procs,
            "max_wait_ms": args.max_wait_ms, "rows_source": source, "torch_threads": torch.get_num_threads(),
            "rows_distinct": len(rows), "labels": len(labels), "runs": runs,
            "target_ratio": 5.0 if args.device.startswith("cuda") else None,

@@ -46,12 +46,12 @@ def test_score_equals_brute_force(tokenizer, model_factory):
 
 def test_cached_scoring_path_equals_packed(tokenizer, model_factory):
     """The KV-cache path (used with flash-attention, which takes no custom mask) gives the same scores."""
-    from llmcls.infer import _score_cached, _score_packed, prompts_for
+    from llmcls.infer import _score_cached, pack, prompts_for, score_packed
 
     model = model_factory(seed=4)
     b = PromptBuilder(tokenizer, PromptConfig())
     prompts = prompts_for(b, ROWS, None)
-    for x, y in zip(_score_packed(model, b, ROWS, prompts), _score_cached(model, b, ROWS, prompts)):
+    for x, y in zip(score_packed(model, pack(b, ROWS, prompts)), _score_cached(model, b, ROWS, prompts)):
         assert max(abs(p - q) for p, q in zip(x, y)) < 1e-4
 
 

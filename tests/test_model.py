@@ -57,3 +57,56 @@ def test_tiny_preset_is_a_loadable_qwen2_folder(tokenizer, tmp_path):
     m = AutoModelForCausalLM.from_pretrained(path)
     assert m.config.model_type == "qwen2" and m.config.num_hidden_layers == 2 and m.config.hidden_size == 64
     assert m.get_input_embeddings().weight.shape[0] >= len(tokenizer)
+
+
+def _untied_tiny(seed=0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def test_offloaded_embedding_table_stays_on_host_and_changes_nothing():
+    from llmcls.model import HostEmbedding, compute_device, place_model
+
+    ref = _untied_tiny()
+    model = place_model(_untied_tiny(), "cpu", offload_embeddings=True)
+    assert isinstance(model.get_input_embeddings(), HostEmbedding)
+    assert list(model.state_dict()) == list(ref.state_dict())  # checkpoints keep their names
+    ids = torch.randint(0, 151936, (2, 7))
+    torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=0)
+    # Moving the model moves every weight but the table: it is what the 16 GB mode keeps off the GPU.
+    model.to("meta")
+    assert model.get_input_embeddings().weight.device.type == "cpu"
+    assert model.lm_head.weight.device.type == "meta" and compute_device(model).type == "meta"
+    assert all(p.device.type == "meta" for n, p in model.named_parameters() if "embed_tokens" not in n)
+
+
+def test_offloaded_embeddings_train_lora_and_leave_the_table_frozen():
+    from llmcls.config import LoraConfig
+    from llmcls.model import add_lora, place_model
+
+    model = add_lora(place_model(_untied_tiny(), "cpu", offload_embeddings=True), LoraConfig(dropout=0.0))
+    table = model.get_input_embeddings().weight.detach().clone()
+    lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 151936, (2, 9))
+    for _ in range(2):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(model.get_input_embeddings().weight, table)
+    assert all(not torch.equal(p, lora_b[n]) for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_offloading_a_tied_table_is_refused():
+    from llmcls.config import ConfigError
+    from llmcls.model import place_model
+
+    from conftest import tiny_model
+
+    with pytest.raises(ConfigError, match="ties its input embeddings"):
+        place_model(tiny_model(), "cpu", offload_embeddings=True)

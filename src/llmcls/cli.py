@@ -296,7 +296,7 @@ def cmd_serve(args) -> int:
     from llmcls.serve import run
 
     run(args.path, host=args.host, port=args.port, token=args.token, device=args.device,
-        dtype=_dtype_arg(args.dtype), log_level="warning" if args.quiet else "info", max_batch=args.max_batch,
+        dtype=_dtype_arg(args.dtype), compile=args.compile, log_level="warning" if args.quiet else "info", max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes, max_texts=args.max_texts,
         max_queue_rows=args.max_queue_rows)
     return 0
@@ -327,6 +327,8 @@ def add_export_serve(sub) -> None:
                                    "prefer the variable: a command line is visible to other users).")
     s.add_argument("--device", help="cuda or cpu (default: cuda if available).")
     s.add_argument("--dtype", choices=dtypes, default="auto", help="Default: bfloat16 on a GPU, float32 on a CPU.")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoder layers (GPU: faster passes; the first requests pay ~30 s).")
     s.add_argument("--max-batch", type=int, default=DEFAULTS["max_batch"], metavar="N",
                    help="Most rows per forward pass (default: %(default)s; 1 turns batching off).")
     s.add_argument("--max-wait-ms", type=float, default=DEFAULTS["max_wait_ms"], metavar="MS",

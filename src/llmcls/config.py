@@ -141,6 +141,8 @@ class EvalConfig:
     batch_size: int = f(16, "Rows per forward pass.")
     max_new_tokens: int = f(8, "Token budget for 'generate' (labels are short).")
     log_samples: int = f(10, "Sample predictions logged to the tracker (the tutorial printed 10).")
+    compile: bool = f(False, "torch.compile each decoder layer for eval and predict (GPU: fused kernels; the first "
+                             "batches pay ~30 s of compile time, so it pays from a few thousand rows).")
 
 
 @dataclass

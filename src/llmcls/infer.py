@@ -1,9 +1,11 @@
 """The classifier at inference time: candidate scoring and batched generation. Used by eval, predict and serve.
 
 ``score``: the log-likelihood of each candidate label (all of its tokens, then the end token) given the prompt.
-The prompt runs once per row with a KV cache and only the last position's logits; the candidates' remaining
-tokens run in a second, tiny forward over the cache. Multi-token labels are scored exactly, and the end token
-tells "Sport" from "Sports". Probabilities are the softmax of the log-likelihoods over the row's candidates.
+One forward per batch: each prompt is followed by a slot per candidate, a 4-D attention mask keeps the slots
+apart, and logits are computed only where a candidate token is predicted (:func:`pack`, :func:`score_packed`).
+Attention kernels that take no custom mask (flash-attention) use a KV-cache path instead: the prompt once, then
+the candidates over copies of its cache. Multi-token labels are scored exactly, and the end token tells "Sport"
+from "Sports". Probabilities are the softmax of the log-likelihoods over the row's candidates.
 
 ``generate``: the tutorial's way, batched with left padding and greedy decoding; the text is mapped to a label.
 """
@@ -17,6 +19,7 @@ import torch
 
 from llmcls.data import Row
 from llmcls.encode import PromptBuilder, fit_prompt, left_pad, positions
+from llmcls.model import compute_device
 
 
 @dataclass
@@ -25,10 +28,6 @@ class Prediction:
     pred: Optional[str]                     # None: generate produced no valid label
     probs: Optional[dict[str, float]]       # per candidate (score); None for generate
     raw: Optional[str] = None               # generated text (generate)
-
-
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _batches(order: list[int], size: int) -> Iterable[list[int]]:
@@ -52,20 +51,35 @@ def _packed_ok(model) -> bool:
 
 @torch.no_grad()
 def score_batch(model, builder: PromptBuilder, rows: Sequence[Row], max_length: Optional[int] = None,
-                prompts: Optional[list[list[int]]] = None) -> list[list[float]]:
-    """Log-likelihood of every candidate of every row (same order as ``row.candidates``)."""
-    prompts = prompts if prompts is not None else prompts_for(builder, rows, max_length)
-    if _packed_ok(model):
-        return _score_packed(model, builder, rows, prompts)
-    return _score_cached(model, builder, rows, prompts)
+                prompts: Optional[list[list[int]]] = None, packed: Optional["Packed"] = None) -> list[list[float]]:
+    """Log-likelihood of every candidate of every row (same order as ``row.candidates``). ``packed`` is
+    :func:`pack` of the same rows, made ahead (e.g. on another thread)."""
+    if packed is None and not _packed_ok(model):
+        prompts = prompts if prompts is not None else prompts_for(builder, rows, max_length)
+        return _score_cached(model, builder, rows, prompts)
+    if packed is None:
+        packed = pack(builder, rows, prompts if prompts is not None else prompts_for(builder, rows, max_length))
+    return score_packed(model, packed)
 
 
-def _score_packed(model, builder: PromptBuilder, rows: Sequence[Row], prompts: list[list[int]]) -> list[list[float]]:
-    """One forward per batch: each row's prompt (left-padded) is followed by one slot per candidate holding the
-    candidate's tokens. A 4-D mask lets a slot see the prompt and its own earlier tokens only, and its position
-    ids continue from the prompt's end, so every slot computes exactly what a separate prompt+candidate forward
-    would. Logits are taken only at the last prompt position and in the slots."""
-    dev = _model_device(model)
+@dataclass
+class Packed:
+    """One scoring batch as CPU tensors: each row's prompt (left-padded to P) followed by K slots of W tokens,
+    slot j holding candidate j's tokens. ``segment`` says what each position is (-1 padding, 0 prompt, j + 1 slot
+    j); the attention mask is derived from it on the device (a B x L x L mask is cheap there, not on the host)."""
+
+    ids: torch.Tensor          # [B, L]
+    pos: torch.Tensor          # [B, L] position ids: slots continue from their prompt's end
+    segment: torch.Tensor      # [B, L]
+    keep: torch.Tensor         # [1 + K*W] positions whose logits are needed: last prompt position and the slots
+    pair_row: torch.Tensor     # [N, W] per (row, candidate): its row ...
+    pair_at: torch.Tensor      # [N, W] ... the kept position predicting each of its tokens ...
+    pair_tok: torch.Tensor     # [N, W] ... the token ...
+    pair_valid: torch.Tensor   # [N, W] ... and whether it is a real token (candidates differ in length)
+    counts: list[int]          # candidates per row
+
+
+def pack(builder: PromptBuilder, rows: Sequence[Row], prompts: list[list[int]]) -> Packed:
     answers = [[builder.answer_ids(c) for c in r.candidates] for r in rows]
     B, P = len(rows), max(len(p) for p in prompts)
     W = max(len(a) for ans in answers for a in ans)
@@ -73,47 +87,66 @@ def _score_packed(model, builder: PromptBuilder, rows: Sequence[Row], prompts: l
     L = P + K * W
     ids = torch.full((B, L), builder.tok.pad_token_id, dtype=torch.long)
     pos = torch.zeros((B, L), dtype=torch.long)
-    allowed = torch.zeros((B, L, L), dtype=torch.bool)
-    allowed[:, torch.arange(L), torch.arange(L)] = True  # padding attends to itself: no fully masked rows
-    tri = lambda n: torch.ones(n, n, dtype=torch.bool).tril()  # noqa: E731
+    seg = torch.full((B, L), -1, dtype=torch.long)
     pair_b, pair_pos, pair_tok, pair_valid = [], [], [], []
     for i, (p, ans) in enumerate(zip(prompts, answers)):
         off = P - len(p)
         ids[i, off:P] = torch.tensor(p)
         pos[i, off:P] = torch.arange(len(p))
-        allowed[i, off:P, off:P] = tri(len(p))
+        seg[i, off:P] = 0
         for j, a in enumerate(ans):
             s = P + j * W
             ids[i, s:s + len(a)] = torch.tensor(a)
             pos[i, s:s + len(a)] = len(p) + torch.arange(len(a))
-            allowed[i, s:s + len(a), off:P] = True
-            allowed[i, s:s + len(a), s:s + len(a)] = tri(len(a))
+            seg[i, s:s + len(a)] = j + 1
             # token t of the candidate is predicted at kept position 0 (t=0) or at its slot's position t-1
             kept = [0] + [1 + j * W + t for t in range(len(a) - 1)]
             pair_b.append([i] * W)
             pair_pos.append(kept + [0] * (W - len(a)))
             pair_tok.append(a + [0] * (W - len(a)))
             pair_valid.append([True] * len(a) + [False] * (W - len(a)))
-    dtype = next(model.parameters()).dtype
-    mask = torch.zeros((B, 1, L, L), dtype=dtype)
-    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    keep = torch.cat([torch.tensor([P - 1]), torch.arange(P, L)])
-    out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                logits_to_keep=keep.to(dev), use_cache=False)
+    return Packed(ids, pos, seg, torch.cat([torch.tensor([P - 1]), torch.arange(P, L)]), torch.tensor(pair_b),
+                  torch.tensor(pair_pos), torch.tensor(pair_tok), torch.tensor(pair_valid),
+                  [len(a) for a in answers])
+
+
+def _packed_mask(seg: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [B, 1, L, L] mask: a prompt token sees the prompt up to itself; a slot token sees the whole
+    prompt and its own slot up to itself, never another candidate's slot. Padding sees only itself, so that no
+    row of the mask is empty."""
+    L = seg.shape[1]
+    idx = torch.arange(L, device=seg.device)
+    q, k = seg[:, :, None], seg[:, None, :]
+    allowed = (idx[:, None] >= idx[None, :]) & (k >= 0) & (q >= 0) & ((k == 0) | (k == q))
+    allowed |= torch.eye(L, dtype=torch.bool, device=seg.device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+@torch.no_grad()
+def score_packed(model, packed: Packed) -> list[list[float]]:
+    """One forward per batch over prompts and candidate slots (:class:`Packed`): every slot computes exactly what a
+    separate prompt + candidate forward would, and logits are taken only where a candidate token is predicted."""
+    dev = compute_device(model)
+    to = lambda t: t.to(dev, non_blocking=True)  # noqa: E731
+    mask = _packed_mask(to(packed.segment), next(model.parameters()).dtype)
+    out = model(input_ids=to(packed.ids), attention_mask=mask, position_ids=to(packed.pos),
+                logits_to_keep=to(packed.keep), use_cache=False)
     logits = out.logits.float()                                                  # [B, 1 + K*W, V]
-    pb, pp, pt = (torch.tensor(x, device=dev) for x in (pair_b, pair_pos, pair_tok))
-    picked = logits[pb, pp].gather(-1, pt[..., None]).squeeze(-1) - torch.logsumexp(logits[pb, pp], dim=-1)
-    total = (picked * torch.tensor(pair_valid, device=dev)).sum(1)
+    lse = torch.logsumexp(logits, dim=-1)  # once per kept position, however many candidates read it
+    pb, pp = to(packed.pair_row), to(packed.pair_at)
+    picked = logits[pb, pp, to(packed.pair_tok)] - lse[pb, pp]
+    total = (picked * to(packed.pair_valid)).sum(1).tolist()
     result, k = [], 0
-    for ans in answers:
-        result.append(total[k:k + len(ans)].tolist())
-        k += len(ans)
+    for n in packed.counts:
+        result.append(total[k:k + n])
+        k += n
     return result
 
 
 def _score_cached(model, builder: PromptBuilder, rows: Sequence[Row], prompts: list[list[int]]) -> list[list[float]]:
     """Prompt forward with a KV cache, then the candidates' remaining tokens over copies of the cache."""
-    dev = _model_device(model)
+    dev = compute_device(model)
     ids, mask = left_pad(prompts, builder.tok.pad_token_id)
     ids, mask = ids.to(dev), mask.to(dev)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True,
@@ -178,7 +211,7 @@ def map_output(text: str, candidates: Sequence[str]) -> Optional[str]:
 def generate_batch(model, builder: PromptBuilder, rows: Sequence[Row], max_new_tokens: int,
                    max_length: Optional[int] = None, prompts: Optional[list[list[int]]] = None,
                    **generate_kwargs) -> list[str]:
-    dev = _model_device(model)
+    dev = compute_device(model)
     prompts = prompts if prompts is not None else prompts_for(builder, rows, max_length)
     ids, mask = left_pad(prompts, builder.tok.pad_token_id)
     out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
@@ -203,18 +236,22 @@ def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "
     if shard is not None:
         batches = batches[shard[0]::shard[1]]
     preds: list[Optional[Prediction]] = [None] * len(rows)
-    # Tokenising the next batch on a thread (the tokenizer releases the GIL) overlaps it with the model.
+    packing = method == "score" and _packed_ok(model)
+
+    def prep(idx):  # the next batch's tokens and tensors, made on a thread while the model runs this one
+        prompts = prompts_for(builder, [rows[i] for i in idx], max_length)
+        return prompts, (pack(builder, [rows[i] for i in idx], prompts) if packing else None)
+
     with tqdm(total=sum(map(len, batches)), desc=desc, unit="row", disable=not progress) as bar, \
             ThreadPoolExecutor(max_workers=1) as pool:
-        prep = lambda idx: prompts_for(builder, [rows[i] for i in idx], max_length)  # noqa: E731
         pending = pool.submit(prep, batches[0]) if batches else None
         for k, idx in enumerate(batches):
-            prompts = pending.result()
+            prompts, packed = pending.result()
             if k + 1 < len(batches):
                 pending = pool.submit(prep, batches[k + 1])
             batch = [rows[i] for i in idx]
             if method == "score":
-                for i, r, ll in zip(idx, batch, score_batch(model, builder, batch, prompts=prompts)):
+                for i, r, ll in zip(idx, batch, score_batch(model, builder, batch, prompts=prompts, packed=packed)):
                     probs = dict(zip(r.candidates, to_probs(ll)))
                     preds[i] = Prediction(i, max(probs, key=probs.get), probs)
             else:

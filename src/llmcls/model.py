@@ -182,27 +182,49 @@ def load_model(cfg: ModelConfig, path: str, device: Optional[str] = None, dtype:
     return place_model(model, device, cfg.offload_embeddings)
 
 
-def place_model(model, device: str, offload_embeddings: bool = False):
-    """Move the model to ``device``; with ``offload_embeddings`` the input embedding table (frozen; 1.2 GiB on
-    Qwen 7B) stays in CPU memory and accelerate's hooks move its output to the GPU."""
-    if not offload_embeddings or not str(device).startswith("cuda"):
-        return model.to(device)
-    from accelerate import dispatch_model
+class HostEmbedding(torch.nn.Embedding):
+    """A frozen input-embedding table that stays in host memory: the lookup runs on the CPU and only the looked-up
+    rows (batch x tokens x hidden, a few MB) travel to ``device``. On Qwen 7B this keeps 1.2 GiB off the GPU.
 
-    emb = model.get_input_embeddings()
-    emb_name = next(n for n, m in model.named_modules() if m is emb)
-    device_map, parent = {}, ""
-    for part in emb_name.split("."):  # every sibling on the path to the table goes to the GPU
-        node = model.get_submodule(parent) if parent else model
-        for child, _ in node.named_children():
-            full = f"{parent}.{child}" if parent else child
-            if full != emb_name and not emb_name.startswith(full + "."):
-                device_map[full] = str(device)
-        parent = f"{parent}.{part}" if parent else part
-    device_map[emb_name] = "cpu"
-    # main_device "cpu" makes the table *run* on the CPU; with a GPU main device accelerate would instead copy
-    # the whole table to the GPU at every forward (its offloading), which saves nothing at the peak.
-    return dispatch_model(model, device_map=device_map, main_device="cpu")
+    Unlike accelerate's offloading hooks, nothing wraps the rest of the model, so compiled decoder layers stay
+    compiled (hooks inside a compiled region made it recompile at every step). The weight is the same Parameter
+    under the same name, so state dicts and checkpoints do not change."""
+
+    def __init__(self, table: torch.nn.Embedding, device: str | torch.device):
+        super().__init__(table.num_embeddings, table.embedding_dim, padding_idx=table.padding_idx,
+                         device="meta")
+        self.weight = table.weight
+        self.weight.requires_grad_(False)
+        self.out_device = torch.device(device)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(input_ids.to(self.weight.device)).to(self.out_device)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(...) moves every other weight; this table stays where it is, on purpose.
+        return self
+
+
+def place_model(model, device: str, offload_embeddings: bool = False):
+    """Move the model to ``device``; with ``offload_embeddings`` the input embedding table stays in host memory
+    (:class:`HostEmbedding`)."""
+    if not offload_embeddings:
+        return model.to(device)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and head.weight is emb.weight:
+        from llmcls.config import ConfigError
+
+        raise ConfigError("model.offload_embeddings: this model ties its input embeddings to its LM head (one "
+                          "table does both), so the table cannot stay on the CPU; leave offload_embeddings off")
+    model.set_input_embeddings(HostEmbedding(emb.to("cpu"), device))
+    return model.to(device)
+
+
+def compute_device(model) -> torch.device:
+    """Where the model computes (its LM head's device): with ``offload_embeddings`` the first parameter, the
+    input table, is in host memory."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head.weight.device if head is not None else next(model.parameters()).device
 
 
 def add_lora(model, cfg: LoraConfig):
@@ -218,6 +240,17 @@ def add_lora(model, cfg: LoraConfig):
     # peft keeps adapters in float32 by default (the tutorial's setup): every LoRA input is then copied to
     # float32. dtype "auto" keeps them in the base model's dtype instead.
     return get_peft_model(model, peft_cfg, autocast_adapter_dtype=cfg.dtype == "float32")
+
+
+def compile_layers(model) -> None:
+    """Regional ``torch.compile``: each decoder layer is compiled (the layers share their code, so compiling one
+    serves all of them and compile time stays short), launches per layer drop from hundreds to a few, and the
+    elementwise work between matrix products is fused. Shapes are dynamic: batches of any size and length reuse
+    the compiled code."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in base.model.layers:
+        if getattr(layer, "_compiled_call_impl", None) is None:
+            layer.compile(dynamic=True)
 
 
 def trainable_summary(model) -> dict:

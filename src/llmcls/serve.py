@@ -9,12 +9,12 @@
 
 Requests do not run the model themselves. Each text is first shortened to the run's ``max_length`` on a small
 pool of preparation threads (tokenising a 3,000-character text takes milliseconds of CPU that would otherwise
-stall the GPU), then queued as one row. One background task takes rows off the queue — waiting at most
+stall the GPU), then queued as one row. One model thread takes rows off the queue — waiting at most
 ``max_wait_ms`` for company once the first row is there (longer, up to ``PREP_WAIT_FACTOR`` times, while rows are
 known to be in preparation), never more than ``max_batch`` rows — scores them with one
-:func:`llmcls.infer.score_batch` call on a single model thread, and resolves the waiting requests. Under load a
-forward pass serves many requests at once; alone, a request waits only ``max_wait_ms``. The event loop never
-runs the model, so /health answers while a batch runs.
+:func:`llmcls.infer.score_batch` call, and hands the results back to the event loop. Under load a forward pass
+serves many requests at once; alone, a request waits only ``max_wait_ms``. The event loop never runs the model,
+so /health answers while a batch runs.
 
 Bad input is refused before it reaches the queue, with the status a client can act on: malformed JSON 400, a
 missing or empty text or an unknown candidate 422 (the candidates are an enum of the label set in the OpenAPI
@@ -78,7 +78,9 @@ class Classifier:
 
     @property
     def device(self) -> str:
-        return str(next(self.model.parameters()).device)
+        from llmcls.model import compute_device
+
+        return str(compute_device(self.model))
 
     @property
     def dtype(self) -> str:
@@ -122,9 +124,19 @@ class Classifier:
                         max_length=self.max_length, progress=False)
 
 
-def load_classifier(path: str | Path, device: Optional[str] = None,
-                    dtype: Optional["torch.dtype"] = None) -> Classifier:
-    """A run directory (``llmcls train``) or an export folder (``llmcls export``), told apart by their files."""
+def load_classifier(path: str | Path, device: Optional[str] = None, dtype: Optional["torch.dtype"] = None,
+                    compile: bool = False) -> Classifier:
+    """A run directory (``llmcls train``) or an export folder (``llmcls export``), told apart by their files.
+    ``compile``: regional torch.compile of the decoder layers (:func:`llmcls.model.compile_layers`)."""
+    clf = _load_classifier(path, device, dtype)
+    if compile:
+        from llmcls.model import compile_layers
+
+        compile_layers(clf.model)
+    return clf
+
+
+def _load_classifier(path, device, dtype) -> Classifier:
     from llmcls.export import META_FILE, read_export_meta
     from llmcls.model import device_default, resolve_dtype
 
@@ -165,8 +177,12 @@ class Batcher:
     """Dynamic batching: rows from concurrent requests share forward passes.
 
     ``prepare`` (optional) turns a request's rows into items, on a pool of ``prepare_threads`` threads; ``score``
-    maps a list of items (rows, without ``prepare``) to one result each, on one model thread, one batch at a time.
-    A batch that fails is retried item by item, so one bad row fails its own request and no other."""
+    maps a list of items (rows, without ``prepare``) to one result each, one batch at a time, on the batcher's own
+    model thread. That thread takes its next batch straight off the queue the moment a pass ends: it never waits
+    for the event loop, which under load is busy parsing requests and writing responses (a batcher living on the
+    event loop left the GPU idle for that long between passes). Results go back to the loop with
+    ``call_soon_threadsafe``. A batch that fails is retried item by item, so one bad row fails its own request
+    and no other."""
 
     def __init__(self, score: Callable[[Sequence[Any]], list], max_batch: int = 32, max_wait_ms: float = 5.0,
                  max_queue_rows: int = 4096, prepare: Optional[Callable[[Sequence[Row]], list]] = None,
@@ -182,9 +198,10 @@ class Batcher:
         self.max_wait = max(0.0, max_wait_ms) / 1000
         self.max_queue_rows = max_queue_rows
         self._items: collections.deque[_Item] = collections.deque()
-        self._wake: Optional[asyncio.Event] = None
-        self._task: Optional[asyncio.Task] = None
-        self._executor: Optional[ThreadPoolExecutor] = None
+        self._cond = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = False
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
         self.stats = {"batches": 0, "rows": 0, "failed_batches": 0, "batch_sizes": collections.Counter(),
                       "busy_s": 0.0}
 
@@ -193,30 +210,30 @@ class Batcher:
         return len(self._items)
 
     def start(self) -> None:
-        if self._task is not None and not self._task.done():
+        """Start the model thread (idempotent); call from the event loop that will submit."""
+        if self._thread is not None and self._thread.is_alive():
             return
-        self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmcls-model")
-        if self.prepare is not None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        if self.prepare is not None and self._prep_pool is None:
             self._prep_pool = ThreadPoolExecutor(max_workers=self.prepare_threads, thread_name_prefix="llmcls-prep")
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="llmcls-batcher")
+        self._thread = threading.Thread(target=self._work, name="llmcls-model", daemon=True)
+        self._thread.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        if self._thread is not None:
+            with self._cond:
+                self._stopping = True
+                self._cond.notify_all()
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+            self._thread = None
         while self._items:
             item = self._items.popleft()
             if not item.future.done():
                 item.future.cancel()
-        for pool in (self._executor, self._prep_pool):
-            if pool is not None:
-                pool.shutdown(wait=True)
-        self._executor = self._prep_pool = None
+        if self._prep_pool is not None:
+            self._prep_pool.shutdown(wait=True)
+            self._prep_pool = None
 
     async def submit(self, rows: Sequence[Row]) -> list:
         """Queue the rows and wait for their results (in order). Raises :class:`Overloaded` when full, or the
@@ -226,15 +243,18 @@ class Batcher:
             raise Overloaded(f"{len(self._items)} rows are queued; retry later")
         loop = asyncio.get_running_loop()
         if self.prepare is not None:
-            self._preparing += len(rows)
+            n = len(rows)
+            self._preparing += n
             try:
                 rows = await loop.run_in_executor(self._prep_pool, self.prepare, rows)
             finally:
-                self._preparing -= len(rows)
-                self._wake.set()  # a batcher waiting on these rows re-checks at once
+                with self._cond:  # a batch waiting on these rows re-checks at once
+                    self._preparing -= n
+                    self._cond.notify()
         items = [_Item(r, loop.create_future()) for r in rows]
-        self._items.extend(items)
-        self._wake.set()
+        with self._cond:
+            self._items.extend(items)
+            self._cond.notify()
         try:
             return list(await asyncio.gather(*(i.future for i in items)))
         finally:
@@ -242,47 +262,54 @@ class Batcher:
                 if not i.future.done():
                     i.future.cancel()
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            while not self._items:
-                self._wake.clear()
-                await self._wake.wait()
-            # A batch that is not full waits up to max_wait for company (under load the queue refills while the
-            # model runs, so full batches leave at once). Rows still being prepared (tokenised) are known to be
-            # milliseconds away: waiting for them, up to PREP_WAIT_FACTOR windows, costs less than a forward pass
-            # without them.
-            now = loop.time()
+    def _next_batch(self) -> Optional[list[_Item]]:
+        """Block until there is a batch to run (None: stopping). A batch that is not full waits up to max_wait
+        for company (under load the queue refills while the model runs, so full batches leave at once). Rows
+        still being prepared (tokenised) are known to be milliseconds away: waiting for them, up to
+        PREP_WAIT_FACTOR windows, costs less than a forward pass without them."""
+        with self._cond:
+            while not self._items and not self._stopping:
+                self._cond.wait()
+            now = time.monotonic()
             deadline, hard = now + self.max_wait, now + self.max_wait * PREP_WAIT_FACTOR
-            while len(self._items) < self.max_batch:
-                remaining = (hard if self._preparing else deadline) - loop.time()
+            while len(self._items) < self.max_batch and not self._stopping:
+                remaining = (hard if self._preparing else deadline) - time.monotonic()
                 if remaining <= 0:
                     break
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), remaining)
-                except asyncio.TimeoutError:
-                    break
+                self._cond.wait(remaining)
+            if self._stopping:
+                return None
             batch = []
             while self._items and len(batch) < self.max_batch:
                 item = self._items.popleft()
-                if not item.future.done():
+                if not item.future.done():  # skipped: its request was cancelled
                     batch.append(item)
+            return batch
+
+    def _work(self) -> None:
+        while (batch := self._next_batch()) is not None:
             if not batch:
                 continue
             t0 = time.perf_counter()
-            results = await loop.run_in_executor(self._executor, self._score_isolating, [i.payload for i in batch])
+            results = self._score_isolating([i.payload for i in batch])
             self.stats["busy_s"] += time.perf_counter() - t0
             self.stats["batches"] += 1
             self.stats["rows"] += len(batch)
             self.stats["batch_sizes"][len(batch)] += 1
-            for item, res in zip(batch, results):
-                if item.future.done():
-                    continue
-                if isinstance(res, BaseException):
-                    item.future.set_exception(res)
-                else:
-                    item.future.set_result(res)
+            try:
+                self._loop.call_soon_threadsafe(self._resolve, batch, results)
+            except RuntimeError:  # the event loop is gone: nobody is waiting any more
+                return
+
+    @staticmethod
+    def _resolve(batch: list[_Item], results: list) -> None:
+        for item, res in zip(batch, results):
+            if item.future.done():
+                continue
+            if isinstance(res, BaseException):
+                item.future.set_exception(res)
+            else:
+                item.future.set_result(res)
 
     def _score_isolating(self, rows: list[Row]) -> list:
         try:
@@ -502,7 +529,7 @@ def create_app(clf: Classifier, token: Optional[str] = None, max_batch: int = DE
 
     @app.post("/classify", response_model=ClassifyResponse, responses=errors, dependencies=auth,
               summary="Classify one or many texts")
-    async def classify_texts(req: Annotated[ClassifyRequest, Body()]) -> ClassifyResponse:
+    async def classify_texts(req: Annotated[ClassifyRequest, Body()]) -> JSONResponse:
         if isinstance(req, ManyTexts):
             items, default = req.inputs, req.candidates
         else:
@@ -516,7 +543,9 @@ def create_app(clf: Classifier, token: Optional[str] = None, max_batch: int = DE
             where = ["body", "text"] if isinstance(req, OneText) else ["body", "inputs"]
             return JSONResponse({"detail": [{"loc": where, "msg": str(e), "type": "prompt_too_long"}]},
                                 status_code=422)
-        return ClassifyResponse(results=[Result(label=p.pred, probs=p.probs) for p in preds])
+        # Built as plain JSON: the response model above documents it, and validating our own output again on
+        # the event loop would cost every request CPU time that the batching needs.
+        return JSONResponse({"results": [{"label": p.pred, "probs": p.probs} for p in preds]})
 
     @app.get("/labels", response_model=LabelsResponse, dependencies=auth, responses={
         k: v for k, v in errors.items() if k == 401}, summary="The label set (default candidates)")
@@ -561,15 +590,15 @@ def running(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warni
 
 
 def run(path: str | Path, host: str = "127.0.0.1", port: int = 8000, token: Optional[str] = None,
-        device: Optional[str] = None, dtype: Optional["torch.dtype"] = None, log_level: str = "info",
-        **limits) -> None:
+        device: Optional[str] = None, dtype: Optional["torch.dtype"] = None, compile: bool = False,
+        log_level: str = "info", **limits) -> None:
     """Load and serve until interrupted. ``token`` defaults to ``$LLMCLS_SERVE_TOKEN``."""
     import uvicorn
 
     token = token or os.environ.get(TOKEN_ENV) or None
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         log.warning("serving on %s without a token: anyone who can reach this address can use the model", host)
-    clf = load_classifier(path, device, dtype)
+    clf = load_classifier(path, device, dtype, compile=compile)
     log.info("loaded %s '%s' on %s (%s), %d labels", clf.kind, clf.name, clf.device, clf.dtype,
              len(clf.labels or []))
     uvicorn.run(create_app(clf, token=token, **limits), host=host, port=port, log_level=log_level)

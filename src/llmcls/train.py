@@ -36,8 +36,8 @@ from llmcls.config import Config, save_config, to_dict
 from llmcls.encode import AnswerCollator, answer_loss
 from llmcls.env import environment
 from llmcls.io import atomic_write_json
-from llmcls.model import (TINY, add_lora, build_tiny, load_model, load_tokenizer, resolve_dtype,
-                          resolve_model_path, trainable_summary)
+from llmcls.model import (TINY, add_lora, build_tiny, compile_layers, load_model, load_tokenizer,
+                          resolve_dtype, resolve_model_path, trainable_summary)
 from llmcls.prepare import load_encoded, prepare
 from llmcls.track import JsonlLogCallback, Tracker
 
@@ -117,11 +117,7 @@ def prepare_for_training(model, cfg: Config):
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
     model = add_lora(model, cfg.lora)
     if cfg.train.compile:
-        # Regional compilation: the decoder layers share their code, so one compiled layer serves all of them
-        # and compile time stays short, while launches per layer drop from hundreds to a few.
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        for layer in base.model.layers:
-            layer.compile(dynamic=True)
+        compile_layers(model)
     return model
 
 
