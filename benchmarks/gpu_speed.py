@@ -194,6 +194,9 @@ def uncompile(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for layer in base.model.layers:
         layer._compiled_call_impl = None
+    # The compiled code of earlier variants (eval mode, other adapters) also stays cached per code object, and
+    # once the recompile limit is reached dynamo quietly runs the layers eagerly: start each variant afresh.
+    torch._dynamo.reset()
 
 
 def _table_on_device(base, device):
