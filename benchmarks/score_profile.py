@@ -91,7 +91,8 @@ def profile_batch(model, b, rows, prompts, bs, device) -> tuple[dict, str]:
     wall = time.perf_counter() - t
     events = prof.key_averages()
     key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
-    busy = sum(getattr(e, key, 0) for e in events) / 1e6
+    # Kernels only: operator rows repeat their kernels' time.
+    busy = sum(getattr(e, key, 0) for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")) / 1e6
     table = events.table(sort_by=key if device.startswith("cuda") else "self_cpu_time_total", row_limit=25)
     return {"batch": bs, "wall_s": round(wall, 4), "gpu_busy_s": round(busy, 4)}, table
 

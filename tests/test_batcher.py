@@ -97,6 +97,34 @@ def test_rows_of_a_cancelled_request_are_skipped():
     assert asyncio.run(main()) == [["busy"], ["next"]]
 
 
+def test_next_batch_leaves_while_the_event_loop_is_busy():
+    """The model thread takes the next batch off the queue itself: a pass does not wait for the event loop, which
+    under load is busy with HTTP (here: blocked outright for 0.5 s)."""
+    starts = []
+
+    def score(items):
+        starts.append(time.monotonic())
+        time.sleep(0.1)
+        return [f"result:{r.text}" for r in items]
+
+    async def main():
+        b = Batcher(score, max_batch=2, max_wait_ms=0)
+        b.start()
+        reqs = [asyncio.ensure_future(b.submit(rows(f"t{i}"))) for i in range(6)]
+        await asyncio.sleep(0.02)             # all six rows queued, the first pass running
+        blocked = time.monotonic()
+        time.sleep(0.5)                       # the event loop does nothing for 0.5 s
+        out = await asyncio.gather(*reqs)
+        await b.stop()
+        return blocked, out
+
+    blocked, out = asyncio.run(main())
+    assert out == [[f"result:t{i}"] for i in range(6)]
+    assert len(starts) == 3                   # 3 passes of 2 rows, all started while the loop was blocked
+    assert all(t < blocked + 0.5 for t in starts)
+    assert 0.19 <= starts[2] - starts[0] < 0.45  # back to back: two passes of 0.1 s in between
+
+
 def test_load_generator_counts_only_the_measuring_window():
     """benchmarks/serve_load.py's closed-loop driver, against a fake 10 ms server."""
     import importlib.util

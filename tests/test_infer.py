@@ -94,3 +94,18 @@ def test_metrics_equal_a_hand_count():
     i, j = labels.index("A"), cm["labels"].index(INVALID)
     assert cm["matrix"][i][j] == sum(t == "A" and p is None for t, p in zip(truth, pred))
     assert sum(map(sum, cm["matrix"])) == 200
+
+
+def test_compiled_layers_score_the_same(tokenizer, model_factory):
+    """eval.compile / serve --compile: regional torch.compile changes the speed, not the scores (dynamic shapes:
+    batches of other sizes and lengths reuse the compiled code)."""
+    from llmcls.model import compile_layers
+
+    model = model_factory(seed=5)
+    b = PromptBuilder(tokenizer, PromptConfig())
+    eager = score_batch(model, b, ROWS)
+    compile_layers(model)
+    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+    compiled = score_batch(model, b, ROWS) + score_batch(model, b, ROWS[:2])
+    for x, y in zip(eager + eager[:2], compiled):
+        assert max(abs(p - q) for p, q in zip(x, y)) < 1e-4
