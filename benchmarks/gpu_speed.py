@@ -136,41 +136,50 @@ class StepTimer:
 
         self.t, self.tokens, self.callback = [], [], _CB()
 
-    def summary(self, warmup: int, rows_per_step: int) -> dict:
-        dts = [b - a for a, b in zip(self.t[warmup:], self.t[warmup + 1:])]
-        toks = [b - a for a, b in zip(self.tokens[warmup - 1:], self.tokens[warmup:])][: len(dts)]
+    def summary(self, rows_per_step: int) -> dict:
+        dts = [b - a for a, b in zip(self.t, self.t[1:])]
+        toks = [b - a for a, b in zip([0] + self.tokens, self.tokens)]
         # Totals over the timed steps: with length-grouped batches the steps differ in size on purpose.
         dt = sum(dts) / len(dts)
-        tok_per_step = sum(toks) / len(toks)
-        return {"step_s": round(dt, 4), "tokens_per_step": round(tok_per_step, 1),
+        return {"step_s": round(dt, 4), "tokens_per_step": round(sum(toks) / len(toks), 1),
                 "tokens_per_s": round(sum(toks) / sum(dts), 1), "rows_per_s": round(rows_per_step / dt, 2),
                 "timed_steps": len(dts)}
 
 
-def run_tutorial(model, tok, rows, steps, warmup, device, out_dir):
+def timed_training(make_trainer, warm_ds, timed_ds, device, rows_per_step) -> dict:
+    """Warm up on ``warm_ds`` (compilation, kernel selection, the allocator), then time one epoch over
+    ``timed_ds`` with a fresh Trainer: every variant times exactly the same rows, whatever its batching."""
+    reset_peak(device)  # the peak covers the warm-up too: a real run goes through it as well
+    make_trainer(warm_ds, callbacks=[]).train()
+    timer = StepTimer(device)
+    make_trainer(timed_ds, callbacks=[timer.callback]).train()
+    return timer.summary(rows_per_step)
+
+
+def run_tutorial(model, tok, warm_rows, timed_rows, device, out_dir):
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    ds = [tutorial_encode(tok, r) for r in rows]  # the Trainer takes any sized sequence of examples
     cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                      "gate_proj", "up_proj", "down_proj"], inference_mode=False, r=8, lora_alpha=32, lora_dropout=0.1)
     model.enable_input_require_grads()
     peft_model = get_peft_model(model, cfg)
-    args = TrainingArguments(output_dir=str(out_dir / "tutorial"), per_device_train_batch_size=4,
-                             gradient_accumulation_steps=4, logging_steps=10, num_train_epochs=2, save_steps=100,
-                             learning_rate=1e-4, save_on_each_node=True, gradient_checkpointing=True,
-                             report_to="none", max_steps=warmup + steps, save_strategy="no",
-                             include_num_input_tokens_seen="non_padding", disable_tqdm=True)
-    timer = StepTimer(device)
-    trainer = Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=[timer.callback],
-                      data_collator=DataCollatorForSeq2Seq(tokenizer=tok, padding=True))
-    reset_peak(device)
-    trainer.train()
-    res = {**timer.summary(warmup, 16), "peak_gib": peak_gib(device), "micro_batch": 4, "grad_accum": 4,
-           "checkpointing": True, "lora_dtype": "float32"}
+
+    def make_trainer(rows, callbacks):
+        ds = [tutorial_encode(tok, r) for r in rows]  # the Trainer takes any sized sequence of examples
+        args = TrainingArguments(output_dir=str(out_dir / "tutorial"), per_device_train_batch_size=4,
+                                 gradient_accumulation_steps=4, logging_steps=10, num_train_epochs=1, save_steps=100,
+                                 learning_rate=1e-4, save_on_each_node=True, gradient_checkpointing=True,
+                                 report_to="none", save_strategy="no", include_num_input_tokens_seen="non_padding",
+                                 disable_tqdm=True)
+        return Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=callbacks,
+                       data_collator=DataCollatorForSeq2Seq(tokenizer=tok, padding=True))
+
+    res = {**timed_training(make_trainer, warm_rows, timed_rows, device, 16), "peak_gib": peak_gib(device),
+           "micro_batch": 4, "grad_accum": 4, "checkpointing": True, "lora_dtype": "float32"}
     base = peft_model.unload()
     base.disable_input_require_grads()
-    del trainer, peft_model
+    del peft_model
     reset_peak(device)
     return base, res
 
@@ -210,38 +219,36 @@ def _table_on_device(base, device):
     return base
 
 
-def run_llmcls(model, tok, rows, steps, warmup, device, out_dir, name, micro, accum, checkpointing, offload,
+def run_llmcls(model, tok, warm_rows, timed_rows, device, out_dir, name, micro, accum, checkpointing, offload,
                compile=False, group=False):
     cfg = load_config(None, {"lora.dtype": "auto", "train.batch_size": micro, "train.grad_accum": accum,
-                             "train.compile": compile, "train.group_by_length": group,
-                             "train.gradient_checkpointing": checkpointing, "train.max_steps": warmup + steps,
-                             "train.save_steps": 10**6, "train.logging_steps": 10**6, "track.tracker": "none"})
+                             "train.compile": compile, "train.group_by_length": group, "train.epochs": 1,
+                             "train.gradient_checkpointing": checkpointing, "train.save_steps": 10**6,
+                             "train.logging_steps": 10**6, "track.tracker": "none"})
     b = PromptBuilder(tok, cfg.prompt)
-    enc = [encode_train(b, r, MAX_LEN) for r in rows]
-    ds = [{"input_ids": e.input_ids, "labels": e.labels} for e in enc]
     if offload:
         model = place_model(model, device, offload_embeddings=True)
     peft_model = prepare_for_training(model, cfg)
-    args = training_arguments(cfg, out_dir / name, progress=False)
-    timer = StepTimer(device)
-    trainer = build_trainer(peft_model, tok, ds, args, callbacks=[timer.callback])
-    reset_peak(device)
+
+    def make_trainer(rows, callbacks):
+        ds = [{"input_ids": e.input_ids, "labels": e.labels} for e in (encode_train(b, r, MAX_LEN) for r in rows)]
+        args = training_arguments(cfg, out_dir / name, progress=False)
+        return build_trainer(peft_model, tok, ds, args, callbacks=callbacks)
+
     static = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else None
     try:
-        trainer.train()
+        timing = timed_training(make_trainer, warm_rows, timed_rows, device, micro * accum)
     except torch.OutOfMemoryError:
-        trainer.optimizer = None
-        del trainer
         uncompile(_table_on_device(peft_model.unload(), device))  # the base model as it was, for the next variant
         reset_peak(device)
         raise
-    res = {**timer.summary(warmup, micro * accum), "peak_gib": peak_gib(device), "micro_batch": micro,
+    res = {**timing, "peak_gib": peak_gib(device), "micro_batch": micro,
            "grad_accum": accum, "checkpointing": checkpointing, "lora_dtype": "bfloat16",
            "offload_embeddings": offload, "compile": compile, "group_by_length": group,
            "static_gib": round(static, 2) if static is not None else None}
     base = _table_on_device(peft_model.unload(), device)
     uncompile(base)
-    del trainer, peft_model
+    del peft_model
     reset_peak(device)
     return base, res
 
@@ -357,8 +364,10 @@ def main(argv=None):
     ap.add_argument("--shape", default=str(SHARED / "model-shapes/qwen1.5-7b-chat.json"),
                     help="config.json of a real model, or 'tiny'")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--steps", type=int, default=6, help="timed optimizer steps per training variant")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
+    ap.add_argument("--steps", type=int, default=8,
+                    help="timed optimizer steps per training variant: one epoch over the same 16 x STEPS rows")
+    ap.add_argument("--warmup", type=int, default=4,
+                    help="untimed optimizer steps first, on other rows (compilation happens there)")
     ap.add_argument("--rows", type=int, default=256, help="evaluation rows")
     ap.add_argument("--eval-batch", type=int, default=32)
     ap.add_argument("--single-rows", type=int, default=24, help="rows for one-at-a-time generate")
@@ -374,7 +383,8 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     n_embed = model.get_input_embeddings().weight.numel()
     peak = matmul_tflops(a.device)
-    train_rows, eval_rows = load_rows(16 * (a.warmup + 2 + a.steps) * 4, short=True)
+    train_rows, eval_rows = load_rows(16 * (a.warmup + a.steps), short=True)
+    warm_rows, timed_rows = train_rows[:16 * a.warmup], train_rows[16 * a.warmup:]
     eval_rows = eval_rows[:a.rows]
     only = set(a.only.split(","))
     res = {"shape": a.shape, "device": a.device, "gpu": environment()["gpu"], "params": n_params,
@@ -388,15 +398,14 @@ def main(argv=None):
         res["eval"] = run_eval(model, tok, eval_rows, a.device, a.eval_batch, a.single_rows)
         print("eval", json.dumps(res["eval"]), flush=True)
     if "tutorial" in only:
-        model, res["train"]["tutorial"] = run_tutorial(model, tok, train_rows, a.steps, a.warmup, a.device, out_dir)
+        model, res["train"]["tutorial"] = run_tutorial(model, tok, warm_rows, timed_rows, a.device, out_dir)
         print("tutorial", json.dumps(res["train"]["tutorial"]), flush=True)
     for name, v in VARIANTS.items():
         if name not in only:
             continue
         t0 = time.perf_counter()
         try:  # compilation, if any, happens in the untimed warm-up steps
-            model, res["train"][name] = run_llmcls(model, tok, train_rows, a.steps, a.warmup + 2 * v["compile"],
-                                                   a.device, out_dir, name, **v)
+            model, res["train"][name] = run_llmcls(model, tok, warm_rows, timed_rows, a.device, out_dir, name, **v)
         except torch.OutOfMemoryError as e:
             res["train"][name] = {"error": f"out of memory: {e}"[:300], **v}
             print(name, "OOM", flush=True)
