@@ -7,7 +7,8 @@ The same server (``llmcls.serve.create_app`` on uvicorn, 127.0.0.1, a free port)
 the same offered load: ``--concurrency`` clients in a closed loop, each posting one row and sending the next when
 the answer comes. Once with dynamic batching (``--max-batch``), once with ``max_batch=1`` (every row its own
 forward pass, as a server without batching would do). The clients run in separate processes (``--client-procs``),
-so their HTTP and JSON work does not share the server's interpreter lock, nor cap the rate they can offer. Each mode warms up, then measures for ``--seconds``.
+so their HTTP and JSON work does not share the server's interpreter lock, nor cap the rate they can offer. Each
+mode warms up, then measures for ``--seconds``.
 
 Rows are of realistic length: the Fudan news test rows (texts up to 3,000 characters, 2-4 candidates each),
 shortened to ``--max-length`` tokens like in training (384, the tutorial's). Weights are random (a Qwen2 model

@@ -296,9 +296,9 @@ def cmd_serve(args) -> int:
     from llmcls.serve import run
 
     run(args.path, host=args.host, port=args.port, token=args.token, device=args.device,
-        dtype=_dtype_arg(args.dtype), compile=args.compile, log_level="warning" if args.quiet else "info", max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes, max_texts=args.max_texts,
-        max_queue_rows=args.max_queue_rows)
+        dtype=_dtype_arg(args.dtype), compile=args.compile, log_level="warning" if args.quiet else "info",
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes,
+        max_texts=args.max_texts, max_queue_rows=args.max_queue_rows)
     return 0
 
 
