@@ -110,3 +110,26 @@ def test_offloading_a_tied_table_is_refused():
 
     with pytest.raises(ConfigError, match="ties its input embeddings"):
         place_model(tiny_model(), "cpu", offload_embeddings=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the table on the host, the rest on it)")
+def test_offloaded_table_on_a_gpu_scores_generates_and_trains_like_the_whole_model(tokenizer):
+    from llmcls.config import LoraConfig, PromptConfig
+    from llmcls.data import Row
+    from llmcls.encode import PromptBuilder
+    from llmcls.infer import classify, generate_batch
+    from llmcls.model import add_lora, compute_device, place_model
+
+    ref = place_model(_untied_tiny(seed=3), "cuda")
+    model = place_model(_untied_tiny(seed=3), "cuda", offload_embeddings=True)
+    assert model.get_input_embeddings().weight.device.type == "cpu" and compute_device(model).type == "cuda"
+    b = PromptBuilder(tokenizer, PromptConfig())
+    rows = [Row("the match ended 2-1", ["Sport", "Politics"], None), Row("the vote was close", ["Politics", "Arts"],
+                                                                         None)]
+    for x, y in zip(classify(ref, b, rows, progress=False), classify(model, b, rows, progress=False)):
+        assert x.pred == y.pred and max(abs(x.probs[k] - y.probs[k]) for k in x.probs) < 1e-5
+    assert generate_batch(ref, b, rows, 4) == generate_batch(model, b, rows, 4)
+    lora = add_lora(model, LoraConfig(dropout=0.0))
+    ids = torch.randint(0, 151936, (2, 9), device="cuda")
+    lora(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in lora.named_parameters() if p.requires_grad)
