@@ -249,8 +249,7 @@ def compile_layers(model) -> None:
     the compiled code."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for layer in base.model.layers:
-        if getattr(layer, "_compiled_call_impl", None) is None:
-            layer.compile(dynamic=True)
+        layer.compile(dynamic=True)
 
 
 def trainable_summary(model) -> dict:
