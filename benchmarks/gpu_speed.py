@@ -146,17 +146,20 @@ class StepTimer:
                 "timed_steps": len(dts)}
 
 
-def timed_training(make_trainer, warm_ds, timed_ds, device, rows_per_step) -> dict:
-    """Warm up on ``warm_ds`` (compilation, kernel selection, the allocator), then time one epoch over
-    ``timed_ds`` with a fresh Trainer: every variant times exactly the same rows, whatever its batching."""
+def timed_training(make_trainer, rows, device, rows_per_step, warmup_epochs=1) -> dict:
+    """Warm up with ``warmup_epochs`` epochs over ``rows``, then time one more with a fresh Trainer. A fresh Trainer
+    with the same seed draws the same batches in the same order, so every shape the timed epoch meets (and with it
+    every compiled graph: with or without a padding mask, first layer or not) was met in the warm-up, and no
+    compilation falls inside the timing. Every variant times the same rows, whatever its batching."""
     reset_peak(device)  # the peak covers the warm-up too: a real run goes through it as well
-    make_trainer(warm_ds, callbacks=[]).train()
+    for _ in range(warmup_epochs):
+        make_trainer(rows, callbacks=[]).train()
     timer = StepTimer(device)
-    make_trainer(timed_ds, callbacks=[timer.callback]).train()
+    make_trainer(rows, callbacks=[timer.callback]).train()
     return timer.summary(rows_per_step)
 
 
-def run_tutorial(model, tok, warm_rows, timed_rows, device, out_dir):
+def run_tutorial(model, tok, rows, device, out_dir, warmup_epochs=1):
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
@@ -175,7 +178,7 @@ def run_tutorial(model, tok, warm_rows, timed_rows, device, out_dir):
         return Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=callbacks,
                        data_collator=DataCollatorForSeq2Seq(tokenizer=tok, padding=True))
 
-    res = {**timed_training(make_trainer, warm_rows, timed_rows, device, 16), "peak_gib": peak_gib(device),
+    res = {**timed_training(make_trainer, rows, device, 16, warmup_epochs), "peak_gib": peak_gib(device),
            "micro_batch": 4, "grad_accum": 4, "checkpointing": True, "lora_dtype": "float32"}
     base = peft_model.unload()
     base.disable_input_require_grads()
@@ -219,8 +222,8 @@ def _table_on_device(base, device):
     return base
 
 
-def run_llmcls(model, tok, warm_rows, timed_rows, device, out_dir, name, micro, accum, checkpointing, offload,
-               compile=False, group=False):
+def run_llmcls(model, tok, rows, device, out_dir, name, micro, accum, checkpointing, offload, compile=False,
+               group=False, warmup_epochs=1):
     cfg = load_config(None, {"lora.dtype": "auto", "train.batch_size": micro, "train.grad_accum": accum,
                              "train.compile": compile, "train.group_by_length": group, "train.epochs": 1,
                              "train.gradient_checkpointing": checkpointing, "train.save_steps": 10**6,
@@ -237,7 +240,7 @@ def run_llmcls(model, tok, warm_rows, timed_rows, device, out_dir, name, micro, 
 
     static = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else None
     try:
-        timing = timed_training(make_trainer, warm_rows, timed_rows, device, micro * accum)
+        timing = timed_training(make_trainer, rows, device, micro * accum, warmup_epochs)
     except torch.OutOfMemoryError:
         uncompile(_table_on_device(peft_model.unload(), device))  # the base model as it was, for the next variant
         reset_peak(device)
@@ -366,8 +369,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=8,
                     help="timed optimizer steps per training variant: one epoch over the same 16 x STEPS rows")
-    ap.add_argument("--warmup", type=int, default=4,
-                    help="untimed optimizer steps first, on other rows (compilation happens there)")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed epochs over the same rows first (compilation of every shape happens there)")
     ap.add_argument("--rows", type=int, default=256, help="evaluation rows")
     ap.add_argument("--eval-batch", type=int, default=32)
     ap.add_argument("--single-rows", type=int, default=24, help="rows for one-at-a-time generate")
@@ -383,8 +386,7 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     n_embed = model.get_input_embeddings().weight.numel()
     peak = matmul_tflops(a.device)
-    train_rows, eval_rows = load_rows(16 * (a.warmup + a.steps), short=True)
-    warm_rows, timed_rows = train_rows[:16 * a.warmup], train_rows[16 * a.warmup:]
+    train_rows, eval_rows = load_rows(16 * a.steps, short=True)
     eval_rows = eval_rows[:a.rows]
     only = set(a.only.split(","))
     res = {"shape": a.shape, "device": a.device, "gpu": environment()["gpu"], "params": n_params,
@@ -398,14 +400,15 @@ def main(argv=None):
         res["eval"] = run_eval(model, tok, eval_rows, a.device, a.eval_batch, a.single_rows)
         print("eval", json.dumps(res["eval"]), flush=True)
     if "tutorial" in only:
-        model, res["train"]["tutorial"] = run_tutorial(model, tok, warm_rows, timed_rows, a.device, out_dir)
+        model, res["train"]["tutorial"] = run_tutorial(model, tok, train_rows, a.device, out_dir, a.warmup)
         print("tutorial", json.dumps(res["train"]["tutorial"]), flush=True)
     for name, v in VARIANTS.items():
         if name not in only:
             continue
         t0 = time.perf_counter()
         try:  # compilation, if any, happens in the untimed warm-up steps
-            model, res["train"][name] = run_llmcls(model, tok, warm_rows, timed_rows, a.device, out_dir, name, **v)
+            model, res["train"][name] = run_llmcls(model, tok, train_rows, a.device, out_dir, name,
+                                                   warmup_epochs=a.warmup, **v)
         except torch.OutOfMemoryError as e:
             res["train"][name] = {"error": f"out of memory: {e}"[:300], **v}
             print(name, "OOM", flush=True)
