@@ -1,0 +1,32 @@
+"""The GPU benchmark scripts, run on the CPU with a tiny model: they must keep working between GPU sessions."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FUDAN, ROOT, SHARED
+
+
+@pytest.mark.skipif(not (FUDAN / "train.jsonl").is_file() or not (SHARED / "qwen-tokenizer").is_dir(),
+                    reason="../shared (Fudan rows, Qwen tokenizer) is absent")
+def test_gpu_speed_runs_every_part_and_compares_like_with_like(tmp_path):
+    env = {**os.environ, "LLMCLS_SHARED": str(SHARED), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_speed.py"), "--shape", "tiny", "--device",
+                          "cpu", "--steps", "1", "--rows", "4", "--eval-batch", "2", "--single-rows", "2", "--only",
+                          "check,eval,tutorial,llmcls-eager,llmcls-16gb", "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_speed.json").read_text())
+    train = res["train"]
+    assert set(train) == {"tutorial", "llmcls-eager", "llmcls-16gb"}
+    # every variant timed the same rows: the same real tokens per optimizer step (the tutorial's pad-token end
+    # and llmcls's end token are one token each)
+    assert len({round(v["tokens_per_step"]) for v in train.values()}) == 1
+    assert train["llmcls-16gb"]["offload_embeddings"] is True
+    assert res["same_results"]["same_dtype"]["loss_rel_diff"] < 1e-5  # float32 on the CPU: the same loss
+    assert {"tutorial_generate", "llmcls_score", "llmcls_generate"} <= set(res["eval"])
+    md = (tmp_path / "gpu_speed.md").read_text()
+    assert all(f"| {name} (micro" in md for name in train) and "| tutorial_generate |" in md
