@@ -146,16 +146,16 @@ class StepTimer:
                 "timed_steps": len(dts)}
 
 
-def timed_training(make_trainer, rows, device, rows_per_step, warmup_epochs=1) -> dict:
-    """Warm up with ``warmup_epochs`` epochs over ``rows``, then time one more with a fresh Trainer. A fresh Trainer
+def timed_training(make_trainer, ds, device, rows_per_step, warmup_epochs=1) -> dict:
+    """Warm up with ``warmup_epochs`` epochs over the encoded rows ``ds``, then time one more with a fresh Trainer. A fresh Trainer
     with the same seed draws the same batches in the same order, so every shape the timed epoch meets (and with it
     every compiled graph: with or without a padding mask, first layer or not) was met in the warm-up, and no
     compilation falls inside the timing. Every variant times the same rows, whatever its batching."""
     reset_peak(device)  # the peak covers the warm-up too: a real run goes through it as well
     for _ in range(warmup_epochs):
-        make_trainer(rows, callbacks=[]).train()
+        make_trainer(ds, callbacks=[]).train()
     timer = StepTimer(device)
-    make_trainer(rows, callbacks=[timer.callback]).train()
+    make_trainer(ds, callbacks=[timer.callback]).train()
     return timer.summary(rows_per_step)
 
 
@@ -168,8 +168,7 @@ def run_tutorial(model, tok, rows, device, out_dir, warmup_epochs=1):
     model.enable_input_require_grads()
     peft_model = get_peft_model(model, cfg)
 
-    def make_trainer(rows, callbacks):
-        ds = [tutorial_encode(tok, r) for r in rows]  # the Trainer takes any sized sequence of examples
+    def make_trainer(ds, callbacks):
         args = TrainingArguments(output_dir=str(out_dir / "tutorial"), per_device_train_batch_size=4,
                                  gradient_accumulation_steps=4, logging_steps=10, num_train_epochs=1, save_steps=100,
                                  learning_rate=1e-4, save_on_each_node=True, gradient_checkpointing=True,
@@ -178,11 +177,11 @@ def run_tutorial(model, tok, rows, device, out_dir, warmup_epochs=1):
         return Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=callbacks,
                        data_collator=DataCollatorForSeq2Seq(tokenizer=tok, padding=True))
 
-    res = {**timed_training(make_trainer, rows, device, 16, warmup_epochs), "peak_gib": peak_gib(device),
+    ds = [tutorial_encode(tok, r) for r in rows]  # the Trainer takes any sized sequence of examples
+    res = {**timed_training(make_trainer, ds, device, 16, warmup_epochs), "peak_gib": peak_gib(device),
            "micro_batch": 4, "grad_accum": 4, "checkpointing": True, "lora_dtype": "float32"}
     base = peft_model.unload()
     base.disable_input_require_grads()
-    del peft_model
     reset_peak(device)
     return base, res
 
@@ -233,14 +232,15 @@ def run_llmcls(model, tok, rows, device, out_dir, name, micro, accum, checkpoint
         model = place_model(model, device, offload_embeddings=True)
     peft_model = prepare_for_training(model, cfg)
 
-    def make_trainer(rows, callbacks):
-        ds = [{"input_ids": e.input_ids, "labels": e.labels} for e in (encode_train(b, r, MAX_LEN) for r in rows)]
-        args = training_arguments(cfg, out_dir / name, progress=False)
-        return build_trainer(peft_model, tok, ds, args, callbacks=callbacks)
+    def make_trainer(ds, callbacks):
+        return build_trainer(peft_model, tok, ds, training_arguments(cfg, out_dir / name, progress=False),
+                             callbacks=callbacks)
+
+    ds = [{"input_ids": e.input_ids, "labels": e.labels} for e in (encode_train(b, r, MAX_LEN) for r in rows)]
 
     static = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else None
     try:
-        timing = timed_training(make_trainer, rows, device, micro * accum, warmup_epochs)
+        timing = timed_training(make_trainer, ds, device, micro * accum, warmup_epochs)
     except torch.OutOfMemoryError:
         uncompile(_table_on_device(peft_model.unload(), device))  # the base model as it was, for the next variant
         reset_peak(device)
@@ -251,7 +251,6 @@ def run_llmcls(model, tok, rows, device, out_dir, name, micro, accum, checkpoint
            "static_gib": round(static, 2) if static is not None else None}
     base = _table_on_device(peft_model.unload(), device)
     uncompile(base)
-    del peft_model
     reset_peak(device)
     return base, res
 
@@ -382,7 +381,7 @@ def main(argv=None):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(SHARED / "qwen-tokenizer"))
-    model, mcfg = build_model(a.shape, a.device)
+    model, _ = build_model(a.shape, a.device)
     n_params = sum(p.numel() for p in model.parameters())
     n_embed = model.get_input_embeddings().weight.numel()
     peak = matmul_tflops(a.device)

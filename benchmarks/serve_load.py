@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import random
@@ -221,7 +222,7 @@ def run_mode(clf, name: str, max_batch: int, args, rows_file: Path, rows: list[d
             parts.append(json.loads(out.strip().splitlines()[-1]))
         raw = {"window_s": seconds, "completed": sum(x["completed"] for x in parts),
                "errors": sum(x["errors"] for x in parts), "latencies_ms": [v for x in parts for v in x["latencies_ms"]],
-               "statuses": {k: sum(x["statuses"].get(k, 0) for x in parts) for x in parts for k in x["statuses"]}}
+               "statuses": dict(sum((collections.Counter(x["statuses"]) for x in parts), collections.Counter()))}
         snap = httpx.get(f"{url}/health", timeout=60).json()["batcher"]
     return summarise(name, max_batch, raw, snap)
 

@@ -127,26 +127,25 @@ def small_data(tmp_path_factory) -> dict:
             "test": write_jsonl(d / "test.jsonl", learnable_rows(12, 4)), "dir": d}
 
 
+def _cli_run(tmp_path_factory, data, method: str, steps: int, artefact: str) -> Path:
+    from llmcls.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / method
+    assert main(["train", *short_run_args(data["train"], data["test"], out, method, steps)]) == 0
+    assert (out / artefact).is_file()
+    return out
+
+
 @pytest.fixture(scope="session")
 def lora_run(tmp_path_factory, tokenizer_dir, small_data) -> Path:
     """A tiny LoRA run (adapter on a random-init base) trained through the CLI."""
-    from llmcls.cli import main
-
-    out = tmp_path_factory.mktemp("runs") / "lora"
-    assert main(["train", *short_run_args(small_data["train"], small_data["test"], out, "lora", 4)]) == 0
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    return out
+    return _cli_run(tmp_path_factory, small_data, "lora", 4, "adapter/adapter_model.safetensors")
 
 
 @pytest.fixture(scope="session")
 def full_run(tmp_path_factory, tokenizer_dir, small_data) -> Path:
     """A tiny full fine-tune through the CLI (two steps: its weights differ from the base)."""
-    from llmcls.cli import main
-
-    out = tmp_path_factory.mktemp("runs") / "full"
-    assert main(["train", *short_run_args(small_data["train"], small_data["test"], out, "full", 2)]) == 0
-    assert (out / "model" / "model.safetensors").is_file()
-    return out
+    return _cli_run(tmp_path_factory, small_data, "full", 2, "model/model.safetensors")
 
 
 @pytest.fixture(scope="session")

@@ -55,7 +55,6 @@ def test_help_documents_every_option():
     parser = build_parser()
     sub = parser._subparsers._group_actions[0].choices
     for name in ("prepare", "train", "eval", "predict", "run"):
-        text = sub[name].format_help()
         for action in sub[name]._actions:
             assert action.help, f"{name} {action.option_strings} has no help"
     train_help = sub["train"].format_help()

@@ -2,8 +2,6 @@
 
 import json
 
-from conftest import LABELS
-
 
 def test_train_eval_predict_cli(trained_run, learnable_data, tmp_path, capsys):
     from llmcls.cli import main

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import FUDAN
-from llmcls.config import DataConfig, PromptConfig, TUTORIAL_SYSTEM, load_config
-from llmcls.data import Row, read_rows
+from llmcls.config import PromptConfig, TUTORIAL_SYSTEM, load_config
+from llmcls.data import Row
 from llmcls.encode import IGNORE, AnswerCollator, PromptBuilder, PromptTooLong, answer_loss, encode_train
 
 

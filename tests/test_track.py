@@ -2,7 +2,6 @@
 confusion matrix and samples, the local dashboard read back over HTTP, TensorBoard, and the per-step log lines."""
 
 import json
-import os
 import shutil
 import socket
 import subprocess

@@ -1,7 +1,5 @@
 """Training: LoRA weights change while the base stays frozen; a resumed run ends where an uninterrupted one does."""
 
-import json
-
 import pytest
 import torch
 from transformers import TrainerCallback

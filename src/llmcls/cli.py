@@ -44,10 +44,6 @@ def config_from_args(args: argparse.Namespace, extra: dict | None = None) -> Con
     return load_config(args.config, overrides)
 
 
-def _print_json(obj) -> None:
-    print(json.dumps(obj, ensure_ascii=False, indent=2))
-
-
 def _is_main() -> bool:
     """Under torchrun / accelerate launch, only rank 0 prints results."""
     from llmcls.dist import is_main

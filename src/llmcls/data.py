@@ -12,7 +12,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterator, Optional
 
 from llmcls.config import DataConfig, PromptConfig
 
@@ -158,10 +158,3 @@ def to_instruction(row: Row, prompt: PromptConfig) -> dict:
     return {"instruction": prompt.system, "input": user_message(row, prompt), "output": row.label,
             "category": row.candidates}
 
-
-def label_set(rows: Iterable[Row]) -> list[str]:
-    seen: dict[str, None] = {}
-    for r in rows:
-        for c in r.candidates:
-            seen.setdefault(c, None)
-    return sorted(seen)

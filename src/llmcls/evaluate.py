@@ -71,12 +71,10 @@ def samples_for_tracker(rows, records: list[dict], n: int) -> list[dict]:
 def evaluate(run_dir: str | Path, test_file: Optional[str] = None, method: Optional[str] = None,
              batch_size: Optional[int] = None, max_rows: Optional[int] = None, progress: bool = True,
              model_and_tokenizer=None, tracker=None) -> dict:
-    from llmcls.model import compile_layers, model_for_run
+    from llmcls.model import model_for_run
 
     run = Path(run_dir)
     model, tok, cfg = model_for_run(run, model_and_tokenizer)
-    if cfg.eval.compile:
-        compile_layers(model)
     test_file = test_file or cfg.data.test_file
     if not test_file:
         raise ValueError("no test file: set data.test_file in the config or pass --test FILE")

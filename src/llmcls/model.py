@@ -289,10 +289,14 @@ def load_trained(run_dir: str | Path, device: Optional[str] = None, dtype: Optio
 
 
 def model_for_run(run_dir: str | Path, model_and_tokenizer=None):
-    """(model, tokenizer, config) of a run: the caller's already-loaded pair, or :func:`load_trained`'s."""
+    """(model, tokenizer, config) of a run for eval and predict: the caller's already-loaded pair, or
+    :func:`load_trained`'s; decoder layers compiled when the run's ``eval.compile`` says so."""
     if model_and_tokenizer is None:
-        return load_trained(run_dir)
-    from llmcls.config import load_config
+        model, tok, cfg = load_trained(run_dir)
+    else:
+        from llmcls.config import load_config
 
-    model, tok = model_and_tokenizer
-    return model, tok, load_config(Path(run_dir) / "config.yaml")
+        (model, tok), cfg = model_and_tokenizer, load_config(Path(run_dir) / "config.yaml")
+    if cfg.eval.compile:
+        compile_layers(model)
+    return model, tok, cfg

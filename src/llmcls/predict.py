@@ -32,13 +32,11 @@ def predict(run_dir: str | Path, input_path: Optional[str], output: Optional[str
     """Returns the number of rows written."""
     import tempfile
 
-    from llmcls.model import compile_layers, model_for_run
+    from llmcls.model import model_for_run
 
     if output:
         refuse_overwrite(output, overwrite)
     model, tok, cfg = model_for_run(run_dir, model_and_tokenizer)
-    if cfg.eval.compile:
-        compile_layers(model)
     from_stdin = input_path in (None, "-")
     if from_stdin:  # stdin is read whole, then parsed with the same validation as files
         # Under torchrun every process inherits stdin: rank 0 reads it, all get the text.

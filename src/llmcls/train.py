@@ -184,9 +184,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
     # 3. Train --------------------------------------------------------------------------------------------
     tracker = Tracker(cfg.track, run, {**to_dict(cfg), "data_summary": {k: v for k, v in summary.items()
                                                                          if k != "invalid_examples"}},
-                      is_main=args.process_index == 0)
+                      is_main=dist.is_main())
     trainer = build_trainer(model, tokenizer, dataset, args, callbacks=[
-        JsonlLogCallback(run / "train_log.jsonl", echo=args.process_index == 0), *tracker.callbacks,
+        JsonlLogCallback(run / "train_log.jsonl", echo=dist.is_main()), *tracker.callbacks,
         *(callbacks or [])])
     checkpoint = _last_checkpoint(run / "checkpoints") if resume else None
     if resume and checkpoint is None:
