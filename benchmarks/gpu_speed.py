@@ -6,7 +6,7 @@ Training (same rows, max length 384, 16 rows per optimizer step, LoRA r=8 on all
   (b) llmcls     — the default GPU path: no recomputation, micro-batch 16, bf16 LoRA weights, left padding with
                    logits and loss only at answer positions, answer-keeping truncation;
   (c) llmcls-16gb — the low-memory path: the frozen input embedding table kept in host memory, micro-batch
-                   4 x accum 4 without recomputation, bf16 LoRA, answer-position logits; eager and compiled.
+                   4 x accum 4 with gradient checkpointing, bf16 LoRA, answer-position logits; eager and compiled.
 Evaluation (prompts of ~380 tokens): (a) tutorial-style one-row ``generate``; (b) llmcls ``score``;
 (c) llmcls batched ``generate``. Before timing, the fast path's loss and LoRA gradients on one batch are compared
 with the tutorial path's.
@@ -107,8 +107,9 @@ def tutorial_encode(tok, row: Row):
 
 
 def load_rows(n: int, short: bool):
-    """Rows with the token lengths of the published zh_cls_fudan-news subsets (texts <= 600 characters) for
-    training, and long texts (prompts cut to ~380 tokens) for evaluation."""
+    """Training rows: with ``short``, those with the token lengths of the published zh_cls_fudan-news subsets
+    (texts <= 600 characters, ~300 tokens), else any row (most are cut at 384 tokens: the memory worst case).
+    Evaluation rows: long texts (prompts cut to ~380 tokens)."""
     cfg = DataConfig()
     train, _ = read_rows(SHARED / "data/fudan-news/train.jsonl", cfg)
     test, _ = read_rows(SHARED / "data/fudan-news/test.jsonl", cfg)
@@ -179,24 +180,31 @@ def run_tutorial(model, tok, rows, device, out_dir, warmup_epochs=1):
 
     ds = [tutorial_encode(tok, r) for r in rows]  # the Trainer takes any sized sequence of examples
     res = {**timed_training(make_trainer, ds, device, 16, warmup_epochs), "peak_gib": peak_gib(device),
-           "micro_batch": 4, "grad_accum": 4, "checkpointing": True, "lora_dtype": "float32"}
+           "micro_batch": 4, "grad_accum": 4, "checkpointing": recomputing(peft_model), "lora_dtype": "float32"}
     base = peft_model.unload()
     base.disable_input_require_grads()
+    base.gradient_checkpointing_disable()  # the Trainer switched it on; the next variant decides for itself
     reset_peak(device)
     return base, res
 
 
 VARIANTS = {  # llmcls training paths; each keeps 16 rows per optimizer step
-    "llmcls-m8": dict(micro=8, accum=2, checkpointing=False, offload=False, compile=False, group=False),
     "llmcls-eager": dict(micro=16, accum=1, checkpointing=False, offload=False, compile=False, group=True),
+    # "llmcls" is configs/qwen1.5-7b-chat-fudan-fast.yaml; "-m8" the same in half the activation memory.
     "llmcls": dict(micro=16, accum=1, checkpointing=False, offload=False, compile=True, group=True),
-    # 16 GB mode: the input table in host memory, and micro-batches small enough that nothing needs recomputing.
-    # "-compiled" is configs/qwen1.5-7b-chat-fudan-16gb.yaml; the others are the levers measured against it.
-    "llmcls-16gb": dict(micro=4, accum=4, checkpointing=False, offload=True, compile=False, group=True),
-    "llmcls-16gb-compiled": dict(micro=4, accum=4, checkpointing=False, offload=True, compile=True, group=True),
-    "llmcls-16gb-m8": dict(micro=8, accum=2, checkpointing=False, offload=True, compile=True, group=True),
-    "llmcls-16gb-ckpt": dict(micro=8, accum=2, checkpointing=True, offload=True, compile=True, group=True),
+    "llmcls-m8": dict(micro=8, accum=2, checkpointing=False, offload=False, compile=True, group=True),
+    # 16 GB mode: the input table in host memory, recomputation, small micro-batches. "-compiled" is
+    # configs/qwen1.5-7b-chat-fudan-16gb.yaml; the others are the levers measured against it.
+    "llmcls-16gb": dict(micro=4, accum=4, checkpointing=True, offload=True, compile=False, group=True),
+    "llmcls-16gb-compiled": dict(micro=4, accum=4, checkpointing=True, offload=True, compile=True, group=True),
+    "llmcls-16gb-m8": dict(micro=8, accum=2, checkpointing=True, offload=True, compile=True, group=True),
+    "llmcls-16gb-nockpt": dict(micro=4, accum=4, checkpointing=False, offload=True, compile=True, group=True),
 }
+
+
+def recomputing(model) -> bool:
+    """Whether any layer actually runs under gradient checkpointing (what was measured, not what was asked)."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
 def uncompile(model):
@@ -241,12 +249,13 @@ def run_llmcls(model, tok, rows, device, out_dir, name, micro, accum, checkpoint
     static = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else None
     try:
         timing = timed_training(make_trainer, ds, device, micro * accum, warmup_epochs)
+        recomputed = recomputing(peft_model)
     except torch.OutOfMemoryError:
         uncompile(_table_on_device(peft_model.unload(), device))  # the base model as it was, for the next variant
         reset_peak(device)
         raise
     res = {**timing, "peak_gib": peak_gib(device), "micro_batch": micro,
-           "grad_accum": accum, "checkpointing": checkpointing, "lora_dtype": "bfloat16",
+           "grad_accum": accum, "checkpointing": recomputed, "lora_dtype": "bfloat16",
            "offload_embeddings": offload, "compile": compile, "group_by_length": group,
            "static_gib": round(static, 2) if static is not None else None}
     base = _table_on_device(peft_model.unload(), device)
@@ -371,6 +380,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=1,
                     help="untimed epochs over the same rows first (compilation of every shape happens there)")
     ap.add_argument("--rows", type=int, default=256, help="evaluation rows")
+    ap.add_argument("--train-rows", choices=("short", "long"), default="short",
+                    help="short: texts <= 600 characters (~300 tokens, the published subsets); long: any text, "
+                         "cut at 384 tokens (memory's worst case)")
     ap.add_argument("--eval-batch", type=int, default=32)
     ap.add_argument("--single-rows", type=int, default=24, help="rows for one-at-a-time generate")
     ap.add_argument("--only", default="check,eval,tutorial,llmcls-eager,llmcls,llmcls-16gb,llmcls-16gb-compiled",
@@ -385,10 +397,11 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     n_embed = model.get_input_embeddings().weight.numel()
     peak = matmul_tflops(a.device)
-    train_rows, eval_rows = load_rows(16 * a.steps, short=True)
+    train_rows, eval_rows = load_rows(16 * a.steps, short=a.train_rows == "short")
     eval_rows = eval_rows[:a.rows]
     only = set(a.only.split(","))
     res = {"shape": a.shape, "device": a.device, "gpu": environment()["gpu"], "params": n_params,
+           "train_rows": a.train_rows,
            "matmul_tflops": round(peak, 1) if peak else None, "environment": environment(), "train": {}}
     print(json.dumps({"gpu": res["gpu"], "params": n_params, "matmul_tflops": res["matmul_tflops"]}), flush=True)
 
@@ -437,7 +450,8 @@ def main(argv=None):
                 v["mfu"] = round(v["rows_per_s"] / floor, 3) if floor else None
                 v["vs_tutorial"] = round(v["rows_per_s"] / eref, 2)
     gpu = (res["gpu"] or {}).get("name", "CPU")
-    lines = [f"Card: {gpu}; shape {Path(a.shape).name}; measured bf16 matmul {res['matmul_tflops']} TFLOP/s", "",
+    lines = [f"Card: {gpu}; shape {Path(a.shape).name}; measured bf16 matmul {res['matmul_tflops']} TFLOP/s; "
+             f"training rows: {a.train_rows}", "",
              "| training | tokens/s | rows/s | peak GiB | MFU | vs tutorial |", "|---|---|---|---|---|---|"]
     for k, v in res["train"].items():
         if "tokens_per_s" not in v:

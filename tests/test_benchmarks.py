@@ -26,6 +26,14 @@ def test_gpu_speed_runs_every_part_and_compares_like_with_like(tmp_path):
     # and llmcls's end token are one token each)
     assert len({round(v["tokens_per_step"]) for v in train.values()}) == 1
     assert train["llmcls-16gb"]["offload_embeddings"] is True
+    # recomputation as each variant asks, measured on the model after its run: the tutorial's Trainer switched it
+    # on for the shared model, and the variants after it must not inherit it
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_speed import VARIANTS
+
+    assert train["tutorial"]["checkpointing"] is True
+    assert all(train[k]["checkpointing"] is VARIANTS[k]["checkpointing"] for k in ("llmcls-eager", "llmcls-16gb"))
+    assert VARIANTS["llmcls-eager"]["checkpointing"] is False
     assert res["same_results"]["same_dtype"]["loss_rel_diff"] < 1e-5  # float32 on the CPU: the same loss
     assert {"tutorial_generate", "llmcls_score", "llmcls_generate"} <= set(res["eval"])
     md = (tmp_path / "gpu_speed.md").read_text()

@@ -115,6 +115,10 @@ def training_arguments(cfg: Config, run: Path, progress: bool = True) -> Trainin
 def prepare_for_training(model, cfg: Config):
     """Attach adapters (or unfreeze everything) and switch off what training doesn't need."""
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    # The Trainer switches recomputation on when asked, never off: a model reused in one process (a notebook, a
+    # benchmark running the tutorial's recipe first) would otherwise keep recomputing every layer, unasked.
+    if not cfg.train.gradient_checkpointing and getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
     model = add_lora(model, cfg.lora)
     if cfg.train.compile:
         compile_layers(model)
