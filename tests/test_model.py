@@ -77,9 +77,12 @@ def test_offloaded_embedding_table_stays_on_host_and_changes_nothing():
     assert list(model.state_dict()) == list(ref.state_dict())  # checkpoints keep their names
     ids = torch.randint(0, 151936, (2, 7))
     torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=0)
+    assert not model.get_input_embeddings().weight.requires_grad
     # Moving the model moves every weight but the table: it is what the 16 GB mode keeps off the GPU.
     model.to("meta")
     assert model.get_input_embeddings().weight.device.type == "cpu"
+    # model.device is where generate() moves its inputs: the layers' device, not the table's
+    assert model.device.type == "meta"
     assert model.lm_head.weight.device.type == "meta" and compute_device(model).type == "meta"
     assert all(p.device.type == "meta" for n, p in model.named_parameters() if "embed_tokens" not in n)
 
