@@ -118,7 +118,10 @@ def load_rows(n: int, short: bool):
 
 
 # -------------------------------------------------------------------------------------------- training
-class StepTimer:
+class EpochTimer:
+    """Wall time of one Trainer epoch. The GPU is synchronised only where the epoch starts and ends: a sync per
+    step would drain the queue that the fast path keeps full, and so slow down what it measures."""
+
     def __init__(self, device):
         from transformers import TrainerCallback
 
@@ -126,28 +129,68 @@ class StepTimer:
 
         class _CB(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
-                if not timer.t:
+                if timer.t0 is None:
                     sync(device)
-                    timer.t.append(time.perf_counter())
+                    timer.t0, timer.step0 = time.perf_counter(), state.global_step
+
+            def on_train_end(self, args, state, control, **kw):
+                sync(device)
+                timer.t1, timer.steps = time.perf_counter(), state.global_step - timer.step0
+
+        self.t0 = self.t1 = self.step0 = self.steps = None
+        self.callback = _CB()
+
+    def summary(self, ds) -> dict:
+        """Every variant feeds the same rows once, so the real tokens are counted from the rows themselves."""
+        dt, tokens = self.t1 - self.t0, sum(len(r["input_ids"]) for r in ds)
+        return {"step_s": round(dt / self.steps, 4), "tokens_per_step": round(tokens / self.steps, 1),
+                "tokens_per_s": round(tokens / dt, 1), "rows_per_s": round(len(ds) / dt, 2),
+                "timed_steps": self.steps}
+
+
+class ProfileSteps:
+    """``torch.profiler`` over optimizer steps ``start`` .. ``start + n - 1`` of a Trainer run, which it then stops:
+    GPU-busy time (kernels) against wall time per step, and the top kernels and operators."""
+
+    def __init__(self, device, start=1, n=2):
+        from torch.profiler import ProfilerActivity, profile
+        from transformers import TrainerCallback
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if str(device).startswith("cuda") else [])
+        prof, me = profile(activities=acts), self
+        self.result, self.table = None, ""
+
+        class _CB(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                if state.global_step == start and not me.t0:
+                    sync(device)
+                    prof.__enter__()
+                    me.t0 = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kw):
-                sync(device)
-                timer.t.append(time.perf_counter())
-                timer.tokens.append(state.num_input_tokens_seen)
+                if state.global_step == start + n:
+                    control.should_training_stop = True
+                    self.on_train_end(args, state, control)
 
-        self.t, self.tokens, self.callback = [], [], _CB()
+            def on_train_end(self, args, state, control, **kw):  # also when the epoch ends first
+                if me.t0 and me.result is None:
+                    sync(device)
+                    wall = time.perf_counter() - me.t0
+                    prof.__exit__(None, None, None)
+                    steps = state.global_step - start
+                    ev = prof.key_averages()
+                    key = "self_device_time_total"
+                    busy = sum(getattr(e, key, 0) for e in ev
+                               if str(getattr(e, "device_type", "")).endswith("CUDA")) / 1e6
+                    me.result = {"steps": steps, "wall_s_per_step": round(wall / steps, 4),
+                                 "gpu_busy_s_per_step": round(busy / steps, 4)}
+                    me.table = (ev.table(sort_by=key, row_limit=30) + "\n"
+                                + ev.table(sort_by="self_cpu_time_total", row_limit=15))
 
-    def summary(self, rows_per_step: int) -> dict:
-        dts = [b - a for a, b in zip(self.t, self.t[1:])]
-        toks = [b - a for a, b in zip([0] + self.tokens, self.tokens)]
-        # Totals over the timed steps: with length-grouped batches the steps differ in size on purpose.
-        dt = sum(dts) / len(dts)
-        return {"step_s": round(dt, 4), "tokens_per_step": round(sum(toks) / len(toks), 1),
-                "tokens_per_s": round(sum(toks) / sum(dts), 1), "rows_per_s": round(rows_per_step / dt, 2),
-                "timed_steps": len(dts)}
+        self.t0, self.callback = None, _CB()
 
 
-def timed_training(make_trainer, ds, device, rows_per_step, warmup_epochs=1) -> dict:
+def timed_training(make_trainer, ds, device, warmup_epochs=1, profile_to=None) -> dict:
     """Warm up with ``warmup_epochs`` epochs over the encoded rows ``ds``, then time one more with a fresh Trainer. A fresh Trainer
     with the same seed draws the same batches in the same order, so every shape the timed epoch meets (and with it
     every compiled graph: with or without a padding mask, first layer or not) was met in the warm-up, and no
@@ -155,9 +198,15 @@ def timed_training(make_trainer, ds, device, rows_per_step, warmup_epochs=1) -> 
     reset_peak(device)  # the peak covers the warm-up too: a real run goes through it as well
     for _ in range(warmup_epochs):
         make_trainer(ds, callbacks=[]).train()
-    timer = StepTimer(device)
+    timer = EpochTimer(device)
     make_trainer(ds, callbacks=[timer.callback]).train()
-    return timer.summary(rows_per_step)
+    out = timer.summary(ds)
+    if profile_to is not None:  # after the timing, so that the profiler's own cost stays out of it
+        prof = ProfileSteps(device)
+        make_trainer(ds, callbacks=[prof.callback]).train()
+        out["profile"] = prof.result
+        atomic_write_text(profile_to, json.dumps(prof.result) + "\n" + prof.table)
+    return out
 
 
 def run_tutorial(model, tok, rows, device, out_dir, warmup_epochs=1):
@@ -173,13 +222,12 @@ def run_tutorial(model, tok, rows, device, out_dir, warmup_epochs=1):
         args = TrainingArguments(output_dir=str(out_dir / "tutorial"), per_device_train_batch_size=4,
                                  gradient_accumulation_steps=4, logging_steps=10, num_train_epochs=1, save_steps=100,
                                  learning_rate=1e-4, save_on_each_node=True, gradient_checkpointing=True,
-                                 report_to="none", save_strategy="no", include_num_input_tokens_seen="non_padding",
-                                 disable_tqdm=True)
+                                 report_to="none", save_strategy="no", disable_tqdm=True)
         return Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=callbacks,
                        data_collator=DataCollatorForSeq2Seq(tokenizer=tok, padding=True))
 
     ds = [tutorial_encode(tok, r) for r in rows]  # the Trainer takes any sized sequence of examples
-    res = {**timed_training(make_trainer, ds, device, 16, warmup_epochs), "peak_gib": peak_gib(device),
+    res = {**timed_training(make_trainer, ds, device, warmup_epochs), "peak_gib": peak_gib(device),
            "micro_batch": 4, "grad_accum": 4, "checkpointing": recomputing(peft_model), "lora_dtype": "float32"}
     base = peft_model.unload()
     base.disable_input_require_grads()
@@ -193,6 +241,10 @@ VARIANTS = {  # llmcls training paths; each keeps 16 rows per optimizer step
     # "llmcls" is configs/qwen1.5-7b-chat-fudan-fast.yaml; "-m8" the same in half the activation memory.
     "llmcls": dict(micro=16, accum=1, checkpointing=False, offload=False, compile=True, group=True),
     "llmcls-m8": dict(micro=8, accum=2, checkpointing=False, offload=False, compile=True, group=True),
+    # the same with the Trainer's defaults that wait for the GPU in every step (token count, NaN filter,
+    # blocking batch copies): what llmcls's training arguments switch off
+    "llmcls-syncs": dict(micro=16, accum=1, checkpointing=False, offload=False, compile=True, group=True,
+                         syncs=True),
     # 16 GB mode: the input table in host memory, recomputation, small micro-batches. "-compiled" is
     # configs/qwen1.5-7b-chat-fudan-16gb.yaml; the others are the levers measured against it.
     "llmcls-16gb": dict(micro=4, accum=4, checkpointing=True, offload=True, compile=False, group=True),
@@ -230,7 +282,7 @@ def _table_on_device(base, device):
 
 
 def run_llmcls(model, tok, rows, device, out_dir, name, micro, accum, checkpointing, offload, compile=False,
-               group=False, warmup_epochs=1):
+               group=False, warmup_epochs=1, profile_to=None, syncs=False):
     cfg = load_config(None, {"lora.dtype": "auto", "train.batch_size": micro, "train.grad_accum": accum,
                              "train.compile": compile, "train.group_by_length": group, "train.epochs": 1,
                              "train.gradient_checkpointing": checkpointing, "train.save_steps": 10**6,
@@ -241,14 +293,17 @@ def run_llmcls(model, tok, rows, device, out_dir, name, micro, accum, checkpoint
     peft_model = prepare_for_training(model, cfg)
 
     def make_trainer(ds, callbacks):
-        return build_trainer(peft_model, tok, ds, training_arguments(cfg, out_dir / name, progress=False),
-                             callbacks=callbacks)
+        args = training_arguments(cfg, out_dir / name, progress=False)
+        if syncs:
+            args.include_num_input_tokens_seen, args.logging_nan_inf_filter = "non_padding", True
+            args.accelerator_config.non_blocking = False
+        return build_trainer(peft_model, tok, ds, args, callbacks=callbacks)
 
     ds = [{"input_ids": e.input_ids, "labels": e.labels} for e in (encode_train(b, r, MAX_LEN) for r in rows)]
 
     static = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else None
     try:
-        timing = timed_training(make_trainer, ds, device, micro * accum, warmup_epochs)
+        timing = timed_training(make_trainer, ds, device, warmup_epochs, profile_to)
         recomputed = recomputing(peft_model)
     except torch.OutOfMemoryError:
         uncompile(_table_on_device(peft_model.unload(), device))  # the base model as it was, for the next variant
@@ -256,7 +311,7 @@ def run_llmcls(model, tok, rows, device, out_dir, name, micro, accum, checkpoint
         raise
     res = {**timing, "peak_gib": peak_gib(device), "micro_batch": micro,
            "grad_accum": accum, "checkpointing": recomputed, "lora_dtype": "bfloat16",
-           "offload_embeddings": offload, "compile": compile, "group_by_length": group,
+           "offload_embeddings": offload, "compile": compile, "group_by_length": group, "trainer_syncs": syncs,
            "static_gib": round(static, 2) if static is not None else None}
     base = _table_on_device(peft_model.unload(), device)
     uncompile(base)
@@ -387,6 +442,8 @@ def main(argv=None):
     ap.add_argument("--single-rows", type=int, default=24, help="rows for one-at-a-time generate")
     ap.add_argument("--only", default="check,eval,tutorial,llmcls-eager,llmcls,llmcls-16gb,llmcls-16gb-compiled",
                     help="what to run, comma-separated: check, eval, tutorial, " + ", ".join(VARIANTS))
+    ap.add_argument("--profile", default="", help="training variants to profile (comma-separated): two steps "
+                    "under torch.profiler after the timing, tables in OUT/profile-VARIANT.txt")
     ap.add_argument("--out", default="bench-out")
     a = ap.parse_args(argv)
     out_dir = Path(a.out)
@@ -420,7 +477,9 @@ def main(argv=None):
         t0 = time.perf_counter()
         try:  # compilation, if any, happens in the untimed warm-up steps
             model, res["train"][name] = run_llmcls(model, tok, train_rows, a.device, out_dir, name,
-                                                   warmup_epochs=a.warmup, **v)
+                                                   warmup_epochs=a.warmup, **v,
+                                                   profile_to=out_dir / f"profile-{name}.txt"
+                                                   if name in a.profile.split(",") else None)
         except torch.OutOfMemoryError as e:
             res["train"][name] = {"error": f"out of memory: {e}"[:300], **v}
             print(name, "OOM", flush=True)
@@ -460,6 +519,7 @@ def main(argv=None):
         extra = ", compiled" if v.get("compile") else ""
         extra += ", length-grouped" if v.get("group_by_length") else ""
         extra += ", embeddings on CPU" if v.get("offload_embeddings") else ""
+        extra += ", Trainer's per-step GPU reads" if v.get("trainer_syncs") else ""
         lines.append(f"| {k} (micro {v['micro_batch']} x accum {v['grad_accum']}, ckpt {v['checkpointing']}{extra}) | "
                      f"{v['tokens_per_s']:,.0f} | {v['rows_per_s']} | {v['peak_gib']} | {v['mfu']} | {v['vs_tutorial']}x |")
     if "eval" in res:

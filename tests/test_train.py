@@ -71,6 +71,7 @@ def test_resume_matches_uninterrupted(tokenizer_dir, learnable_data, tmp_path):
     assert resumed["resumed_from"].endswith("checkpoint-4")
     assert resumed["global_step"] == full["global_step"] == 8
     assert abs(resumed["final_logged_loss"] - full["final_logged_loss"]) < 1e-5
+    assert resumed["tokens_seen"] == full["tokens_seen"] > 0  # the count carries over from the checkpoint
     from safetensors.torch import load_file
 
     a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
@@ -97,3 +98,35 @@ def test_prepare_switches_off_recomputation_left_on_by_an_earlier_run(model_fact
     on = load_config(None, {"model.name_or_path": "tiny", "train.gradient_checkpointing": "true"})
     prepare_for_training(peft_model.unload(), on)
     assert all(layer.gradient_checkpointing for layer in layers)
+
+
+def test_token_count_is_the_real_tokens_fed_and_is_published_at_log_steps(tokenizer, model_factory, tmp_path):
+    """TokenCounter (no per-step GPU read) counts what the Trainer's own non-padding count would: every token of
+    every row, padding excluded, once per epoch; in the log at every logging step."""
+    from llmcls.config import LoraConfig
+    from llmcls.model import add_lora
+    from llmcls.train import build_trainer, training_arguments
+
+    torch.manual_seed(0)
+    lengths = [5, 17, 9, 30, 12, 7, 21]  # 7 rows, batch 2: 4 micro-batches per epoch, padded differently
+    rows = [{"input_ids": torch.randint(10, 1000, (n,)).tolist(), "labels": [-100] * (n - 2) + [11, 12]}
+            for n in lengths]
+    cfg = load_config(None, {"model.name_or_path": "tiny", "train.batch_size": "2", "train.grad_accum": "1",
+                             "train.epochs": "2", "train.logging_steps": "1", "train.save_steps": "0",
+                             "track.tracker": "none"})
+    model = add_lora(model_factory(), LoraConfig(dropout=0.0))
+    logged = []
+
+    class AtLog(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            logged.append(state.num_input_tokens_seen)
+
+    trainer = build_trainer(model, tokenizer, rows, training_arguments(cfg, tmp_path, progress=False),
+                            callbacks=[AtLog()])
+    trainer.train()
+    assert trainer.state.num_input_tokens_seen == 2 * sum(lengths)
+    # published before every log (one per step here): the count rises at each of the 8 steps, to the total
+    steps = logged[:-1]  # the last log is the Trainer's closing summary
+    assert len(steps) == 8 and all(a < b for a, b in zip(steps, steps[1:])) and steps[-1] == 2 * sum(lengths)
+    assert steps[3] == sum(lengths)  # one epoch: every row once
+    assert not model._forward_pre_hooks  # the counting hook is gone after training

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from llmcls import dist
 from llmcls.config import Config, save_config, to_dict
@@ -104,7 +104,13 @@ def training_arguments(cfg: Config, run: Path, progress: bool = True) -> Trainin
         seed=cfg.train.seed,
         dataloader_num_workers=cfg.train.dataloader_workers,
         train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
-        include_num_input_tokens_seen="non_padding",
+        # Nothing in a step may wait for the GPU: the Trainer's own token count and NaN filter read a GPU value
+        # after every micro-batch, and a blocking copy of the batch waits for the queue to drain; each leaves the
+        # GPU idle while the CPU prepares the next step (15% of a 7B step; docs/BENCHMARKS.md). Tokens are counted
+        # by TokenCounter instead; a NaN loss shows up in the log as NaN rather than being averaged away.
+        include_num_input_tokens_seen="no",
+        logging_nan_inf_filter=False,
+        accelerator_config={"non_blocking": True},
         remove_unused_columns=False,  # the collator needs 'labels'; 'length' is dropped there
         report_to="none",             # trackers are attached explicitly (see track.py)
         disable_tqdm=not progress,
@@ -125,13 +131,45 @@ def prepare_for_training(model, cfg: Config):
     return model
 
 
+class TokenCounter(TrainerCallback):
+    """Counts the real (non-padding) tokens the model is fed into ``state.num_input_tokens_seen``, summed over
+    processes. The count stays on the GPU and is read only when the Trainer is about to log, save or stop, so no
+    step waits for it; a resumed run starts from the checkpoint's count."""
+
+    def __init__(self, model):
+        self.model, self.count, self.base, self.hook = model, None, 0, None
+
+    def _add(self, module, args, kwargs):
+        mask, ids = kwargs.get("attention_mask"), kwargs.get("input_ids")
+        n = mask.sum() if mask is not None and mask.dim() == 2 else (ids.numel() if ids is not None else 0)
+        self.count = n if self.count is None else self.count + n
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.base, self.count = state.num_input_tokens_seen, None
+        self.hook = self.model.register_forward_pre_hook(self._add, with_kwargs=True)
+
+    def on_step_end(self, args, state, control, **kw):
+        if control.should_log or control.should_save or control.should_training_stop:
+            self._publish(args, state)
+
+    def on_train_end(self, args, state, control, **kw):
+        self._publish(args, state)
+        self.hook.remove()
+
+    def _publish(self, args, state):
+        n = torch.as_tensor(0 if self.count is None else self.count, device=args.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(n)  # every process publishes at the same steps
+        state.num_input_tokens_seen = self.base + int(n.item())
+
+
 def build_trainer(model, tokenizer, dataset, args: TrainingArguments, callbacks: list | None = None):
     """The HF Trainer with llmcls's collator (left padding, answer-position logits) and loss."""
     from transformers import Trainer
 
     return Trainer(model=model, args=args, train_dataset=dataset,
                    data_collator=AnswerCollator(pad_id=tokenizer.pad_token_id),
-                   compute_loss_func=answer_loss, callbacks=callbacks or [])
+                   compute_loss_func=answer_loss, callbacks=[TokenCounter(model), *(callbacks or [])])
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: bool = True,
