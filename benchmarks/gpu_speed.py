@@ -251,6 +251,11 @@ VARIANTS = {  # llmcls training paths; each keeps 16 rows per optimizer step
     "llmcls-16gb-compiled": dict(micro=4, accum=4, checkpointing=True, offload=True, compile=True, group=True),
     "llmcls-16gb-m8": dict(micro=8, accum=2, checkpointing=True, offload=True, compile=True, group=True),
     "llmcls-16gb-nockpt": dict(micro=4, accum=4, checkpointing=False, offload=True, compile=True, group=True),
+    # QLoRA (model.quantize=nf4): the frozen base in 4-bit, loaded from a folder as users load it
+    "llmcls-qlora": dict(micro=16, accum=1, checkpointing=False, offload=False, compile=True, group=True,
+                         quantize="nf4"),
+    "llmcls-qlora-ckpt": dict(micro=16, accum=1, checkpointing=True, offload=False, compile=True, group=True,
+                              quantize="nf4"),
 }
 
 
@@ -317,6 +322,28 @@ def run_llmcls(model, tok, rows, device, out_dir, name, micro, accum, checkpoint
     uncompile(base)
     reset_peak(device)
     return base, res
+
+
+def run_qlora(model, tok, rows, device, out_dir, name, quantize, **v):
+    """A variant on a 4-bit base (``model.quantize``), loaded the way users load one: from a folder, quantised by
+    bitsandbytes on the way to the GPU. The bf16 model waits in host memory meanwhile, so the peak is the 4-bit
+    model's alone; the random weights are saved once (their values do not matter, their shapes do)."""
+    from llmcls.config import ModelConfig
+    from llmcls.model import load_model
+
+    folder = out_dir / "random-init-base"
+    model.to("cpu")
+    if not (folder / "config.json").is_file():
+        model.save_pretrained(folder)
+    reset_peak(device)
+    qmodel = load_model(ModelConfig(name_or_path=str(folder), quantize=quantize), str(folder), device=device)
+    try:
+        _, res = run_llmcls(qmodel, tok, rows, device, out_dir, name, **v)
+    finally:
+        del qmodel
+        reset_peak(device)
+        model.to(device)
+    return model, {**res, "quantize": quantize}
 
 
 def same_results(model, tok, rows, device) -> dict:
@@ -475,14 +502,21 @@ def main(argv=None):
         if name not in only:
             continue
         t0 = time.perf_counter()
+        runner = run_qlora if "quantize" in v else run_llmcls
         try:  # compilation, if any, happens in the untimed warm-up steps
-            model, res["train"][name] = run_llmcls(model, tok, train_rows, a.device, out_dir, name,
+            model, res["train"][name] = runner(model, tok, train_rows, a.device, out_dir, name,
                                                    warmup_epochs=a.warmup, **v,
                                                    profile_to=out_dir / f"profile-{name}.txt"
                                                    if name in a.profile.split(",") else None)
         except torch.OutOfMemoryError as e:
             res["train"][name] = {"error": f"out of memory: {e}"[:300], **v}
             print(name, "OOM", flush=True)
+            continue
+        except Exception as e:  # one variant failing (e.g. a kernel a library lacks) must not lose the run
+            import traceback
+
+            res["train"][name] = {"error": f"{type(e).__name__}: {e}"[:300], **v}
+            print(name, "failed", traceback.format_exc()[-3000:], flush=True)
             continue
         res["train"][name]["wall_s"] = round(time.perf_counter() - t0, 1)
         print(name, json.dumps(res["train"][name]), flush=True)
@@ -520,6 +554,7 @@ def main(argv=None):
         extra += ", length-grouped" if v.get("group_by_length") else ""
         extra += ", embeddings on CPU" if v.get("offload_embeddings") else ""
         extra += ", Trainer's per-step GPU reads" if v.get("trainer_syncs") else ""
+        extra += f", base in {v['quantize']}" if v.get("quantize") else ""
         lines.append(f"| {k} (micro {v['micro_batch']} x accum {v['grad_accum']}, ckpt {v['checkpointing']}{extra}) | "
                      f"{v['tokens_per_s']:,.0f} | {v['rows_per_s']} | {v['peak_gib']} | {v['mfu']} | {v['vs_tutorial']}x |")
     if "eval" in res:

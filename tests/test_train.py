@@ -130,3 +130,58 @@ def test_token_count_is_the_real_tokens_fed_and_is_published_at_log_steps(tokeni
     assert len(steps) == 8 and all(a < b for a, b in zip(steps, steps[1:])) and steps[-1] == 2 * sum(lengths)
     assert steps[3] == sum(lengths)  # one epoch: every row once
     assert not model._forward_pre_hooks  # the counting hook is gone after training
+
+
+def test_qlora_trains_adapters_on_a_frozen_4bit_base_and_exports_unquantised(tokenizer_dir, learnable_data,
+                                                                             tmp_path):
+    """model.quantize=nf4: the base's projections are bitsandbytes 4-bit and stay bit-identical, the adapters
+    learn, the run evaluates through the same quantised base, and export merges into the full-precision base."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    from llmcls.evaluate import evaluate
+    from llmcls.export import export
+    from llmcls.model import trainable_summary
+
+    seen = {}
+
+    class Inspect(Snapshot):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            super().on_train_begin(args, state, control, model=model, **kw)
+            seen["q_proj"] = type(model.get_base_model().model.layers[0].self_attn.q_proj.base_layer)
+            seen["summary"] = trainable_summary(model)
+
+    snap = Inspect()
+    run = tmp_path / "run"
+    out = train(lora_cfg(learnable_data, run, **{"model.quantize": "nf4"}), progress=False, callbacks=[snap])
+    assert seen["q_proj"] is bnb.nn.Linear4bit
+    packed = [n for n in snap.before if "base_layer.weight" in n and "proj" in n]
+    assert len(packed) == 2 * 7 and all(snap.before[n].dtype == torch.uint8 for n in packed)
+    for n in packed:  # the 4-bit base is frozen: its packed bytes do not change
+        assert torch.equal(snap.before[n], snap.after[n]), n
+    lora_b = [n for n in snap.before if "lora_B" in n]
+    assert len(lora_b) == 2 * 7 and all(snap.after[n].abs().max() > 0 for n in lora_b)
+    # the unpacked size is reported, not the bytes: the same count as the unquantised tiny model
+    plain = train(lora_cfg(learnable_data, tmp_path / "plain", **{"train.max_steps": "1"}), progress=False)
+    assert out["parameters"] == plain["parameters"] == seen["summary"]["parameters"]
+    assert out["train_loss"] < plain["train_loss"]  # 8 steps of learning against 1
+
+    metrics = evaluate(run, progress=False)  # loads the base in 4-bit again, applies the adapter
+    assert metrics["rows"] > 0 and 0 <= metrics["accuracy"] <= 1
+    meta = export(run, tmp_path / "export")
+    assert meta["source"]["base_quantized_in_training"] == "nf4"
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert not getattr(merged, "is_quantized", False)
+
+
+def test_quantize_without_bitsandbytes_says_what_to_install(monkeypatch):
+    import sys
+
+    from llmcls.config import ConfigError
+    from llmcls.model import quantization_config
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if it were not installed
+    with pytest.raises(ConfigError, match=r"pip install 'llmcls\[qlora\]'"):
+        quantization_config("nf4", torch.bfloat16)
+    assert quantization_config("none", torch.bfloat16) is None

@@ -63,6 +63,11 @@ class ModelConfig:
     )
     attn_implementation: Optional[str] = f(None, "Attention kernel ('sdpa', 'eager', 'flash_attention_2').")
     offload_embeddings: bool = f(False, "Keep the frozen input embedding table in CPU memory (16 GB mode).")
+    quantize: Literal["none", "nf4"] = f(
+        "none", "Load the frozen base in 4-bit NF4 with double quantisation (QLoRA; needs bitsandbytes, "
+        "'pip install llmcls[qlora]'). Adapters, norms and the LM head stay in dtype; export merges into the "
+        "unquantised base."
+    )
     device_map: Optional[Literal["auto", "balanced", "balanced_low_0", "sequential"]] = f(
         None, "Spread the layers over all GPUs of one process (the tutorial's fallback for a model larger than "
         "one card; one GPU works at a time). Not with torchrun: use train.fsdp there."

@@ -166,6 +166,9 @@ def check_launch(cfg) -> None:
 
         if cfg.model.device_map:
             raise ConfigError("train.fsdp and model.device_map are two ways to split a model; choose one")
+        if cfg.model.quantize != "none":
+            raise ConfigError(f"model.quantize={cfg.model.quantize} with train.fsdp: FSDP cannot shard "
+                              "bitsandbytes' packed 4-bit weights here; use DDP (train.fsdp: off) or no quantize")
         if not launched():
             raise ConfigError(f"train.fsdp={cfg.train.fsdp} shards the model over several processes: launch with "
                               "'torchrun --nproc_per_node N -m llmcls.cli train ...' (or accelerate launch)")

@@ -111,7 +111,10 @@ def export(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, de
     cfg = load_config(run / "config.yaml")
     dtype = dtype or _base_dtype(run, cfg)
     t0 = time.perf_counter()
-    model, tok, cfg = load_trained(run, device=device, dtype=dtype)
+    trained_on = cfg.model.quantize
+    # A QLoRA adapter goes into the base's own unquantised weights: the export needs neither bitsandbytes nor a
+    # second rounding of the base (the adapter was trained against the NF4-rounded base; the difference is small)
+    model, tok, cfg = load_trained(run, device=device, dtype=dtype, quantize="none")
     method = "lora" if (run / "adapter").is_dir() else "full"
     if method == "lora":
         model = model.merge_and_unload()
@@ -134,6 +137,7 @@ def export(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, de
                    "prompt (add_generation_prompt=True); probabilities are the softmax over the candidates",
         "dtype": str(dtype).replace("torch.", ""),
         "source": {"run_dir": str(run.resolve()), "method": method, "base_model": cfg.model.name_or_path,
+                   "base_quantized_in_training": trained_on,
                    "global_step": summary.get("global_step"), "train_loss": summary.get("train_loss")},
         "eval": {k: metrics[k] for k in ("rows", "accuracy", "macro_f1") if k in metrics} if metrics else None,
         "config": to_dict(cfg),

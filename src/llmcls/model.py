@@ -163,6 +163,23 @@ def build_tiny(tiny: TinyConfig, tokenizer, out_dir: Path, seed: int) -> Path:
     return out_dir
 
 
+def quantization_config(kind: str, dtype: torch.dtype):
+    """bitsandbytes settings for ``model.quantize`` (None for 'none'): NF4 with double quantisation, computing in
+    ``dtype``, the QLoRA paper's choice."""
+    if kind == "none":
+        return None
+    from llmcls.config import ConfigError
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"model.quantize={kind} needs bitsandbytes: pip install 'llmcls[qlora]'") from e
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
 def load_model(cfg: ModelConfig, path: str, device: Optional[str] = None, dtype: Optional[torch.dtype] = None):
     from transformers import AutoModelForCausalLM
 
@@ -171,6 +188,8 @@ def load_model(cfg: ModelConfig, path: str, device: Optional[str] = None, dtype:
     kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.quantize != "none":
+        kwargs["quantization_config"] = quantization_config(cfg.quantize, dtype)
     if cfg.device_map:  # accelerate places the layers over the GPUs (and CPU if they run out); no .to() after
         if cfg.offload_embeddings:
             from llmcls.config import ConfigError
@@ -178,6 +197,8 @@ def load_model(cfg: ModelConfig, path: str, device: Optional[str] = None, dtype:
             raise ConfigError("model.device_map and model.offload_embeddings both decide where weights go; "
                               "choose one")
         return AutoModelForCausalLM.from_pretrained(path, device_map=cfg.device_map, **kwargs)
+    if cfg.quantize != "none":  # weights are quantised as they are placed; a quantised model is never moved after
+        kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return place_model(model, device, cfg.offload_embeddings)
 
@@ -209,8 +230,10 @@ class HostEmbedding(torch.nn.Embedding):
 def place_model(model, device: str, offload_embeddings: bool = False):
     """Move the model to ``device``; with ``offload_embeddings`` the input embedding table stays in host memory
     (:class:`HostEmbedding`)."""
+    # a quantised model was placed while loading (bitsandbytes quantises on the way), and .to() is refused
+    move = (lambda m: m) if getattr(model, "is_quantized", False) else (lambda m: m.to(device))
     if not offload_embeddings:
-        return model.to(device)
+        return move(model)
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     if head is not None and head.weight is emb.weight:
         from llmcls.config import ConfigError
@@ -218,7 +241,7 @@ def place_model(model, device: str, offload_embeddings: bool = False):
         raise ConfigError("model.offload_embeddings: this model ties its input embeddings to its LM head (one "
                           "table does both), so the table cannot stay on the CPU; leave offload_embeddings off")
     model.set_input_embeddings(HostEmbedding(emb.to("cpu"), device))
-    return model.to(device)
+    return move(model)
 
 
 def compute_device(model) -> torch.device:
@@ -253,19 +276,26 @@ def compile_layers(model) -> None:
         layer.compile(dynamic=True)
 
 
+def _numel(p: torch.Tensor) -> int:
+    """Values a weight stands for: a bitsandbytes 4-bit weight packs two into each byte."""
+    qs = getattr(p, "quant_state", None)
+    return qs.shape.numel() if qs is not None else p.numel()
+
+
 def trainable_summary(model) -> dict:
     # a HostEmbedding's table is a buffer, but still part of the model's size
-    total = sum(p.numel() for p in model.parameters()) + sum(
+    total = sum(_numel(p) for p in model.parameters()) + sum(
         m.weight.numel() for m in model.modules() if isinstance(m, HostEmbedding))
     train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"parameters": total, "trainable": train, "trainable_pct": round(100 * train / max(total, 1), 4)}
 
 
 def load_trained(run_dir: str | Path, device: Optional[str] = None, dtype: Optional[torch.dtype] = None,
-                 device_map: Optional[str] = None):
+                 device_map: Optional[str] = None, quantize: Optional[str] = None):
     """Load a finished run: (model, tokenizer, config). LoRA runs load the base named in the run's resolved
     config and apply ``adapter/``; full fine-tunes load ``model/``. ``device_map`` overrides the run's
-    ``model.device_map`` (e.g. 'auto' to evaluate a model trained with FSDP on a single process)."""
+    ``model.device_map`` (e.g. 'auto' to evaluate a model trained with FSDP on a single process), ``quantize``
+    its ``model.quantize`` (export merges a QLoRA adapter into the unquantised base)."""
     from llmcls.config import load_config
     from llmcls.dist import check_device_map
 
@@ -275,6 +305,8 @@ def load_trained(run_dir: str | Path, device: Optional[str] = None, dtype: Optio
     cfg = load_config(run / "config.yaml")
     if device_map:
         cfg.model.device_map = device_map
+    if quantize:
+        cfg.model.quantize = quantize
     check_device_map(cfg.model)
     tok = load_tokenizer(cfg.model, str(run / "tokenizer"))
     if (run / "adapter").is_dir():
