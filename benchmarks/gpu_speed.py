@@ -310,8 +310,8 @@ def run_llmcls(model, tok, rows, device, out_dir, name, micro, accum, checkpoint
     try:
         timing = timed_training(make_trainer, ds, device, warmup_epochs, profile_to)
         recomputed = recomputing(peft_model)
-    except torch.OutOfMemoryError:
-        uncompile(_table_on_device(peft_model.unload(), device))  # the base model as it was, for the next variant
+    except Exception:  # out of memory, or a library failing: the base model as it was, for the next variant
+        uncompile(_table_on_device(peft_model.unload(), device))
         reset_peak(device)
         raise
     res = {**timing, "peak_gib": peak_gib(device), "micro_batch": micro,
