@@ -452,6 +452,68 @@ def run_eval(model, tok, rows, device, batch, n_single) -> dict:
     return out
 
 
+def add_ratios(res: dict, n_embed: int) -> None:
+    """MFU and the ratio to the tutorial for every training variant and evaluation method, in place."""
+    # Model-FLOP utilisation against the measured matmul rate: frozen weights cost a forward (2N) and an
+    # input-gradient backward (2N) per token; no recomputation is counted (so checkpointing lowers MFU).
+    body = res["params"] - n_embed
+    peak = res["matmul_tflops"]
+    train_flops = 4 * body
+    ref = res["train"].get("tutorial", {}).get("tokens_per_s")
+    for v in res["train"].values():
+        if "tokens_per_s" not in v:
+            continue
+        v["mfu"] = round(v["tokens_per_s"] * train_flops / (peak * 1e12), 3) if peak else None
+        v["vs_tutorial"] = round(v["tokens_per_s"] / ref, 2) if ref else None
+    if "eval" in res:
+        plen = res["eval"]["prompt_tokens_mean"]
+        eref = res["eval"]["tutorial_generate"]["rows_per_s"]
+        # The forward floor: 2 FLOPs per weight and prompt token for every weight but the input table (the LM
+        # head counted at every position), at the measured matmul rate; MFU is the fraction of it reached.
+        floor = peak * 1e12 / (2 * body * plen) if peak else None
+        res["eval"]["forward_floor_rows_per_s"] = round(floor, 1) if floor else None
+        for k, v in res["eval"].items():
+            if isinstance(v, dict):
+                v["mfu"] = round(v["rows_per_s"] / floor, 3) if floor else None
+                v["vs_tutorial"] = round(v["rows_per_s"] / eref, 2)
+
+
+def markdown(res: dict) -> str:
+    """The run's tables (training, evaluation, same-results check) in markdown."""
+    gpu = (res["gpu"] or {}).get("name", "CPU")
+    lines = [f"Card: {gpu}; shape {Path(res['shape']).name}; measured bf16 matmul {res['matmul_tflops']} TFLOP/s; "
+             f"training rows: {res['train_rows']}", "",
+             "| training | tokens/s | rows/s | peak GiB | MFU | vs tutorial |", "|---|---|---|---|---|---|"]
+    for k, v in res["train"].items():
+        if "tokens_per_s" not in v:
+            lines.append(f"| {k} | {v.get('error', 'failed')} | | | | |")
+            continue
+        extra = ", compiled" if v.get("compile") else ""
+        extra += ", length-grouped" if v.get("group_by_length") else ""
+        extra += ", embeddings on CPU" if v.get("offload_embeddings") else ""
+        extra += ", Trainer's per-step GPU reads" if v.get("trainer_syncs") else ""
+        extra += f", base in {v['quantize']}" if v.get("quantize") else ""
+        lines.append(f"| {k} (micro {v['micro_batch']} x accum {v['grad_accum']}, ckpt {v['checkpointing']}{extra}) | "
+                     f"{v['tokens_per_s']:,.0f} | {v['rows_per_s']} | {v['peak_gib']} | {v['mfu']} | {v['vs_tutorial']}x |")
+    if "eval" in res:
+        lines += ["", f"Forward floor: {res['eval']['forward_floor_rows_per_s']} rows/s "
+                  f"({res['eval']['prompt_tokens_mean']} prompt tokens per row)", "",
+                  "| evaluation | rows/s | batch | peak GiB | MFU (of floor) | vs tutorial |",
+                  "|---|---|---|---|---|---|"]
+        for k, v in res["eval"].items():
+            if isinstance(v, dict):
+                lines.append(f"| {k} | {v['rows_per_s']} | {v['batch']} | {v.get('peak_gib')} | {v['mfu']} | "
+                             f"{v['vs_tutorial']}x |")
+    if "same_results" in res:
+        s = res["same_results"]
+        for k, label in (("same_dtype", "fp32 adapters"), ("llmcls", "bf16 adapters")):
+            v = s[k]
+            lines.append(f"Same batch, tutorial path vs llmcls path ({label}): loss {s['loss_tutorial']:.5f} vs "
+                         f"{v['loss']:.5f} (rel diff {v['loss_rel_diff']:.2e}); LoRA gradients rel error "
+                         f"{v['grad_rel_err']:.2e}, min cosine {v['grad_min_cosine']:.4f}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default=str(SHARED / "model-shapes/qwen1.5-7b-chat.json"),
@@ -521,59 +583,8 @@ def main(argv=None):
         res["train"][name]["wall_s"] = round(time.perf_counter() - t0, 1)
         print(name, json.dumps(res["train"][name]), flush=True)
 
-    # Model-FLOP utilisation against the measured matmul rate: frozen weights cost a forward (2N) and an
-    # input-gradient backward (2N) per token; no recomputation is counted (so checkpointing lowers MFU).
-    body = n_params - n_embed
-    train_flops = 4 * body
-    ref = res["train"].get("tutorial", {}).get("tokens_per_s")
-    for v in res["train"].values():
-        if "tokens_per_s" not in v:
-            continue
-        v["mfu"] = round(v["tokens_per_s"] * train_flops / (peak * 1e12), 3) if peak else None
-        v["vs_tutorial"] = round(v["tokens_per_s"] / ref, 2) if ref else None
-    if "eval" in res:
-        plen = res["eval"]["prompt_tokens_mean"]
-        eref = res["eval"]["tutorial_generate"]["rows_per_s"]
-        # The forward floor: 2 FLOPs per weight and prompt token for every weight but the input table (the LM
-        # head counted at every position), at the measured matmul rate; MFU is the fraction of it reached.
-        floor = peak * 1e12 / (2 * body * plen) if peak else None
-        res["eval"]["forward_floor_rows_per_s"] = round(floor, 1) if floor else None
-        for k, v in res["eval"].items():
-            if isinstance(v, dict):
-                v["mfu"] = round(v["rows_per_s"] / floor, 3) if floor else None
-                v["vs_tutorial"] = round(v["rows_per_s"] / eref, 2)
-    gpu = (res["gpu"] or {}).get("name", "CPU")
-    lines = [f"Card: {gpu}; shape {Path(a.shape).name}; measured bf16 matmul {res['matmul_tflops']} TFLOP/s; "
-             f"training rows: {a.train_rows}", "",
-             "| training | tokens/s | rows/s | peak GiB | MFU | vs tutorial |", "|---|---|---|---|---|---|"]
-    for k, v in res["train"].items():
-        if "tokens_per_s" not in v:
-            lines.append(f"| {k} | {v.get('error', 'failed')} | | | | |")
-            continue
-        extra = ", compiled" if v.get("compile") else ""
-        extra += ", length-grouped" if v.get("group_by_length") else ""
-        extra += ", embeddings on CPU" if v.get("offload_embeddings") else ""
-        extra += ", Trainer's per-step GPU reads" if v.get("trainer_syncs") else ""
-        extra += f", base in {v['quantize']}" if v.get("quantize") else ""
-        lines.append(f"| {k} (micro {v['micro_batch']} x accum {v['grad_accum']}, ckpt {v['checkpointing']}{extra}) | "
-                     f"{v['tokens_per_s']:,.0f} | {v['rows_per_s']} | {v['peak_gib']} | {v['mfu']} | {v['vs_tutorial']}x |")
-    if "eval" in res:
-        lines += ["", f"Forward floor: {res['eval']['forward_floor_rows_per_s']} rows/s "
-                  f"({res['eval']['prompt_tokens_mean']} prompt tokens per row)", "",
-                  "| evaluation | rows/s | batch | peak GiB | MFU (of floor) | vs tutorial |",
-                  "|---|---|---|---|---|---|"]
-        for k, v in res["eval"].items():
-            if isinstance(v, dict):
-                lines.append(f"| {k} | {v['rows_per_s']} | {v['batch']} | {v.get('peak_gib')} | {v['mfu']} | "
-                             f"{v['vs_tutorial']}x |")
-    if "same_results" in res:
-        s = res["same_results"]
-        for k, label in (("same_dtype", "fp32 adapters"), ("llmcls", "bf16 adapters")):
-            v = s[k]
-            lines.append(f"Same batch, tutorial path vs llmcls path ({label}): loss {s['loss_tutorial']:.5f} vs "
-                         f"{v['loss']:.5f} (rel diff {v['loss_rel_diff']:.2e}); LoRA gradients rel error "
-                         f"{v['grad_rel_err']:.2e}, min cosine {v['grad_min_cosine']:.4f}")
-    table = "\n".join(lines)
+    add_ratios(res, n_embed)
+    table = markdown(res)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "gpu_speed.json", res)
     atomic_write_text(out_dir / "gpu_speed.md", table + "\n")
