@@ -59,11 +59,11 @@ def test_tiny_preset_is_a_loadable_qwen2_folder(tokenizer, tmp_path):
     assert m.get_input_embeddings().weight.shape[0] >= len(tokenizer)
 
 
-def _untied_tiny(seed=0):
+def _untied_tiny(seed=0, hidden=32):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = Qwen2Config(vocab_size=151936, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     return Qwen2ForCausalLM(cfg).eval()
 
@@ -103,6 +103,27 @@ def test_offloaded_embeddings_train_lora_and_leave_the_table_frozen():
         opt.zero_grad()
     assert torch.equal(model.get_input_embeddings().weight, table)
     assert all(not torch.equal(p, lora_b[n]) for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_a_4bit_base_with_its_table_on_the_host_scores_like_the_4bit_base(tokenizer, tmp_path):
+    """quantize and offload_embeddings together: the first parameter is then a packed uint8 weight, so the
+    compute dtype and device must come from the LM head (scoring built its mask in uint8 before)."""
+    from llmcls.config import ModelConfig, PromptConfig
+    from llmcls.data import Row
+    from llmcls.encode import PromptBuilder
+    from llmcls.infer import classify
+    from llmcls.model import compute_device, compute_dtype, load_model
+
+    _untied_tiny(seed=5, hidden=64).save_pretrained(tmp_path / "m")  # bitsandbytes' CPU kernel needs 64
+    path = str(tmp_path / "m")
+    both = load_model(ModelConfig(name_or_path=path, quantize="nf4", offload_embeddings=True), path, device="cpu")
+    only4 = load_model(ModelConfig(name_or_path=path, quantize="nf4"), path, device="cpu")
+    assert next(both.parameters()).dtype == torch.uint8  # the trap: the first parameter is a packed weight
+    assert compute_dtype(both) == torch.float32 and compute_device(both).type == "cpu"
+    b = PromptBuilder(tokenizer, PromptConfig())
+    rows = [Row("the match ended 2-1", ["Sport", "Politics"], None), Row("a vote", ["Politics", "Arts"], None)]
+    for x, y in zip(classify(only4, b, rows, progress=False), classify(both, b, rows, progress=False)):
+        assert x.pred == y.pred and max(abs(x.probs[k] - y.probs[k]) for k in x.probs) < 1e-6
 
 
 def test_offloading_a_tied_table_is_refused():

@@ -19,7 +19,7 @@ import torch
 
 from llmcls.data import Row
 from llmcls.encode import PromptBuilder, fit_prompt, left_pad, positions
-from llmcls.model import compute_device
+from llmcls.model import compute_device, compute_dtype
 
 
 @dataclass
@@ -129,7 +129,7 @@ def score_packed(model, packed: Packed) -> list[list[float]]:
     separate prompt + candidate forward would, and logits are taken only where a candidate token is predicted."""
     dev = compute_device(model)
     to = lambda t: t.to(dev, non_blocking=True)  # noqa: E731
-    mask = _packed_mask(to(packed.segment), next(model.parameters()).dtype)
+    mask = _packed_mask(to(packed.segment), compute_dtype(model))
     out = model(input_ids=to(packed.ids), attention_mask=mask, position_ids=to(packed.pos),
                 logits_to_keep=to(packed.keep), use_cache=False)
     logits = out.logits.float()                                                  # [B, 1 + K*W, V]

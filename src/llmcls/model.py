@@ -244,11 +244,19 @@ def place_model(model, device: str, offload_embeddings: bool = False):
     return move(model)
 
 
-def compute_device(model) -> torch.device:
-    """Where the model computes (its LM head's device): with ``offload_embeddings`` the first parameter, the
-    input table, is in host memory."""
+def _head_weight(model) -> torch.Tensor:
+    """The LM head's weight: never offloaded (``offload_embeddings``) and never quantised (``quantize``), so it
+    tells where and in what dtype the model computes, where "the first parameter" may be neither."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return head.weight.device if head is not None else next(model.parameters()).device
+    return head.weight if head is not None else next(p for p in model.parameters() if p.is_floating_point())
+
+
+def compute_device(model) -> torch.device:
+    return _head_weight(model).device
+
+
+def compute_dtype(model) -> torch.dtype:
+    return _head_weight(model).dtype
 
 
 def add_lora(model, cfg: LoraConfig):

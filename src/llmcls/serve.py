@@ -84,7 +84,9 @@ class Classifier:
 
     @property
     def dtype(self) -> str:
-        return str(next(self.model.parameters()).dtype).replace("torch.", "")
+        from llmcls.model import compute_dtype
+
+        return str(compute_dtype(self.model)).replace("torch.", "")
 
     def prepare(self, rows: Sequence[Row]) -> list[tuple[Row, list[int]]]:
         """Each row with its prompt ids, the text shortened to ``max_length`` as in training
