@@ -26,6 +26,7 @@ import os
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -230,8 +231,7 @@ def run_tutorial(model, tok, rows, device, out_dir, warmup_epochs=1):
     res = {**timed_training(make_trainer, ds, device, warmup_epochs), "peak_gib": peak_gib(device),
            "micro_batch": 4, "grad_accum": 4, "checkpointing": recomputing(peft_model), "lora_dtype": "float32"}
     base = peft_model.unload()
-    base.disable_input_require_grads()
-    base.gradient_checkpointing_disable()  # the Trainer switched it on; the next variant decides for itself
+    base.disable_input_require_grads()  # (the recomputation it switched on: prepare_for_training turns it off)
     reset_peak(device)
     return base, res
 
@@ -310,12 +310,13 @@ def run_llmcls(model, tok, rows, device, out_dir, name, micro, accum, checkpoint
     try:
         timing = timed_training(make_trainer, ds, device, warmup_epochs, profile_to)
         recomputed = recomputing(peft_model)
+        lora_dtype = next(p.dtype for n, p in peft_model.named_parameters() if "lora_" in n)
     except Exception:  # out of memory, or a library failing: the base model as it was, for the next variant
         uncompile(_table_on_device(peft_model.unload(), device))
         reset_peak(device)
         raise
     res = {**timing, "peak_gib": peak_gib(device), "micro_batch": micro,
-           "grad_accum": accum, "checkpointing": recomputed, "lora_dtype": "bfloat16",
+           "grad_accum": accum, "checkpointing": recomputed, "lora_dtype": str(lora_dtype).replace("torch.", ""),
            "offload_embeddings": offload, "compile": compile, "group_by_length": group, "trainer_syncs": syncs,
            "static_gib": round(static, 2) if static is not None else None}
     base = _table_on_device(peft_model.unload(), device)
@@ -331,10 +332,17 @@ def run_qlora(model, tok, rows, device, out_dir, name, quantize, **v):
     from llmcls.config import ModelConfig
     from llmcls.model import load_model
 
-    folder = out_dir / "random-init-base"
+    # in the temp dir, not under --out: 15 GB of weights are not a result
+    c = model.config
+    folder = Path(tempfile.gettempdir()) / f"llmcls-bench-base-{c.num_hidden_layers}x{c.hidden_size}x{c.vocab_size}"
     model.to("cpu")
-    if not (folder / "config.json").is_file():
-        model.save_pretrained(folder)
+    if not folder.is_dir():  # written aside, then renamed: a save cut short is never taken for a model
+        import shutil
+
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tmp.replace(folder)
     reset_peak(device)
     qmodel = load_model(ModelConfig(name_or_path=str(folder), quantize=quantize), str(folder), device=device)
     try:
