@@ -37,11 +37,12 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from llmcls.config import PromptConfig, load_config  # noqa: E402
 from llmcls.data import DataConfig, Row, read_rows  # noqa: E402
-from llmcls.encode import AnswerCollator, IGNORE, PromptBuilder, answer_loss, encode_train  # noqa: E402
+from llmcls.encode import (AnswerCollator, IGNORE, PackedCollator, PromptBuilder, answer_loss,  # noqa: E402
+                           encode_train)
 from llmcls.env import environment  # noqa: E402
 from llmcls.infer import classify, generate_batch  # noqa: E402
 from llmcls.io import atomic_write_json, atomic_write_text  # noqa: E402
-from llmcls.model import compile_layers, place_model  # noqa: E402
+from llmcls.model import compile_layers, packed_rows, place_model  # noqa: E402
 from llmcls.train import build_trainer, prepare_for_training, training_arguments  # noqa: E402
 
 SHARED = Path(os.environ.get("LLMCLS_SHARED", ROOT.parent / "shared"))
@@ -237,25 +238,31 @@ def run_tutorial(model, tok, rows, device, out_dir, warmup_epochs=1):
 
 
 VARIANTS = {  # llmcls training paths; each keeps 16 rows per optimizer step
-    "llmcls-eager": dict(micro=16, accum=1, checkpointing=False, offload=False, compile=False, group=True),
-    # "llmcls" is configs/qwen1.5-7b-chat-fudan-fast.yaml; "-m8" the same in half the activation memory.
-    "llmcls": dict(micro=16, accum=1, checkpointing=False, offload=False, compile=True, group=True),
-    "llmcls-m8": dict(micro=8, accum=2, checkpointing=False, offload=False, compile=True, group=True),
-    # the same with the Trainer's defaults that wait for the GPU in every step (token count, NaN filter,
-    # blocking batch copies): what llmcls's training arguments switch off
+    # "llmcls" is configs/qwen1.5-7b-chat-fudan-fast.yaml: rows packed end to end (train.packing), compiled layers
+    "llmcls": dict(micro=16, accum=1, checkpointing=False, offload=False, compile=True, group=True, packing=True),
+    # the levers, one at a time: left-padded batches (the default before packing), no compilation, half the
+    # micro-batch (half the activation memory)
+    "llmcls-padded": dict(micro=16, accum=1, checkpointing=False, offload=False, compile=True, group=True),
+    "llmcls-eager": dict(micro=16, accum=1, checkpointing=False, offload=False, compile=False, group=True,
+                         packing=True),
+    "llmcls-m8": dict(micro=8, accum=2, checkpointing=False, offload=False, compile=True, group=True, packing=True),
+    # the Trainer's defaults that wait for the GPU in every step (token count, NaN filter, blocking batch
+    # copies): what llmcls's training arguments switch off
     "llmcls-syncs": dict(micro=16, accum=1, checkpointing=False, offload=False, compile=True, group=True,
-                         syncs=True),
+                         packing=True, syncs=True),
     # 16 GB mode: the input table in host memory, recomputation, small micro-batches. "-compiled" is
     # configs/qwen1.5-7b-chat-fudan-16gb.yaml; the others are the levers measured against it.
     "llmcls-16gb": dict(micro=4, accum=4, checkpointing=True, offload=True, compile=False, group=True),
     "llmcls-16gb-compiled": dict(micro=4, accum=4, checkpointing=True, offload=True, compile=True, group=True),
+    "llmcls-16gb-packed": dict(micro=4, accum=4, checkpointing=True, offload=True, compile=True, group=True,
+                               packing=True),
     "llmcls-16gb-m8": dict(micro=8, accum=2, checkpointing=True, offload=True, compile=True, group=True),
     "llmcls-16gb-nockpt": dict(micro=4, accum=4, checkpointing=False, offload=True, compile=True, group=True),
-    # QLoRA (model.quantize=nf4): the frozen base in 4-bit, loaded from a folder as users load it
+    # QLoRA (model.quantize=nf4): the fast config on a frozen 4-bit base, loaded from a folder as users load it
     "llmcls-qlora": dict(micro=16, accum=1, checkpointing=False, offload=False, compile=True, group=True,
-                         quantize="nf4"),
+                         packing=True, quantize="nf4"),
     "llmcls-qlora-ckpt": dict(micro=16, accum=1, checkpointing=True, offload=False, compile=True, group=True,
-                              quantize="nf4"),
+                              packing=True, quantize="nf4"),
 }
 
 
@@ -287,9 +294,10 @@ def _table_on_device(base, device):
 
 
 def run_llmcls(model, tok, rows, device, out_dir, name, micro, accum, checkpointing, offload, compile=False,
-               group=False, warmup_epochs=1, profile_to=None, syncs=False):
+               group=False, packing=False, warmup_epochs=1, profile_to=None, syncs=False):
     cfg = load_config(None, {"lora.dtype": "auto", "train.batch_size": micro, "train.grad_accum": accum,
                              "train.compile": compile, "train.group_by_length": group, "train.epochs": 1,
+                             "train.packing": packing,
                              "train.gradient_checkpointing": checkpointing, "train.save_steps": 10**6,
                              "train.logging_steps": 10**6, "track.tracker": "none"})
     b = PromptBuilder(tok, cfg.prompt)
@@ -302,13 +310,14 @@ def run_llmcls(model, tok, rows, device, out_dir, name, micro, accum, checkpoint
         if syncs:
             args.include_num_input_tokens_seen, args.logging_nan_inf_filter = "non_padding", True
             args.accelerator_config.non_blocking = False
-        return build_trainer(peft_model, tok, ds, args, callbacks=callbacks)
+        return build_trainer(peft_model, tok, ds, args, callbacks=callbacks, packing=packing)
 
     ds = [{"input_ids": e.input_ids, "labels": e.labels} for e in (encode_train(b, r, MAX_LEN) for r in rows)]
 
     static = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else None
     try:
-        timing = timed_training(make_trainer, ds, device, warmup_epochs, profile_to)
+        with packed_rows(peft_model, packing):
+            timing = timed_training(make_trainer, ds, device, warmup_epochs, profile_to)
         recomputed = recomputing(peft_model)
         lora_dtype = next(p.dtype for n, p in peft_model.named_parameters() if "lora_" in n)
     except Exception:  # out of memory, or a library failing: the base model as it was, for the next variant
@@ -317,7 +326,8 @@ def run_llmcls(model, tok, rows, device, out_dir, name, micro, accum, checkpoint
         raise
     res = {**timing, "peak_gib": peak_gib(device), "micro_batch": micro,
            "grad_accum": accum, "checkpointing": recomputed, "lora_dtype": str(lora_dtype).replace("torch.", ""),
-           "offload_embeddings": offload, "compile": compile, "group_by_length": group, "trainer_syncs": syncs,
+           "offload_embeddings": offload, "compile": compile, "group_by_length": group, "packing": packing,
+           "trainer_syncs": syncs,
            "static_gib": round(static, 2) if static is not None else None}
     base = _table_on_device(peft_model.unload(), device)
     uncompile(base)
@@ -380,16 +390,17 @@ def same_results(model, tok, rows, device) -> dict:
     ref_grads = {n: p.grad.float().clone() for n, p in pm.named_parameters() if p.requires_grad}
     pm.zero_grad()
 
-    fast_batch = AnswerCollator(tok.pad_token_id)([{"input_ids": e.input_ids, "labels": e.labels} for e in enc])
-    labels = fast_batch.pop("labels").to(device)
-    fast_batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in fast_batch.items()}
+    feats = [{"input_ids": e.input_ids, "labels": e.labels} for e in enc]
 
-    def fast(dtype):
+    def fast(dtype, collator=AnswerCollator(tok.pad_token_id)):
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collator(feats).items()}
+        labels = batch.pop("labels")
         for n, p in pm.named_parameters():  # the same adapter values in the given dtype
             if p.requires_grad:
                 p.data = init[n].to(dtype)
         pm.zero_grad()
-        loss = answer_loss(pm(**fast_batch), labels)
+        with packed_rows(pm, isinstance(collator, PackedCollator)):
+            loss = answer_loss(pm(**batch), labels)
         loss.backward()
         num = den = 0.0
         cos = []
@@ -403,8 +414,10 @@ def same_results(model, tok, rows, device) -> dict:
                 "grad_rel_err": (num / den) ** 0.5, "grad_min_cosine": min(cos)}
 
     # fp32 adapters isolate the algorithm (left padding, answer-only logits); bf16 adds the dtype change.
+    # The packed path (train.packing) in bf16 runs FlashAttention's variable-length kernel on a GPU.
+    low = torch.bfloat16 if device.startswith("cuda") else torch.float32
     out = {"rows": len(batch_rows), "loss_tutorial": ref_loss.item(), "same_dtype": fast(torch.float32),
-           "llmcls": fast(torch.bfloat16 if device.startswith("cuda") else torch.float32)}
+           "llmcls": fast(low), "llmcls_packed": fast(low, PackedCollator())}
     pm.zero_grad()
     pm.unload()
     reset_peak(device)
@@ -498,6 +511,7 @@ def markdown(res: dict) -> str:
             continue
         extra = ", compiled" if v.get("compile") else ""
         extra += ", length-grouped" if v.get("group_by_length") else ""
+        extra += ", packed rows" if v.get("packing") else ""
         extra += ", embeddings on CPU" if v.get("offload_embeddings") else ""
         extra += ", Trainer's per-step GPU reads" if v.get("trainer_syncs") else ""
         extra += f", base in {v['quantize']}" if v.get("quantize") else ""
@@ -514,7 +528,10 @@ def markdown(res: dict) -> str:
                              f"{v['vs_tutorial']}x |")
     if "same_results" in res:
         s = res["same_results"]
-        for k, label in (("same_dtype", "fp32 adapters"), ("llmcls", "bf16 adapters")):
+        for k, label in (("same_dtype", "fp32 adapters"), ("llmcls", "bf16 adapters"),
+                         ("llmcls_packed", "bf16 adapters, packed rows")):
+            if k not in s:  # runs before packing existed
+                continue
             v = s[k]
             lines.append(f"Same batch, tutorial path vs llmcls path ({label}): loss {s['loss_tutorial']:.5f} vs "
                          f"{v['loss']:.5f} (rel diff {v['loss_rel_diff']:.2e}); LoRA gradients rel error "
@@ -537,7 +554,7 @@ def main(argv=None):
                          "cut at 384 tokens (memory's worst case)")
     ap.add_argument("--eval-batch", type=int, default=32)
     ap.add_argument("--single-rows", type=int, default=24, help="rows for one-at-a-time generate")
-    ap.add_argument("--only", default="check,eval,tutorial,llmcls-eager,llmcls,llmcls-16gb,llmcls-16gb-compiled",
+    ap.add_argument("--only", default="check,eval,tutorial,llmcls,llmcls-padded,llmcls-16gb-compiled",
                     help="what to run, comma-separated: check, eval, tutorial, " + ", ".join(VARIANTS))
     ap.add_argument("--profile", default="", help="training variants to profile (comma-separated): two steps "
                     "under torch.profiler after the timing, tables in OUT/profile-VARIANT.txt")
@@ -562,12 +579,15 @@ def main(argv=None):
     if "check" in only:
         res["same_results"] = same_results(model, tok, train_rows, a.device)
         print("same_results", json.dumps(res["same_results"]), flush=True)
+        save(res, n_embed, out_dir)
     if "eval" in only:
         res["eval"] = run_eval(model, tok, eval_rows, a.device, a.eval_batch, a.single_rows)
         print("eval", json.dumps(res["eval"]), flush=True)
+        save(res, n_embed, out_dir)
     if "tutorial" in only:
         model, res["train"]["tutorial"] = run_tutorial(model, tok, train_rows, a.device, out_dir, a.warmup)
         print("tutorial", json.dumps(res["train"]["tutorial"]), flush=True)
+        save(res, n_embed, out_dir)
     for name, v in VARIANTS.items():
         if name not in only:
             continue
@@ -590,13 +610,19 @@ def main(argv=None):
             continue
         res["train"][name]["wall_s"] = round(time.perf_counter() - t0, 1)
         print(name, json.dumps(res["train"][name]), flush=True)
+        save(res, n_embed, out_dir)  # a run cut short (a time limit) keeps what it measured
 
+    print(save(res, n_embed, out_dir))
+
+
+def save(res: dict, n_embed: int, out_dir: Path) -> str:
     add_ratios(res, n_embed)
     table = markdown(res)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "gpu_speed.json", res)
     atomic_write_text(out_dir / "gpu_speed.md", table + "\n")
-    print(table)
+    return table
+
 
 
 if __name__ == "__main__":

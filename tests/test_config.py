@@ -92,3 +92,14 @@ def test_readme_documents_every_key():
     spec.loader.exec_module(mod)
     assert mod.table() in (ROOT / "README.md").read_text(encoding="utf-8"), \
         "README's configuration reference is stale: python scripts/config_reference.py"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    """A misspelt key or a wrong value in a shipped config fails here, not in a user's first run."""
+    cfg = load_config(path)
+    assert cfg.lora.r > 0 and cfg.train.batch_size * cfg.train.grad_accum > 0
+    if "fast" in path.name or "qlora" in path.name:
+        assert cfg.train.packing and cfg.train.compile  # what docs/BENCHMARKS.md measured
+    if "qlora" in path.name:
+        assert cfg.model.quantize == "nf4" and cfg.train.gradient_checkpointing

@@ -3,6 +3,7 @@ right dtype, build the random-init ``tiny`` preset, and attach LoRA adapters."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -272,6 +273,71 @@ def add_lora(model, cfg: LoraConfig):
     # peft keeps adapters in float32 by default (the tutorial's setup): every LoRA input is then copied to
     # float32. dtype "auto" keeps them in the base model's dtype instead.
     return get_peft_model(model, peft_cfg, autocast_adapter_dtype=cfg.dtype == "float32")
+
+
+PACKED_ATTENTION = "llmcls_packed"
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention over rows laid end to end in one sequence (``train.packing``, batches from
+    :class:`llmcls.encode.PackedCollator`): each token sees the tokens before it in its own row, nothing else.
+    Called by transformers' attention layers with [1, heads, T, head_dim] tensors; returns [1, T, heads,
+    head_dim] as its own attention functions do. On a GPU it runs FlashAttention's variable-length kernel
+    (``torch.nn.attention.varlen``), whose cost is that of the rows apart; elsewhere sdpa with a block-diagonal
+    causal mask gives the same result."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    bounds, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if bounds is None:
+        raise ValueError("packed attention needs the rows' boundaries (cu_seq_lens_q): its batches come from "
+                         "llmcls.encode.PackedCollator")
+    if dropout and module.training:
+        raise ValueError("packed attention has no attention dropout (Qwen models use none)")
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    if query.is_cuda and _varlen_attn() is not None:
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, head_dim]
+        out = _varlen_attn()(q, k, v, bounds, bounds, longest, longest, scale=scaling, window_size=(-1, 0))
+        return out[None], None
+    T = query.shape[2]
+    at = torch.arange(T, device=query.device)
+    row = torch.searchsorted(bounds[1:].to(query.device), at, right=True)
+    allowed = (row[:, None] == row[None, :]) & (at[:, None] >= at[None, :])
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # torch >= 2.10
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _register_packed_attention() -> None:
+    # transformers' documented extension point for attention functions; no mask function is registered with
+    # it, so transformers builds no attention mask for a packed batch (the row boundaries say it all)
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+
+
+@contextlib.contextmanager
+def packed_rows(model, enabled: bool = True):
+    """Inside, the model attends with :func:`packed_attention`; after, as before (scoring relies on sdpa's custom
+    masks, and a model handed back to its user should attend as it did)."""
+    if not enabled:
+        yield model
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = base.config._attn_implementation
+    _register_packed_attention()
+    base.set_attn_implementation(PACKED_ATTENTION)
+    try:
+        yield model
+    finally:
+        base.set_attn_implementation(before)
 
 
 def compile_layers(model) -> None:

@@ -33,10 +33,10 @@ from transformers import TrainerCallback, TrainingArguments
 
 from llmcls import dist
 from llmcls.config import Config, save_config, to_dict
-from llmcls.encode import AnswerCollator, answer_loss
+from llmcls.encode import AnswerCollator, PackedCollator, answer_loss
 from llmcls.env import environment
 from llmcls.io import atomic_write_json
-from llmcls.model import (TINY, add_lora, build_tiny, compile_layers, load_model, load_tokenizer,
+from llmcls.model import (TINY, add_lora, build_tiny, compile_layers, load_model, load_tokenizer, packed_rows,
                           resolve_dtype, resolve_model_path, trainable_summary)
 from llmcls.prepare import load_encoded, prepare
 from llmcls.track import JsonlLogCallback, Tracker
@@ -163,12 +163,14 @@ class TokenCounter(TrainerCallback):
         state.num_input_tokens_seen = self.base + int(n.item())
 
 
-def build_trainer(model, tokenizer, dataset, args: TrainingArguments, callbacks: list | None = None):
-    """The HF Trainer with llmcls's collator (left padding, answer-position logits) and loss."""
+def build_trainer(model, tokenizer, dataset, args: TrainingArguments, callbacks: list | None = None,
+                  packing: bool = False):
+    """The HF Trainer with llmcls's collator (left padding, or rows packed end to end; answer-position logits)
+    and loss. A packed batch needs the model to attend with ``model.packed_rows``."""
     from transformers import Trainer
 
-    return Trainer(model=model, args=args, train_dataset=dataset,
-                   data_collator=AnswerCollator(pad_id=tokenizer.pad_token_id),
+    collator = PackedCollator() if packing else AnswerCollator(pad_id=tokenizer.pad_token_id)
+    return Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                    compute_loss_func=answer_loss, callbacks=[TokenCounter(model), *(callbacks or [])])
 
 
@@ -229,14 +231,15 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
                       is_main=dist.is_main())
     trainer = build_trainer(model, tokenizer, dataset, args, callbacks=[
         JsonlLogCallback(run / "train_log.jsonl", echo=dist.is_main()), *tracker.callbacks,
-        *(callbacks or [])])
+        *(callbacks or [])], packing=cfg.train.packing)
     checkpoint = _last_checkpoint(run / "checkpoints") if resume else None
     if resume and checkpoint is None:
         log.warning("no checkpoint in %s; starting from the beginning", run / "checkpoints")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    with packed_rows(model, cfg.train.packing):
+        result = trainer.train(resume_from_checkpoint=checkpoint)
     wall = time.perf_counter() - t0
     dist.fsdp_loading(cfg, False)
 
