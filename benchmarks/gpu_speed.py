@@ -3,10 +3,12 @@
 Training (same rows, max length 384, 16 rows per optimizer step, LoRA r=8 on all 7 projections):
   (a) tutorial   — its Trainer arguments (batch 4 x accum 4, gradient checkpointing), fp32 LoRA weights (peft's
                    default), right cut at 384, DataCollatorForSeq2Seq, the model's full-logits loss;
-  (b) llmcls     — the default GPU path: no recomputation, micro-batch 16, bf16 LoRA weights, left padding with
-                   logits and loss only at answer positions, answer-keeping truncation;
+  (b) llmcls     — the default GPU path: no recomputation, micro-batch 16, bf16 LoRA weights, rows packed end to
+                   end (varlen FlashAttention; ``llmcls-padded``: left padding instead), logits and loss only at
+                   answer positions, answer-keeping truncation, compiled decoder layers;
   (c) llmcls-16gb — the low-memory path: the frozen input embedding table kept in host memory, micro-batch
                    4 x accum 4 with gradient checkpointing, bf16 LoRA, answer-position logits; eager and compiled.
+                   QLoRA (``llmcls-qlora*``, needs bitsandbytes): the default path on a 4-bit NF4 base.
 Evaluation (prompts of ~380 tokens): (a) tutorial-style one-row ``generate``; (b) llmcls ``score``;
 (c) llmcls batched ``generate``. Before timing, the fast path's loss and LoRA gradients on one batch are compared
 with the tutorial path's.

@@ -117,6 +117,19 @@ def test_packed_attention_without_boundaries_is_a_clear_error(model_factory):
     assert model.config._attn_implementation == "sdpa"
 
 
+def test_rows_longer_than_a_sliding_window_are_refused(tokenizer):
+    from conftest import tiny_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = tiny_model().config.to_dict()
+    cfg.update(use_sliding_window=True, sliding_window=4, max_window_layers=0, layer_types=None)
+    model = Qwen2ForCausalLM(Qwen2Config(**cfg)).eval()
+    batch = PackedCollator()(features(tokenizer)[:2])
+    batch.pop("labels")
+    with packed_rows(model), pytest.raises(ValueError, match="sliding window"):
+        model(**batch)
+
+
 def test_packed_training_counts_the_same_tokens_and_learns(tokenizer, model_factory, tmp_path):
     """Through the Trainer (as `llmcls train` runs it): every token counted once per epoch, no padding; the same
     losses as the padded run, step by step (dropout off, same seed, same row order)."""

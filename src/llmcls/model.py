@@ -293,6 +293,10 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
                          "llmcls.encode.PackedCollator")
     if dropout and module.training:
         raise ValueError("packed attention has no attention dropout (Qwen models use none)")
+    window = kwargs.get("sliding_window")
+    if window is not None and longest is not None and longest > window:
+        raise ValueError(f"a row of {longest} tokens is longer than this layer's sliding window ({window}), which "
+                         "packed attention does not apply: turn train.packing off for rows this long")
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     if query.is_cuda and _varlen_attn() is not None:

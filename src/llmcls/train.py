@@ -2,7 +2,8 @@
 
 Reads top to bottom like the tutorial. What differs from it, and why:
 - rows keep their whole answer (the text is shortened instead, see ``encode.py``);
-- batches are left-padded and the LM head runs only on the answer positions (same loss, far less work);
+- batches are left-padded, or packed end to end (`train.packing`), and the LM head runs only on the answer
+  positions (same loss, far less work);
 - the run directory never gets silently overwritten, and ``resume=True`` continues from the last checkpoint.
 
 Run directory layout::
