@@ -130,7 +130,8 @@ class TrainConfig:
     dataloader_workers: int = f(0, "Data-loading worker processes.")
     group_by_length: bool = f(False, "Batch rows of similar length together (less padding).")
     packing: bool = f(False, "Lay each micro-batch's rows end to end in one sequence, attention kept within each "
-                             "row (FlashAttention's variable-length kernel on a GPU): no compute on padding.")
+                             "row (FlashAttention's variable-length kernel): no compute on padding. GPU; on a CPU "
+                             "it falls back to a dense mask and is slower than padding.")
     compile: bool = f(False, "torch.compile each decoder layer: fused kernels, far fewer launches (GPU; "
                              "the first steps pay the compile time).")
     fsdp: Literal["off", "full_shard", "shard_grad_op"] = f(
