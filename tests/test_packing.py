@@ -210,3 +210,13 @@ def test_varlen_kernel_on_a_gpu_matches_the_padded_batch(tokenizer, model_factor
         for n in padded:
             cos = torch.nn.functional.cosine_similarity(packed[n].flatten().float(), padded[n].flatten().float(), 0)
             assert cos > 0.98, (n, compiled, cos.item())
+
+
+def test_a_gpu_torch_without_varlen_is_told_packing_falls_back(model_factory, monkeypatch, caplog):
+    import llmcls.model as m
+
+    monkeypatch.setattr(m, "_varlen_attn", lambda: None)
+    monkeypatch.setattr(m, "compute_device", lambda model: torch.device("cuda"))
+    with caplog.at_level("WARNING", logger="llmcls.model"), packed_rows(model_factory()):
+        pass
+    assert "dense mask" in caplog.text and "torch >= 2.10" in caplog.text

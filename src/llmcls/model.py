@@ -335,6 +335,9 @@ def packed_rows(model, enabled: bool = True):
         yield model
         return
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if compute_device(base).type == "cuda" and _varlen_attn() is None:
+        log.warning("torch %s has no variable-length FlashAttention (torch.nn.attention.varlen, torch >= 2.10): "
+                    "packed rows fall back to a dense mask, slower than padding", torch.__version__)
     before = base.config._attn_implementation
     _register_packed_attention()
     base.set_attn_implementation(PACKED_ATTENTION)
