@@ -129,6 +129,22 @@ def test_two_processes_train_like_one(two_process_run, dist_data):
     assert not list(two_process_run.rglob("*.tmp"))
 
 
+def test_two_processes_train_packed_like_padded(two_process_run, dist_data):
+    """train.packing under DDP: each process packs its own micro-batch; the losses step by step, the token count
+    summed over processes and the adapter are those of the padded two-process run."""
+    packed = dist_data["dir"] / "run-2proc-packed"
+    torchrun("train", *_opts(dist_data, packed, batch=4), "--train.packing", "true")
+    assert _losses(packed) == pytest.approx(_losses(two_process_run), rel=1e-4)
+    a, b = (json.loads((r / "train_summary.json").read_text()) for r in (two_process_run, packed))
+    assert a["tokens_seen"] == b["tokens_seen"] > 0 and b["world_size"] == 2
+    from safetensors.torch import load_file
+
+    wa = load_file(two_process_run / "adapter" / "adapter_model.safetensors")
+    wb = load_file(packed / "adapter" / "adapter_model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-5)
+
+
 def test_sharded_eval_and_predict_match_one_process(two_process_run, dist_data, tmp_path):
     from llmcls.cli import main
 
