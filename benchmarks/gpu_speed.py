@@ -318,8 +318,7 @@ def run_llmcls(model, tok, rows, device, out_dir, name, micro, accum, checkpoint
 
     static = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else None
     try:
-        with packed_rows(peft_model, packing):
-            timing = timed_training(make_trainer, ds, device, warmup_epochs, profile_to)
+        timing = timed_training(make_trainer, ds, device, warmup_epochs, profile_to)
         recomputed = recomputing(peft_model)
         lora_dtype = next(p.dtype for n, p in peft_model.named_parameters() if "lora_" in n)
     except Exception:  # out of memory, or a library failing: the base model as it was, for the next variant

@@ -299,9 +299,10 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
                          "packed attention does not apply: turn train.packing off for rows this long")
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    if query.is_cuda and _varlen_attn() is not None:
+    varlen = _varlen_attn() if query.is_cuda else None
+    if varlen is not None:
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, head_dim]
-        out = _varlen_attn()(q, k, v, bounds, bounds, longest, longest, scale=scaling, window_size=(-1, 0))
+        out = varlen(q, k, v, bounds, bounds, longest, longest, scale=scaling, window_size=(-1, 0))
         return out[None], None
     T = query.shape[2]
     at = torch.arange(T, device=query.device)
