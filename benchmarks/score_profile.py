@@ -10,6 +10,8 @@ tokens), one process, one card:
   - ``score_batch`` on prepared prompts (the model alone) and ``classify`` end to end (tokenisation included);
   - the same after regional ``torch.compile`` of the decoder layers;
   - a ``torch.profiler`` breakdown of one score batch: GPU-busy time against wall time, top kernels;
+  - ``classify`` end to end under the profiler: GPU busy time against the span of its kernels, and the longest
+    idle gaps with the host operators running when each began;
   - the serving path's pieces (``llmcls.serve.Classifier``): ``prepare`` per row, ``score`` of one row and of a
     full batch of prepared rows, at each ``--serve-lengths``.
 Output: JSON with every number and the environment, and the profiler tables as text.
@@ -97,6 +99,51 @@ def profile_batch(model, b, rows, prompts, bs, device) -> tuple[dict, str]:
     return {"batch": bs, "wall_s": round(wall, 4), "gpu_busy_s": round(busy, 4)}, table
 
 
+def gpu_gaps(trace_file: Path, top: int = 12) -> dict:
+    """From a profiler trace: the span from the first to the last GPU kernel, the time some kernel ran (the union
+    of their intervals), and the longest idle gaps with the host operators running when each began."""
+    events = json.loads(trace_file.read_text())["traceEvents"]
+    kernels = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events if e.get("cat") in ("kernel", "gpu_memcpy"))
+    if not kernels:
+        return {}
+    busy, gaps, end = 0.0, [], kernels[0][0]
+    for a, b in kernels:
+        if a > end:
+            gaps.append((a - end, end))
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+    ops = [e for e in events if e.get("cat") == "cpu_op" and "dur" in e]
+    worst = []
+    for length, at in sorted(gaps, reverse=True)[:top]:
+        during = sorted((e for e in ops if e["ts"] <= at + length and e["ts"] + e["dur"] >= at),
+                        key=lambda e: -e["dur"])
+        worst.append({"gap_us": round(length, 1), "host_ops": [e["name"] for e in during[:4]]})
+    span = end - kernels[0][0]
+    return {"span_ms": round(span / 1e3, 2), "gpu_busy_ms": round(busy / 1e3, 2),
+            "idle_ms": round((span - busy) / 1e3, 2), "gaps_over_100us": sum(g > 100 for g, _ in gaps),
+            "idle_in_gaps_over_100us_ms": round(sum(g for g, _ in gaps if g > 100) / 1e3, 2), "longest": worst}
+
+
+def profile_classify(model, b, rows, bs, device, trace_dir: Path) -> dict:
+    """``classify`` end to end (tokenisation on its thread, packing, scoring, read-back) under the profiler: where
+    the GPU waits for the host, which a single prepared batch cannot show."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    classify(model, b, rows[:bs], batch_size=bs, max_length=MAX_LEN, progress=False)
+    sync(device)
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        classify(model, b, rows, batch_size=bs, max_length=MAX_LEN, progress=False)
+        sync(device)
+    wall = time.perf_counter() - t
+    trace = trace_dir / "classify_trace.json"
+    prof.export_chrome_trace(str(trace))
+    out = {"batch": bs, "rows": len(rows), "wall_s_profiled": round(wall, 3), **gpu_gaps(trace)}
+    trace.unlink()
+    return out
+
+
 def serving_pieces(model, tok, rows, lengths, max_batch, device) -> dict:
     from llmcls.serve import Classifier
 
@@ -130,8 +177,13 @@ def main(argv=None):
     ap.add_argument("--serve-lengths", default="384,128")
     ap.add_argument("--serve-batch", type=int, default=32)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--classify-rows", type=int, default=128,
+                    help="rows of the end-to-end classify profile (GPU idle gaps); 0 skips it")
     ap.add_argument("--out", default="bench-out/score_profile")
     a = ap.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    serve_lengths = [int(x) for x in a.serve_lengths.split(",") if x]
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(SHARED / "qwen-tokenizer"))
@@ -144,7 +196,7 @@ def main(argv=None):
     res = {"shape": a.shape, "gpu": environment()["gpu"], "matmul_tflops": matmul_tflops(a.device),
            "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts), "environment": environment()}
     print(json.dumps({k: res[k] for k in ("gpu", "matmul_tflops", "prompt_tokens_mean")}), flush=True)
-    res["serving"] = serving_pieces(model, tok, raw_rows, [int(x) for x in a.serve_lengths.split(",")], a.serve_batch,
+    res["serving"] = serving_pieces(model, tok, raw_rows, serve_lengths, a.serve_batch,
                                     a.device)
     res["eager"] = measure(model, b, rows, prompts, batches, a.device)
     res["profile_eager"], table = profile_batch(model, b, rows, prompts, batches[0], a.device)
@@ -159,10 +211,12 @@ def main(argv=None):
         res["profile_compiled"], table = profile_batch(model, b, rows, prompts, batches[0], a.device)
         tables += f"## compiled, batch {batches[0]}\n{json.dumps(res['profile_compiled'])}\n{table}\n"
         print(tables.split("## compiled")[1], flush=True)
-        res["serving_compiled"] = serving_pieces(model, tok, raw_rows, [int(x) for x in a.serve_lengths.split(",")],
+        res["serving_compiled"] = serving_pieces(model, tok, raw_rows, serve_lengths,
                                                  a.serve_batch, a.device)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if a.classify_rows:  # the model as it now is: compiled unless --no-compile
+        res["profile_classify"] = profile_classify(model, b, rows[:a.classify_rows], batches[0], a.device, out)
+        res["profile_classify"]["compiled"] = not a.no_compile
+        print("classify", json.dumps(res["profile_classify"]), flush=True)
     atomic_write_json(out / "score_profile.json", res)
     atomic_write_text(out / "score_profile.txt", tables)
 

@@ -8,7 +8,8 @@ import torch
 from conftest import FUDAN
 from llmcls.config import PromptConfig, TUTORIAL_SYSTEM, load_config
 from llmcls.data import Row
-from llmcls.encode import IGNORE, AnswerCollator, PromptBuilder, PromptTooLong, answer_loss, encode_train
+from llmcls.encode import (IGNORE, AnswerCollator, PromptBuilder, PromptTooLong, answer_loss, encode_train, fit_prompt,
+                           fit_prompts)
 
 
 def tutorial_prompt(text, category):
@@ -85,6 +86,25 @@ def test_answer_loss_equals_model_loss(tokenizer, model_factory):
         total += model(input_ids=ids, labels=lab).loss.item() * k
         n += k
     assert abs(fast.item() - total / n) < 1e-4
+
+
+def test_batched_fitting_equals_one_row_at_a_time(tokenizer):
+    """fit_prompts tokenises short texts in one batched call and cuts long ones one by one: the same ids as
+    fit_prompt row by row, whichever side of the whole-text threshold (2 characters per token) a row falls."""
+    b = PromptBuilder(tokenizer, PromptConfig())
+    unit = "经济发展和社会进步是我们的共同目标。"
+    rows = [Row(unit * n, ["Economy", "Enviornment", "Art"][:2 + n % 2], "Economy") for n in (1, 3, 9, 12, 40)]
+    rows.append(Row("Arsenal won 2-1 at home. " * 40, ["Sport", "Art"], "Sport"))
+    budgets = [120, 200, 100, 300, 150, 384]
+    got = fit_prompts(b, rows, budgets)
+    want = [fit_prompt(b, r, n)[0] for r, n in zip(rows, budgets)]
+    assert got == want
+    # the rows cover every path: whole and fitting, whole then cut, head-only
+    whole = [len(r.text) <= 2 * n for r, n in zip(rows, budgets)]
+    cut = [len(g) < len(b.prompt_ids(r)) for g, r in zip(got, rows)]
+    assert any(w and not c for w, c in zip(whole, cut)) and any(w and c for w, c in zip(whole, cut))
+    assert not all(whole)
+    assert all(len(g) <= n for g, n in zip(got, budgets))
 
 
 @pytest.mark.skipif(not (FUDAN / "train.jsonl").is_file(), reason="../shared/data/fudan-news is absent")

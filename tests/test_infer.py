@@ -55,6 +55,26 @@ def test_cached_scoring_path_equals_packed(tokenizer, model_factory):
         assert max(abs(p - q) for p, q in zip(x, y)) < 1e-4
 
 
+def test_pack_lays_candidates_back_to_back(tokenizer):
+    """Each prompt is followed by its candidates' tokens but the last of each (only ever predicted, never read):
+    the batch is as wide as its longest prompt plus its largest such sum, not candidates x longest answer."""
+    from llmcls.infer import pack, prompts_for
+
+    b = PromptBuilder(tokenizer, PromptConfig())
+    prompts = prompts_for(b, ROWS, None)
+    p = pack(b, ROWS, prompts)
+    P = max(map(len, prompts))
+    answers = [[b.answer_ids(c) for c in r.candidates] for r in ROWS]
+    # the last row's labels: Enviornment 3 tokens, Politics 1, Economy 2, Sports 1 (slots of width 4 would be 16)
+    assert p.ids.shape[1] == P + max(sum(len(a) - 1 for a in ans) for ans in answers) == P + 7
+    for i, ans in enumerate(answers):
+        tail = [a[:-1] for a in ans]
+        flat = [t for a in tail for t in a]
+        assert p.ids[i, P:P + len(flat)].tolist() == flat
+        assert p.segment[i, P:P + len(flat)].tolist() == [j + 1 for j, a in enumerate(tail) for _ in a]
+        assert (p.segment[i, P + len(flat):] == -1).all()
+
+
 def test_batched_generate_equals_single(tokenizer, model_factory):
     model = model_factory(seed=2)
     b = PromptBuilder(tokenizer, PromptConfig())
