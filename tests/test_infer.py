@@ -1,5 +1,6 @@
 """Scoring equals brute force; batched generation equals one-row generation; metrics equal a hand count."""
 
+import itertools
 import random
 
 import pytest
@@ -73,6 +74,93 @@ def test_pack_lays_candidates_back_to_back(tokenizer):
         assert p.ids[i, P:P + len(flat)].tolist() == flat
         assert p.segment[i, P:P + len(flat)].tolist() == [j + 1 for j, a in enumerate(tail) for _ in a]
         assert (p.segment[i, P + len(flat):] == -1).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_classify_on_a_gpu_equals_the_cpu(tokenizer, model_factory):
+    """On a GPU, batches are pinned and each one's scores are read back only once the next is queued: the
+    predictions come back in input order with the CPU's probabilities (float32, one row per batch and more)."""
+    b = PromptBuilder(tokenizer, PromptConfig())
+    rows = ROWS * 3
+    cpu = classify(model_factory(seed=6), b, rows, batch_size=5, progress=False)
+    gpu_model = model_factory(seed=6).cuda()
+    for bs in (1, 5, len(rows)):
+        gpu = classify(gpu_model, b, rows, batch_size=bs, progress=False)
+        assert [p.index for p in gpu] == list(range(len(rows)))
+        for x, y in zip(cpu, gpu):
+            assert max(abs(x.probs[c] - y.probs[c]) for c in x.probs) < 1e-4
+            assert x.pred == y.pred or abs(x.probs[x.pred] - x.probs[y.pred]) < 2e-4
+
+
+def test_flat_batch_scores_equal_brute_force(tokenizer, model_factory):
+    """The GPU layout (one sequence, no padding; shared-prompt attention: prompts causal, candidates over their
+    prompt and over themselves, merged by log-sum-exp), run on the CPU through the dense reference of the
+    variable-length kernel, gives the brute-force log-likelihoods, and takes exactly prompts + candidate tokens."""
+    from llmcls.infer import pack_flat, prompts_for, queue_flat
+
+    model = model_factory(seed=7)
+    b = PromptBuilder(tokenizer, PromptConfig())
+    prompts = prompts_for(b, ROWS, None)
+    flat = pack_flat(b, ROWS, prompts)
+    answers = [[b.answer_ids(c) for c in r.candidates] for r in ROWS]
+    assert flat.ids.shape == (1, sum(map(len, prompts)) + sum(len(a) - 1 for ans in answers for a in ans))
+    assert flat.prompt_bounds.tolist() == [0, *itertools.accumulate(map(len, prompts))]
+    assert flat.answer_rows.tolist() == [0, *itertools.accumulate(sum(len(a) - 1 for a in ans) for ans in answers)]
+    got = queue_flat(model, flat).result()
+    for row, lls in zip(ROWS, got):
+        for cand, ll in zip(row.candidates, lls):
+            assert abs(ll - brute_force(model, b, row, cand)) < 1e-4, (row.text[:10], cand)
+    assert model.config._attn_implementation == "sdpa"  # the model attends as before once the batch is scored
+
+
+def test_dense_varlen_reference_equals_sdpa_per_sequence():
+    """dense_varlen_attn (the CPU stand-in for FlashAttention's varlen kernel): each sequence pair attended alone
+    by sdpa, causal aligned at the end as FlashAttention does, and the log-sum-exp of each query's scores."""
+    from llmcls.model import dense_varlen_attn
+    from llmcls.model import _lse_request
+
+    torch.manual_seed(0)
+    lq, lk = [3, 1, 5], [4, 6, 5]
+    q, k, v = torch.randn(sum(lq), 2, 8), torch.randn(sum(lk), 2, 8), torch.randn(sum(lk), 2, 8)
+    cq, ck = (torch.tensor([0, *itertools.accumulate(x)], dtype=torch.int32) for x in (lq, lk))
+    for causal in (False, True):
+        out, lse = dense_varlen_attn(q, k, v, cq, ck, 5, 6, window_size=(-1, 0) if causal else (-1, -1),
+                                     return_aux=_lse_request())
+        for i in range(3):
+            qs, ks = slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1])
+            qi, ki, vi = (t.transpose(0, 1) for t in (q[qs], k[ks], v[ks]))
+            allowed = torch.ones(lq[i], lk[i], dtype=torch.bool)
+            if causal:
+                allowed = allowed.tril(lk[i] - lq[i])
+            want = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=allowed)
+            assert torch.allclose(out[qs].transpose(0, 1), want, atol=1e-5)
+            scores = (qi @ ki.transpose(1, 2) / 8 ** 0.5).masked_fill(~allowed, float("-inf"))
+            assert torch.allclose(lse[:, qs], torch.logsumexp(scores, -1), atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_flat_batch_on_a_gpu_equals_the_padded_one(tokenizer, model_factory):
+    """In bf16 on a GPU the flat batch runs FlashAttention's variable-length kernel (what layout_for picks there):
+    the same scores as the padded batch with its 4-D mask, eager and with compiled layers."""
+    from llmcls.infer import layout_for, pack, pack_flat, prompts_for, queue_flat, queue_packed
+    from llmcls.model import compile_layers
+
+    model = model_factory(seed=8).to("cuda", torch.bfloat16)
+    assert layout_for(model) == "flat"
+    b = PromptBuilder(tokenizer, PromptConfig())
+    rows = ROWS * 3
+    prompts = prompts_for(b, rows, None)
+    padded = queue_packed(model, pack(b, rows, prompts)).result()
+    for _ in range(2):
+        flat = queue_flat(model, pack_flat(b, rows, prompts).pin()).result()
+        for x, y in zip(padded, flat):
+            assert max(abs(p - q) for p, q in zip(x, y)) < 0.05 + 0.01 * max(map(abs, x))
+        compile_layers(model)
+    preds = classify(model, b, rows, batch_size=5, progress=False)  # pinned batches, read back one behind
+    for pred, x in zip(preds, padded):
+        want = [p for p in torch.softmax(torch.tensor(x, dtype=torch.float64), 0).tolist()]
+        assert max(abs(pred.probs[c] - w) for c, w in zip(pred.probs, want)) < 0.05
+    assert layout_for(model.float()) == "padded"  # the kernel takes 16-bit inputs only
 
 
 def test_batched_generate_equals_single(tokenizer, model_factory):

@@ -1,25 +1,29 @@
 """The classifier at inference time: candidate scoring and batched generation. Used by eval, predict and serve.
 
 ``score``: the log-likelihood of each candidate label (all of its tokens, then the end token) given the prompt.
-One forward per batch: each prompt is followed by its candidates' tokens, a 4-D attention mask keeps the candidates
-apart, and logits are computed only where a candidate token is predicted (:func:`pack`, :func:`score_packed`).
-Attention kernels that take no custom mask (flash-attention) use a KV-cache path instead: the prompt once, then
-the candidates over copies of its cache. Multi-token labels are scored exactly, and the end token tells "Sport"
-from "Sports". Probabilities are the softmax of the log-likelihoods over the row's candidates.
+One forward per batch, each prompt followed by its candidates' tokens, logits computed only where a candidate token
+is predicted. On a GPU with variable-length FlashAttention the batch is one sequence without padding
+(:func:`pack_flat`, attended by :func:`llmcls.model.shared_prompt_attention`); elsewhere rows are left-padded and a
+4-D attention mask keeps each row's candidates apart (:func:`pack`, :func:`score_packed`); attention kernels that
+take neither (flash-attention set by the user, without varlen) use a KV-cache path: the prompt once, then the
+candidates over copies of its cache (:func:`layout_for` picks). Multi-token labels are scored exactly, and the end
+token tells "Sport" from "Sports". Probabilities are the softmax of the log-likelihoods over the row's candidates.
 
 ``generate``: the tutorial's way, batched with left padding and greedy decoding; the text is mapped to a label.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, fields, replace
 from typing import Iterable, Optional, Sequence
 
 import torch
 
 from llmcls.data import Row
 from llmcls.encode import PromptBuilder, fit_prompts, left_pad, positions
-from llmcls.model import compute_device, compute_dtype
+from llmcls.model import (SHARED_PROMPT_ATTENTION, attention_implementation, compute_device, compute_dtype,
+                          shared_prompt_ok)
 
 
 @dataclass
@@ -49,17 +53,34 @@ def _packed_ok(model) -> bool:
     return impl in (None, "sdpa", "eager")
 
 
+def layout_for(model) -> str:
+    """How :func:`score_batch` lays out a batch for this model: ``flat`` (no padding, variable-length
+    FlashAttention: a GPU whose torch has it), ``padded`` (a 4-D mask: sdpa or eager attention elsewhere) or
+    ``cached`` (a KV cache: attention kernels that take no custom mask)."""
+    if shared_prompt_ok(model):
+        return "flat"
+    return "padded" if _packed_ok(model) else "cached"
+
+
 @torch.no_grad()
 def score_batch(model, builder: PromptBuilder, rows: Sequence[Row], max_length: Optional[int] = None,
-                prompts: Optional[list[list[int]]] = None, packed: Optional["Packed"] = None) -> list[list[float]]:
+                prompts: Optional[list[list[int]]] = None, packed: Optional["Packed | Flat"] = None
+                ) -> list[list[float]]:
     """Log-likelihood of every candidate of every row (same order as ``row.candidates``). ``packed`` is
-    :func:`pack` of the same rows, made ahead (e.g. on another thread)."""
-    if packed is None and not _packed_ok(model):
-        prompts = prompts if prompts is not None else prompts_for(builder, rows, max_length)
-        return _score_cached(model, builder, rows, prompts)
+    :func:`pack` or :func:`pack_flat` of the same rows (as :func:`layout_for` says), made ahead (e.g. on another
+    thread)."""
     if packed is None:
-        packed = pack(builder, rows, prompts if prompts is not None else prompts_for(builder, rows, max_length))
-    return score_packed(model, packed)
+        layout = layout_for(model)
+        prompts = prompts if prompts is not None else prompts_for(builder, rows, max_length)
+        if layout == "cached":
+            return _score_cached(model, builder, rows, prompts)
+        packed = (pack_flat if layout == "flat" else pack)(builder, rows, prompts)
+    return queue_scores(model, packed).result()
+
+
+def queue_scores(model, packed: "Packed | Flat") -> "QueuedScores":
+    """Queue the forward of a prepared batch; :meth:`QueuedScores.result` waits for its scores."""
+    return queue_flat(model, packed) if isinstance(packed, Flat) else queue_packed(model, packed)
 
 
 @dataclass
@@ -78,6 +99,11 @@ class Packed:
     pair_tok: torch.Tensor     # [N, W] ... the token ...
     pair_valid: torch.Tensor   # [N, W] ... and whether it is a real token (candidates differ in length)
     counts: list[int]          # candidates per row
+
+    def pin(self) -> "Packed":
+        """The same batch in page-locked memory, which a GPU copies from without holding up the host."""
+        return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
 def pack(builder: PromptBuilder, rows: Sequence[Row], prompts: list[list[int]]) -> Packed:
@@ -115,6 +141,60 @@ def pack(builder: PromptBuilder, rows: Sequence[Row], prompts: list[list[int]]) 
                   [len(a) for a in answers])
 
 
+@dataclass
+class Flat:
+    """One scoring batch as one sequence without padding, for :func:`llmcls.model.shared_prompt_attention`: every
+    row's prompt, then every row's candidates (each candidate's tokens but its last, as in :class:`Packed`)."""
+
+    ids: torch.Tensor            # [1, T]
+    pos: torch.Tensor            # [1, T] position ids: a candidate's tokens continue from its prompt's end
+    prompt_bounds: torch.Tensor  # [B + 1] where each row's prompt starts and ends (int32, as the kernel takes)
+    answer_rows: torch.Tensor    # [B + 1] the same for each row's candidate tokens, counted after the prompts
+    answer_bounds: torch.Tensor  # [M + 1] the same for each candidate that has tokens here
+    keep: torch.Tensor           # [B + T - n] positions whose logits are needed: each prompt's last, then after
+    pair_at: torch.Tensor        # [N, W] per (row, candidate): the kept position predicting each of its tokens ...
+    pair_tok: torch.Tensor       # [N, W] ... the token ...
+    pair_valid: torch.Tensor     # [N, W] ... and whether it is a real token (candidates differ in length)
+    counts: list[int]            # candidates per row
+    sizes: dict                  # prompt_tokens (n), prompt_max, answer_rows_max, answer_max
+
+    def pin(self) -> "Flat":
+        """The same batch in page-locked memory, which a GPU copies from without holding up the host."""
+        return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+def pack_flat(builder: PromptBuilder, rows: Sequence[Row], prompts: list[list[int]]) -> Flat:
+    answers = [[builder.answer_ids(c) for c in r.candidates] for r in rows]
+    B, W = len(rows), max(len(a) for ans in answers for a in ans)
+    n = sum(map(len, prompts))
+    ids, pos = [t for p in prompts for t in p], [i for p in prompts for i in range(len(p))]
+    row_ends, own_ends, pairs = [], [], []
+    for i, (p, ans) in enumerate(zip(prompts, answers)):
+        for a in ans:
+            start = len(ids) - n  # where this candidate's tokens start among the kept positions after B
+            ids += a[:-1]
+            pos += range(len(p), len(p) + len(a) - 1)
+            if len(a) > 1:
+                own_ends.append(len(ids) - n)
+            # token 0 is predicted by the row's last prompt position (kept position i), token t by the
+            # candidate's own token t - 1 (kept position B + start + t - 1)
+            pairs.append(([i] + [B + start + t for t in range(len(a) - 1)], a))
+        row_ends.append(len(ids) - n)
+    bounds = lambda ends: torch.tensor([0] + ends, dtype=torch.int32)  # noqa: E731
+    prompt_ends = list(itertools.accumulate(map(len, prompts)))
+    lengths = lambda ends: [b - a for a, b in zip([0] + ends, ends)] or [0]  # noqa: E731
+    return Flat(
+        torch.tensor([ids]), torch.tensor([pos]), bounds(prompt_ends), bounds(row_ends), bounds(own_ends),
+        torch.cat([torch.tensor(prompt_ends) - 1, torch.arange(n, len(ids))]),
+        torch.tensor([at + [0] * (W - len(at)) for at, _ in pairs]),
+        torch.tensor([a + [0] * (W - len(a)) for _, a in pairs]),
+        torch.tensor([[True] * len(a) + [False] * (W - len(a)) for _, a in pairs]),
+        [len(a) for a in answers],
+        {"prompt_tokens": n, "prompt_max": max(map(len, prompts)), "answer_rows_max": max(lengths(row_ends)),
+         "answer_max": max(lengths(own_ends))})
+
+
 def _packed_mask(seg: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Additive [B, 1, L, L] mask: a prompt token sees the prompt up to itself; a candidate's token sees the whole
     prompt and its own candidate up to itself, never another candidate. Padding sees only itself, so that no
@@ -133,6 +213,37 @@ def score_packed(model, packed: Packed) -> list[list[float]]:
     """One forward per batch over prompts and their candidates (:class:`Packed`): every candidate's position
     computes exactly what a separate prompt + candidate forward would, and logits are taken only where a candidate
     token is predicted."""
+    return queue_packed(model, packed).result()
+
+
+class QueuedScores:
+    """Scores of a batch whose forward is queued on the GPU; :meth:`result` waits for them. Until then the host
+    is free to queue the next batch, so the GPU does not idle while scores are read back."""
+
+    def __init__(self, total: torch.Tensor, counts: list[int]):
+        self.counts, self._ready = counts, None
+        if total.is_cuda:
+            self._host = torch.empty(total.shape, dtype=total.dtype, pin_memory=True)
+            self._host.copy_(total, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = total
+
+    def result(self) -> list[list[float]]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        total, result, k = self._host.tolist(), [], 0
+        for n in self.counts:
+            result.append(total[k:k + n])
+            k += n
+        return result
+
+
+@torch.no_grad()
+def queue_packed(model, packed: Packed) -> QueuedScores:
+    """:func:`score_packed` without waiting for the GPU. With ``packed`` pinned (:meth:`Packed.pin`) no copy
+    waits either: a pageable copy to the GPU can hold the host until the GPU has caught up."""
     dev = compute_device(model)
     to = lambda t: t.to(dev, non_blocking=True)  # noqa: E731
     mask = _packed_mask(to(packed.segment), compute_dtype(model))
@@ -142,12 +253,24 @@ def score_packed(model, packed: Packed) -> list[list[float]]:
     lse = torch.logsumexp(logits, dim=-1)  # once per kept position, however many candidates read it
     pb, pp = to(packed.pair_row), to(packed.pair_at)
     picked = logits[pb, pp, to(packed.pair_tok)] - lse[pb, pp]
-    total = (picked * to(packed.pair_valid)).sum(1).tolist()
-    result, k = [], 0
-    for n in packed.counts:
-        result.append(total[k:k + n])
-        k += n
-    return result
+    return QueuedScores((picked * to(packed.pair_valid)).sum(1), packed.counts)
+
+
+@torch.no_grad()
+def queue_flat(model, flat: Flat) -> QueuedScores:
+    """:func:`queue_packed` for a :class:`Flat` batch: the model attends with
+    :func:`llmcls.model.shared_prompt_attention` for this forward only."""
+    dev = compute_device(model)
+    to = lambda t: t.to(dev, non_blocking=True)  # noqa: E731
+    with attention_implementation(model, SHARED_PROMPT_ATTENTION):
+        out = model(input_ids=to(flat.ids), position_ids=to(flat.pos), logits_to_keep=to(flat.keep), use_cache=False,
+                    prompt_bounds=to(flat.prompt_bounds), answer_rows=to(flat.answer_rows),
+                    answer_bounds=to(flat.answer_bounds), **flat.sizes)
+    logits = out.logits[0].float()                                               # [B + T - n, V]
+    lse = torch.logsumexp(logits, dim=-1)  # once per kept position, however many candidates read it
+    at = to(flat.pair_at)
+    picked = logits[at, to(flat.pair_tok)] - lse[at]
+    return QueuedScores((picked * to(flat.pair_valid)).sum(1), flat.counts)
 
 
 def _score_cached(model, builder: PromptBuilder, rows: Sequence[Row], prompts: list[list[int]]) -> list[list[float]]:
@@ -242,27 +365,43 @@ def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "
     if shard is not None:
         batches = batches[shard[0]::shard[1]]
     preds: list[Optional[Prediction]] = [None] * len(rows)
-    packing = method == "score" and _packed_ok(model)
+    layout = layout_for(model) if method == "score" else None
+    packing = layout in ("flat", "padded")
+    pin = packing and compute_device(model).type == "cuda"
 
     def prep(idx):  # the next batch's tokens and tensors, made on a thread while the model runs this one
         prompts = prompts_for(builder, [rows[i] for i in idx], max_length)
-        return prompts, (pack(builder, [rows[i] for i in idx], prompts) if packing else None)
+        packed = (pack_flat if layout == "flat" else pack)(builder, [rows[i] for i in idx], prompts) if packing \
+            else None
+        return prompts, (packed.pin() if pin else packed)
+
+    def scored(idx, lls):
+        for i, ll in zip(idx, lls):
+            probs = dict(zip(rows[i].candidates, to_probs(ll)))
+            preds[i] = Prediction(i, max(probs, key=probs.get), probs)
+        bar.update(len(idx))
 
     with tqdm(total=sum(map(len, batches)), desc=desc, unit="row", disable=not progress) as bar, \
             ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(prep, batches[0]) if batches else None
+        queued = None  # the batch on the GPU whose scores are read back once the next one is queued behind it
         for k, idx in enumerate(batches):
             prompts, packed = pending.result()
             if k + 1 < len(batches):
                 pending = pool.submit(prep, batches[k + 1])
             batch = [rows[i] for i in idx]
-            if method == "score":
-                for i, r, ll in zip(idx, batch, score_batch(model, builder, batch, prompts=prompts, packed=packed)):
-                    probs = dict(zip(r.candidates, to_probs(ll)))
-                    preds[i] = Prediction(i, max(probs, key=probs.get), probs)
+            if packing:
+                now = (idx, queue_scores(model, packed))
+                if queued is not None:
+                    scored(queued[0], queued[1].result())
+                queued = now
+            elif method == "score":
+                scored(idx, score_batch(model, builder, batch, prompts=prompts))
             else:
                 texts = generate_batch(model, builder, batch, max_new_tokens, prompts=prompts)
                 for i, r, t in zip(idx, batch, texts):
                     preds[i] = Prediction(i, map_output(t, r.candidates), None, t)
-            bar.update(len(idx))
+                bar.update(len(idx))
+        if queued is not None:
+            scored(queued[0], queued[1].result())
     return preds  # type: ignore[return-value]

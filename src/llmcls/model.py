@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 import zipfile
 from pathlib import Path
 from typing import Optional
@@ -312,6 +313,84 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out.transpose(1, 2).contiguous(), None
 
 
+SHARED_PROMPT_ATTENTION = "llmcls_shared_prompt"
+
+
+def shared_prompt_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Scoring attention over one flat batch (:func:`llmcls.infer.pack_flat`): every row's prompt, then every row's
+    candidates' tokens. A prompt token sees its prompt up to itself; a candidate's token sees its whole prompt and
+    its own candidate up to itself. Three variable-length attention calls (prompts, causal; candidates over their
+    row's prompt; candidates over themselves, causal), the last two merged through their log-sum-exps: nothing is
+    computed for padding or for masked-out pairs, and each prompt once however many candidates follow it. The
+    boundaries come as keyword arguments from the model's forward (ints as ints, so that compiled layers keep
+    them symbolic)."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    try:
+        n, pb, pmax = kwargs["prompt_tokens"], kwargs["prompt_bounds"], kwargs["prompt_max"]
+    except KeyError:
+        raise ValueError("shared-prompt attention needs a flat batch's boundaries: its inputs come from "
+                         "llmcls.infer.pack_flat") from None
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, head_dim]
+    attend = _varlen_attn() if query.is_cuda else None
+    attend = attend or dense_varlen_attn
+    out = attend(q[:n], k[:n], v[:n], pb, pb, pmax, pmax, scale=scaling, window_size=(-1, 0))
+    if q.shape[0] > n:
+        rows, rmax = kwargs["answer_rows"], kwargs["answer_rows_max"]
+        own, omax = kwargs["answer_bounds"], kwargs["answer_max"]
+        lse = _lse_request()
+        on_prompt, lse_p = attend(q[n:], k[:n], v[:n], rows, pb, rmax, pmax, scale=scaling, return_aux=lse)
+        on_own, lse_o = attend(q[n:], k[n:], v[n:], own, own, omax, omax, scale=scaling, window_size=(-1, 0),
+                               return_aux=lse)
+        # softmax over (prompt keys + own keys) = each part's softmax weighted by its share of the total mass
+        w = torch.sigmoid(lse_p - lse_o).transpose(0, 1)[..., None]             # [T - n, heads, 1]
+        out = torch.cat([out, (on_prompt.float() * w + on_own.float() * (1 - w)).to(out.dtype)])
+    return out[None], None
+
+
+def shared_prompt_ok(model) -> bool:
+    """Whether :func:`shared_prompt_attention` can score for this model: on a GPU whose torch has variable-length
+    FlashAttention, in 16-bit weights (all that kernel takes), with no sliding-window layers (which it does not
+    apply)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or compute_device(base).type != "cuda" or _varlen_attn() is None:
+        return False
+    if compute_dtype(base) not in (torch.bfloat16, torch.float16):
+        return False
+    return "sliding_attention" not in (getattr(config, "layer_types", None) or ())
+
+
+def dense_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                      return_aux=None):
+    """``torch.nn.attention.varlen.varlen_attn`` written out densely in float32 (same arguments and results, the
+    log-sum-exp as [heads, T_q]): where that FlashAttention kernel does not run (a CPU), and as its reference."""
+    tq, tk = query.shape[0], key.shape[0]
+    seg_q = torch.searchsorted(cu_seq_q[1:].to(query.device), torch.arange(tq, device=query.device), right=True)
+    seg_k = torch.searchsorted(cu_seq_k[1:].to(query.device), torch.arange(tk, device=query.device), right=True)
+    allowed = seg_q[:, None] == seg_k[None, :]
+    if window_size == (-1, 0):  # causal, aligned at the end of each sequence pair as FlashAttention does
+        from_end_q = cu_seq_q[1:].to(query.device)[seg_q] - torch.arange(tq, device=query.device)
+        from_end_k = cu_seq_k[1:].to(query.device)[seg_k] - torch.arange(tk, device=query.device)
+        allowed &= from_end_q[:, None] <= from_end_k[None, :]
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.einsum("qhd,khd->hqk", query.float(), key.float()) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)                                            # [heads, T_q]
+    out = torch.einsum("hqk,khd->qhd", torch.exp(scores - lse[..., None]), value.float()).to(query.dtype)
+    return (out, lse) if return_aux is not None and return_aux.lse else out
+
+
+def _lse_request():
+    try:
+        from torch.nn.attention.varlen import AuxRequest
+    except ImportError:  # torch < 2.10: only dense_varlen_attn runs, and it reads .lse alone
+        return types.SimpleNamespace(lse=True)
+    return AuxRequest(lse=True)
+
+
 def _varlen_attn():
     try:
         from torch.nn.attention.varlen import varlen_attn  # torch >= 2.10
@@ -320,18 +399,33 @@ def _varlen_attn():
     return varlen_attn
 
 
-def _register_packed_attention() -> None:
+def _register_attention() -> None:
     # transformers' documented extension point for attention functions; no mask function is registered with
-    # it, so transformers builds no attention mask for a packed batch (the row boundaries say it all)
+    # them, so transformers builds no attention mask for their batches (the boundaries say it all)
     from transformers import AttentionInterface
 
     AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+    AttentionInterface.register(SHARED_PROMPT_ATTENTION, shared_prompt_attention)
+
+
+@contextlib.contextmanager
+def attention_implementation(model, name: str):
+    """Inside, the model attends with the attention function registered as ``name`` (one of llmcls's, above);
+    after, as before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = base.config._attn_implementation
+    _register_attention()
+    base.set_attn_implementation(name)
+    try:
+        yield model
+    finally:
+        base.set_attn_implementation(before)
 
 
 @contextlib.contextmanager
 def packed_rows(model, enabled: bool = True):
-    """Inside, the model attends with :func:`packed_attention`; after, as before (scoring relies on sdpa's custom
-    masks, and a model handed back to its user should attend as it did)."""
+    """Inside, the model attends with :func:`packed_attention`; after, as before (a model handed back to its user
+    should attend as it did)."""
     if not enabled:
         yield model
         return
@@ -339,13 +433,8 @@ def packed_rows(model, enabled: bool = True):
     if compute_device(base).type == "cuda" and _varlen_attn() is None:
         log.warning("torch %s has no variable-length FlashAttention (torch.nn.attention.varlen, torch >= 2.10): "
                     "packed rows fall back to a dense mask, slower than padding", torch.__version__)
-    before = base.config._attn_implementation
-    _register_packed_attention()
-    base.set_attn_implementation(PACKED_ATTENTION)
-    try:
+    with attention_implementation(model, PACKED_ATTENTION):
         yield model
-    finally:
-        base.set_attn_implementation(before)
 
 
 def compile_layers(model) -> None:
