@@ -43,3 +43,36 @@ def test_gpu_speed_runs_every_part_and_compares_like_with_like(tmp_path):
     assert {"tutorial_generate", "llmcls_score", "llmcls_generate"} <= set(res["eval"])
     md = (tmp_path / "gpu_speed.md").read_text()
     assert all(f"| {name} (micro" in md for name in train) and "| tutorial_generate |" in md
+
+
+def test_gpu_gaps_counts_idle_time_between_kernels(tmp_path):
+    """score_profile's reading of a profiler trace: busy time is the union of kernel intervals (overlaps counted
+    once), idle time the rest of their span, the longest gap named with the host operators running when it began."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from score_profile import gpu_gaps
+
+    trace = {"traceEvents": [
+        {"cat": "kernel", "ts": 0, "dur": 100}, {"cat": "kernel", "ts": 50, "dur": 100},      # overlap: busy 0-150
+        {"cat": "gpu_memcpy", "ts": 400, "dur": 50},                                         # gap of 250
+        {"cat": "kernel", "ts": 500, "dur": 500},                                            # gap of 50
+        {"cat": "cpu_op", "name": "aten::item", "ts": 140, "dur": 300},
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 20}]}
+    (tmp_path / "t.json").write_text(json.dumps(trace))
+    g = gpu_gaps(tmp_path / "t.json")
+    assert g["span_ms"] == 1.0 and g["gpu_busy_ms"] == 0.7 and g["idle_ms"] == 0.3
+    assert g["gaps_over_100us"] == 1 and g["idle_in_gaps_over_100us_ms"] == 0.25
+    assert g["longest"][0] == {"gap_us": 250, "host_ops": ["aten::item"]}
+    assert [x["gap_us"] for x in g["longest"]] == [250, 50]
+
+
+@pytest.mark.skipif(not (FUDAN / "test.jsonl").is_file() or not (SHARED / "qwen-tokenizer").is_dir(),
+                    reason="../shared (Fudan rows, Qwen tokenizer) is absent")
+def test_score_shapes_runs_on_a_cpu(tmp_path):
+    env = {**os.environ, "LLMCLS_SHARED": str(SHARED), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "score_shapes.py"), "--shape", "tiny", "--device",
+                          "cpu", "--rows", "12", "--batch", "4", "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads((tmp_path / "score_shapes.json").read_text())
+    assert set(res) >= {"padded", "environment"} and "flat" not in res  # flat needs a GPU
+    assert res["padded"]["distinct_shapes"] >= 1 and res["padded"]["pass2_rows_per_s"] > 0

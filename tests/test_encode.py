@@ -107,6 +107,25 @@ def test_batched_fitting_equals_one_row_at_a_time(tokenizer):
     assert all(len(g) <= n for g, n in zip(got, budgets))
 
 
+@pytest.mark.skipif(not (FUDAN / "test.jsonl").is_file(), reason="../shared/data/fudan-news is absent")
+def test_batched_fitting_equals_one_row_at_a_time_on_fudan(tokenizer):
+    """Real news rows, most longer than the limit: the lockstep cut-and-check rounds of fit_prompts give fit_prompt's
+    ids row for row, including rows whose first cut lands a token over (the template's boundary moves)."""
+    from llmcls.config import DataConfig
+    from llmcls.data import read_rows
+    from llmcls.encode import _cut_text
+
+    b = PromptBuilder(tokenizer, PromptConfig())
+    rows, _ = read_rows(FUDAN / "test.jsonl", DataConfig())
+    rows = rows[:160]
+    for limit in (380, 150):
+        want = [fit_prompt(b, r, limit)[0] for r in rows]
+        assert fit_prompts(b, rows, [limit] * len(rows)) == want
+        first_over = sum(len(b.prompt_ids(_cut_text(b, r, limit - b.empty_prompt_length(r.candidates)))) > limit
+                         for r in rows if len(b.prompt_ids(r)) > limit)
+        assert first_over > 10  # the second round is exercised
+
+
 @pytest.mark.skipif(not (FUDAN / "train.jsonl").is_file(), reason="../shared/data/fudan-news is absent")
 def test_fudan_every_row_keeps_its_answer(tokenizer, tmp_path):
     """On the real development data (first 600 rows, for time) the tutorial's cut drops most answers; ours

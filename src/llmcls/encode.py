@@ -82,13 +82,21 @@ def _cut_text(builder: PromptBuilder, row: Row, budget_tokens: int) -> Row:
     """The row with its text cut on a character boundary after about ``budget_tokens`` tokens."""
     # BPE on long runs of Chinese characters is slow, and only the head of the text can survive the cut:
     # tokenise a growing prefix until it holds enough tokens.
-    n = max(64, budget_tokens * 2)
+    n = _first_head(budget_tokens)
     while True:
         head = row.text[:n]
         offsets = builder.tok(head, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         if len(offsets) > budget_tokens or n >= len(row.text):
             break
         n *= 2
+    return _cut_at(row, offsets, budget_tokens)
+
+
+def _first_head(budget_tokens: int) -> int:
+    return max(64, budget_tokens * 2)  # characters: enough for the budget unless a token averages over two
+
+
+def _cut_at(row: Row, offsets: Sequence[tuple[int, int]], budget_tokens: int) -> Row:
     keep = max(0, min(budget_tokens, len(offsets)))
     cut = offsets[keep - 1][1] if keep > 0 else 0
     return Row(text=row.text[:cut], candidates=row.candidates, label=row.label, line=row.line)
@@ -103,13 +111,37 @@ def fit_prompt(builder: PromptBuilder, row: Row, max_tokens: int,
 
 
 def fit_prompts(builder: PromptBuilder, rows: Sequence[Row], max_tokens: Sequence[int]) -> list[list[int]]:
-    """:func:`fit_prompt` of many rows (``max_tokens`` per row): every text short enough to be tokenised whole goes
-    through one batched tokenizer call (parallel, and off the GIL); only longer ones are tokenised one by one."""
+    """:func:`fit_prompt` of many rows (``max_tokens`` per row): the same ids, from batched tokenizer calls
+    (parallel, and off the GIL). Texts short enough are tokenised whole in one call; the others go through
+    :func:`fit_row`'s cut-and-check loop in lockstep, each round one call for the heads and one for the cut
+    prompts."""
+    out: list[Optional[list[int]]] = [None] * len(rows)
     whole = [i for i, (r, n) in enumerate(zip(rows, max_tokens)) if _tokenise_whole(r, n)]
-    ids: list[Optional[list[int]]] = [None] * len(rows)
     for i, p in zip(whole, builder.batch_prompt_ids([rows[i] for i in whole]) if whole else []):
-        ids[i] = p
-    return [fit_prompt(builder, r, n, p)[0] for r, n, p in zip(rows, max_tokens, ids)]
+        out[i] = p if len(p) <= max_tokens[i] else None
+    budget = {i: max_tokens[i] - builder.empty_prompt_length(rows[i].candidates) for i in range(len(rows))
+              if out[i] is None}
+    budget = {i: b for i, b in budget.items() if b > 0}  # the others raise PromptTooLong in fit_prompt, below
+    head = {i: _first_head(b) for i, b in budget.items()}
+    while budget:
+        todo = list(budget)
+        offsets = builder.tok([rows[i].text[:head[i]] for i in todo], add_special_tokens=False,
+                              return_offsets_mapping=True)["offset_mapping"]
+        cuts = []
+        for i, off in zip(todo, offsets):
+            if len(off) > budget[i] or head[i] >= len(rows[i].text):
+                cuts.append((i, _cut_at(rows[i], off, budget[i])))
+            else:
+                head[i] *= 2  # the head held too few tokens: a longer one next round, as _cut_text does
+        for (i, _), p in zip(cuts, builder.batch_prompt_ids([c for _, c in cuts]) if cuts else []):
+            excess = len(p) - max_tokens[i]
+            if excess <= 0:
+                out[i] = p
+                del budget[i]
+            else:  # token boundaries moved at the cut: tighten, as fit_row does
+                budget[i] -= excess
+                head[i] = _first_head(budget[i])
+    return [p if p is not None else fit_prompt(builder, r, n)[0] for r, n, p in zip(rows, max_tokens, out)]
 
 
 def _tokenise_whole(row: Row, max_tokens: int) -> bool:
