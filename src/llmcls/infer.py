@@ -83,6 +83,13 @@ def queue_scores(model, packed: "Packed | Flat") -> "QueuedScores":
     return queue_flat(model, packed) if isinstance(packed, Flat) else queue_packed(model, packed)
 
 
+def _pinned(batch):
+    """The same batch with its tensors in page-locked memory, which a GPU copies from without holding up the host
+    (a copy from pageable memory can wait for the GPU to catch up first)."""
+    return replace(batch, **{f.name: getattr(batch, f.name).pin_memory() for f in fields(batch)
+                             if isinstance(getattr(batch, f.name), torch.Tensor)})
+
+
 @dataclass
 class Packed:
     """One scoring batch as CPU tensors: each row's prompt (left-padded to P) followed by its candidates back to
@@ -101,9 +108,7 @@ class Packed:
     counts: list[int]          # candidates per row
 
     def pin(self) -> "Packed":
-        """The same batch in page-locked memory, which a GPU copies from without holding up the host."""
-        return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)})
+        return _pinned(self)
 
 
 def pack(builder: PromptBuilder, rows: Sequence[Row], prompts: list[list[int]]) -> Packed:
@@ -159,9 +164,7 @@ class Flat:
     sizes: dict                  # prompt_tokens (n), prompt_max, answer_rows_max, answer_max
 
     def pin(self) -> "Flat":
-        """The same batch in page-locked memory, which a GPU copies from without holding up the host."""
-        return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)})
+        return _pinned(self)
 
 
 def pack_flat(builder: PromptBuilder, rows: Sequence[Row], prompts: list[list[int]]) -> Flat:
@@ -191,8 +194,10 @@ def pack_flat(builder: PromptBuilder, rows: Sequence[Row], prompts: list[list[in
         torch.tensor([a + [0] * (W - len(a)) for _, a in pairs]),
         torch.tensor([[True] * len(a) + [False] * (W - len(a)) for _, a in pairs]),
         [len(a) for a in answers],
-        {"prompt_tokens": n, "prompt_max": max(map(len, prompts)), "answer_rows_max": max(lengths(row_ends)),
-         "answer_max": max(lengths(own_ends))})
+        # The kernel needs upper bounds only; 2 at least, because torch.compile may specialise compiled layers on
+        # an int of 0 or 1 and recompile them when a batch of one-token labels is followed by longer ones.
+        {"prompt_tokens": n, "prompt_max": max(map(len, prompts)), "answer_rows_max": max(2, *lengths(row_ends)),
+         "answer_max": max(2, *lengths(own_ends))})
 
 
 def _packed_mask(seg: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
