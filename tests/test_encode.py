@@ -9,7 +9,7 @@ from conftest import FUDAN
 from llmcls.config import PromptConfig, TUTORIAL_SYSTEM, load_config
 from llmcls.data import Row
 from llmcls.encode import (IGNORE, AnswerCollator, PromptBuilder, PromptTooLong, answer_loss, encode_train, fit_prompt,
-                           fit_prompts)
+                           fit_prompts, fit_rows)
 
 
 def tutorial_prompt(text, category):
@@ -88,8 +88,16 @@ def test_answer_loss_equals_model_loss(tokenizer, model_factory):
     assert abs(fast.item() - total / n) < 1e-4
 
 
+def assert_fitted(b, row, fitted, ids, limit):
+    """What fitting promises, checked from outside: the prompt of a prefix of the text, within the limit, and when
+    cut, cut close to it (a few tokens of slack where the template's token boundaries moved)."""
+    assert row.text.startswith(fitted.text) and b.prompt_ids(fitted) == ids and len(ids) <= limit
+    if fitted is not row:
+        assert len(fitted.text) < len(row.text) and len(ids) >= limit - 4
+
+
 def test_batched_fitting_equals_one_row_at_a_time(tokenizer):
-    """fit_prompts tokenises short texts in one batched call and cuts long ones one by one: the same ids as
+    """fit_prompts tokenises short texts in one batched call and cuts long ones in lockstep rounds: the same ids as
     fit_prompt row by row, whichever side of the whole-text threshold (2 characters per token) a row falls."""
     b = PromptBuilder(tokenizer, PromptConfig())
     unit = "经济发展和社会进步是我们的共同目标。"
@@ -105,23 +113,34 @@ def test_batched_fitting_equals_one_row_at_a_time(tokenizer):
     assert any(w and not c for w, c in zip(whole, cut)) and any(w and c for w, c in zip(whole, cut))
     assert not all(whole)
     assert all(len(g) <= n for g, n in zip(got, budgets))
+    for r, n, (fitted, ids) in zip(rows, budgets, fit_rows(b, rows, budgets)):
+        assert_fitted(b, r, fitted, ids, n)
 
 
 @pytest.mark.skipif(not (FUDAN / "test.jsonl").is_file(), reason="../shared/data/fudan-news is absent")
 def test_batched_fitting_equals_one_row_at_a_time_on_fudan(tokenizer):
-    """Real news rows, most longer than the limit: the lockstep cut-and-check rounds of fit_prompts give fit_prompt's
-    ids row for row, including rows whose first cut lands a token over (the template's boundary moves)."""
+    """Real news rows, most longer than the limit: the lockstep cut-and-check rounds give each row what it gets
+    alone, and what fitting promises, including rows whose first cut lands over the limit (the template's token
+    boundaries move) and need a second round."""
     from llmcls.config import DataConfig
     from llmcls.data import read_rows
-    from llmcls.encode import _cut_text
+    from llmcls.encode import _cut_at, _first_head
+
+    def first_cut(r, budget):
+        off = tokenizer(r.text[:_first_head(budget)], add_special_tokens=False,
+                        return_offsets_mapping=True)["offset_mapping"]
+        return _cut_at(r, off, budget)
 
     b = PromptBuilder(tokenizer, PromptConfig())
     rows, _ = read_rows(FUDAN / "test.jsonl", DataConfig())
     rows = rows[:160]
     for limit in (380, 150):
         want = [fit_prompt(b, r, limit)[0] for r in rows]
-        assert fit_prompts(b, rows, [limit] * len(rows)) == want
-        first_over = sum(len(b.prompt_ids(_cut_text(b, r, limit - b.empty_prompt_length(r.candidates)))) > limit
+        fitted = fit_rows(b, rows, [limit] * len(rows))
+        assert [ids for _, ids in fitted] == want
+        for r, (f, ids) in zip(rows, fitted):
+            assert_fitted(b, r, f, ids, limit)
+        first_over = sum(len(b.prompt_ids(first_cut(r, limit - b.empty_prompt_length(r.candidates)))) > limit
                          for r in rows if len(b.prompt_ids(r)) > limit)
         assert first_over > 10  # the second round is exercised
 

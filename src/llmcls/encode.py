@@ -78,28 +78,21 @@ class Encoded:
     full_length: int     # prompt + answer tokens before any cut
 
 
-def _cut_text(builder: PromptBuilder, row: Row, budget_tokens: int) -> Row:
-    """The row with its text cut on a character boundary after about ``budget_tokens`` tokens."""
-    # BPE on long runs of Chinese characters is slow, and only the head of the text can survive the cut:
-    # tokenise a growing prefix until it holds enough tokens.
-    n = _first_head(budget_tokens)
-    while True:
-        head = row.text[:n]
-        offsets = builder.tok(head, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        if len(offsets) > budget_tokens or n >= len(row.text):
-            break
-        n *= 2
-    return _cut_at(row, offsets, budget_tokens)
-
-
 def _first_head(budget_tokens: int) -> int:
     return max(64, budget_tokens * 2)  # characters: enough for the budget unless a token averages over two
 
 
 def _cut_at(row: Row, offsets: Sequence[tuple[int, int]], budget_tokens: int) -> Row:
+    """The row with its text cut on the character boundary after ``budget_tokens`` of its tokens (``offsets``)."""
     keep = max(0, min(budget_tokens, len(offsets)))
     cut = offsets[keep - 1][1] if keep > 0 else 0
     return Row(text=row.text[:cut], candidates=row.candidates, label=row.label, line=row.line)
+
+
+def _tokenise_whole(row: Row, max_tokens: int) -> bool:
+    # Past 2 characters per token of budget a text is usually too long (Chinese news runs ~1.3 characters a
+    # token): only its head is tokenised then (fit_rows), which also handles one that fits after all.
+    return len(row.text) <= 2 * max_tokens
 
 
 def fit_prompt(builder: PromptBuilder, row: Row, max_tokens: int,
@@ -111,18 +104,39 @@ def fit_prompt(builder: PromptBuilder, row: Row, max_tokens: int,
 
 
 def fit_prompts(builder: PromptBuilder, rows: Sequence[Row], max_tokens: Sequence[int]) -> list[list[int]]:
-    """:func:`fit_prompt` of many rows (``max_tokens`` per row): the same ids, from batched tokenizer calls
-    (parallel, and off the GIL). Texts short enough are tokenised whole in one call; the others go through
-    :func:`fit_row`'s cut-and-check loop in lockstep, each round one call for the heads and one for the cut
-    prompts."""
-    out: list[Optional[list[int]]] = [None] * len(rows)
-    whole = [i for i, (r, n) in enumerate(zip(rows, max_tokens)) if _tokenise_whole(r, n)]
+    """:func:`fit_prompt`'s ids for many rows (``max_tokens`` per row), in batched tokenizer calls."""
+    return [ids for _, ids in fit_rows(builder, rows, max_tokens)]
+
+
+def fit_row(builder: PromptBuilder, row: Row, max_tokens: int,
+            prompt_ids: Optional[list[int]] = None) -> tuple[Row, list[int]]:
+    """The row (with its text shortened if needed) and its prompt ids, at most ``max_tokens`` of them."""
+    return fit_rows(builder, [row], [max_tokens], [prompt_ids])[0]
+
+
+def fit_rows(builder: PromptBuilder, rows: Sequence[Row], max_tokens: Sequence[int],
+             prompt_ids: Optional[Sequence[Optional[list[int]]]] = None) -> list[tuple[Row, list[int]]]:
+    """Each row (its text shortened if needed) with its prompt ids, at most ``max_tokens[i]`` of them, from batched
+    tokenizer calls (parallel, and off the GIL). A long text is never tokenised whole (slow for long Chinese
+    texts): only as much of its head as can fit, cut after its token budget; the cut prompt is re-tokenised, and
+    where the template's token boundaries moved the budget is tightened and the row cut again. The rows go
+    through that loop in lockstep: each round, one tokenizer call for the heads and one for the cut prompts.
+    Raises :class:`PromptTooLong` when even an empty text does not fit."""
+    prompts = list(prompt_ids) if prompt_ids is not None else [None] * len(rows)
+    whole = [i for i, p in enumerate(prompts) if p is None and _tokenise_whole(rows[i], max_tokens[i])]
     for i, p in zip(whole, builder.batch_prompt_ids([rows[i] for i in whole]) if whole else []):
-        out[i] = p if len(p) <= max_tokens[i] else None
-    budget = {i: max_tokens[i] - builder.empty_prompt_length(rows[i].candidates) for i in range(len(rows))
-              if out[i] is None}
-    budget = {i: b for i, b in budget.items() if b > 0}  # the others raise PromptTooLong in fit_prompt, below
-    head = {i: _first_head(b) for i, b in budget.items()}
+        prompts[i] = p
+    out: list[Optional[tuple[Row, list[int]]]] = [
+        (r, p) if p is not None and len(p) <= n else None for r, n, p in zip(rows, max_tokens, prompts)]
+    budget: dict[int, int] = {}
+    for i in (i for i, o in enumerate(out) if o is None):
+        empty = builder.empty_prompt_length(rows[i].candidates)
+        if max_tokens[i] - empty <= 0:
+            raise PromptTooLong(
+                f"the prompt without any text is already {empty} tokens; the limit of {max_tokens[i]} leaves no "
+                "room for the text (raise max_length, or shorten the system prompt or the candidates)")
+        budget[i] = max_tokens[i] - empty
+    head = {i: _first_head(b) for i, b in budget.items()}  # characters of the text tokenised this round
     while budget:
         todo = list(budget)
         offsets = builder.tok([rows[i].text[:head[i]] for i in todo], add_special_tokens=False,
@@ -132,47 +146,16 @@ def fit_prompts(builder: PromptBuilder, rows: Sequence[Row], max_tokens: Sequenc
             if len(off) > budget[i] or head[i] >= len(rows[i].text):
                 cuts.append((i, _cut_at(rows[i], off, budget[i])))
             else:
-                head[i] *= 2  # the head held too few tokens: a longer one next round, as _cut_text does
-        for (i, _), p in zip(cuts, builder.batch_prompt_ids([c for _, c in cuts]) if cuts else []):
+                head[i] *= 2  # the head held too few tokens: a longer one next round
+        for (i, cut), p in zip(cuts, builder.batch_prompt_ids([c for _, c in cuts]) if cuts else []):
             excess = len(p) - max_tokens[i]
             if excess <= 0:
-                out[i] = p
+                out[i] = (cut if len(cut.text) < len(rows[i].text) else rows[i], p)
                 del budget[i]
-            else:  # token boundaries moved at the cut: tighten, as fit_row does
+            else:  # token boundaries moved at the cut: tighten, and cut from a head of the new budget
                 budget[i] -= excess
                 head[i] = _first_head(budget[i])
-    return [p if p is not None else fit_prompt(builder, r, n)[0] for r, n, p in zip(rows, max_tokens, out)]
-
-
-def _tokenise_whole(row: Row, max_tokens: int) -> bool:
-    # Past 2 characters per token of budget a text is usually too long (Chinese news runs ~1.3 characters a
-    # token): only its head is tokenised then (_cut_text), which also handles one that fits after all.
-    return len(row.text) <= 2 * max_tokens
-
-
-def fit_row(builder: PromptBuilder, row: Row, max_tokens: int,
-            prompt_ids: Optional[list[int]] = None) -> tuple[Row, list[int]]:
-    """The row (with its text shortened if needed) and its prompt ids, at most ``max_tokens`` of them.
-    A long text is never tokenised whole (slow for long Chinese texts): only as much of its head as can fit."""
-    prompt = prompt_ids
-    if prompt is None and _tokenise_whole(row, max_tokens):
-        prompt = builder.prompt_ids(row)
-    if prompt is not None and len(prompt) <= max_tokens:
-        return row, prompt
-    empty = builder.empty_prompt_length(row.candidates)
-    budget = max_tokens - empty
-    if budget <= 0:
-        raise PromptTooLong(
-            f"the prompt without any text is already {empty} tokens; the limit of {max_tokens} "
-            "leaves no room for the text (raise max_length, or shorten the system prompt or the candidates)")
-    # Token boundaries can shift where the text is cut, so re-tokenise and tighten until it fits.
-    while True:
-        cut = _cut_text(builder, row, budget)
-        prompt = builder.prompt_ids(cut)
-        excess = len(prompt) - max_tokens
-        if excess <= 0:
-            return (cut if len(cut.text) < len(row.text) else row), prompt
-        budget -= excess
+    return out  # type: ignore[return-value]
 
 
 def encode_train(builder: PromptBuilder, row: Row, max_length: int, truncation: str = "text",

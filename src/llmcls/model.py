@@ -246,6 +246,11 @@ def place_model(model, device: str, offload_embeddings: bool = False):
     return move(model)
 
 
+def _base(model):
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _head_weight(model) -> torch.Tensor:
     """The LM head's weight: never offloaded (``offload_embeddings``) and never quantised (``quantize``), so it
     tells where and in what dtype the model computes, where "the first parameter" may be neither."""
@@ -284,8 +289,8 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     :class:`llmcls.encode.PackedCollator`): each token sees the tokens before it in its own row, nothing else.
     Called by transformers' attention layers with [1, heads, T, head_dim] tensors; returns [1, T, heads,
     head_dim] as its own attention functions do. On a GPU it runs FlashAttention's variable-length kernel
-    (``torch.nn.attention.varlen``), whose cost is that of the rows apart; elsewhere sdpa with a block-diagonal
-    causal mask gives the same result."""
+    (``torch.nn.attention.varlen``), whose cost is that of the rows apart; elsewhere its dense reference
+    (:func:`dense_varlen_attn`) gives the same result."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
     bounds, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
@@ -300,17 +305,9 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
                          "packed attention does not apply: turn train.packing off for rows this long")
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    varlen = _varlen_attn() if query.is_cuda else None
-    if varlen is not None:
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, head_dim]
-        out = varlen(q, k, v, bounds, bounds, longest, longest, scale=scaling, window_size=(-1, 0))
-        return out[None], None
-    T = query.shape[2]
-    at = torch.arange(T, device=query.device)
-    row = torch.searchsorted(bounds[1:].to(query.device), at, right=True)
-    allowed = (row[:, None] == row[None, :]) & (at[:, None] >= at[None, :])
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, head_dim]
+    out = _varlen_for(query)(q, k, v, bounds, bounds, longest, longest, scale=scaling, window_size=(-1, 0))
+    return out[None], None
 
 
 SHARED_PROMPT_ATTENTION = "llmcls_shared_prompt"
@@ -334,8 +331,7 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, head_dim]
-    attend = _varlen_attn() if query.is_cuda else None
-    attend = attend or dense_varlen_attn
+    attend = _varlen_for(query)
     out = attend(q[:n], k[:n], v[:n], pb, pb, pmax, pmax, scale=scaling, window_size=(-1, 0))
     if q.shape[0] > n:
         rows, rmax = kwargs["answer_rows"], kwargs["answer_rows_max"]
@@ -354,7 +350,7 @@ def shared_prompt_ok(model) -> bool:
     """Whether :func:`shared_prompt_attention` can score for this model: on a GPU whose torch has variable-length
     FlashAttention, in 16-bit weights (all that kernel takes), with no sliding-window layers (which it does not
     apply)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     config = getattr(base, "config", None)
     if config is None or compute_device(base).type != "cuda" or _varlen_attn() is None:
         return False
@@ -365,8 +361,10 @@ def shared_prompt_ok(model) -> bool:
 
 def dense_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
                       return_aux=None):
-    """``torch.nn.attention.varlen.varlen_attn`` written out densely in float32 (same arguments and results, the
-    log-sum-exp as [heads, T_q]): where that FlashAttention kernel does not run (a CPU), and as its reference."""
+    """``torch.nn.attention.varlen.varlen_attn`` written out densely (same arguments and results, the log-sum-exp
+    as [heads, T_q]): where that FlashAttention kernel does not run (a CPU), and as its reference. Without the
+    log-sum-exp it is sdpa under a [T_q, T_k] mask (as fast as attention under a dense mask gets on a CPU); with
+    it, the softmax written out in float32."""
     tq, tk = query.shape[0], key.shape[0]
     seg_q = torch.searchsorted(cu_seq_q[1:].to(query.device), torch.arange(tq, device=query.device), right=True)
     seg_k = torch.searchsorted(cu_seq_k[1:].to(query.device), torch.arange(tk, device=query.device), right=True)
@@ -376,11 +374,16 @@ def dense_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, sc
         from_end_k = cu_seq_k[1:].to(query.device)[seg_k] - torch.arange(tk, device=query.device)
         allowed &= from_end_q[:, None] <= from_end_k[None, :]
     scale = query.shape[-1] ** -0.5 if scale is None else scale
+    if return_aux is None or not return_aux.lse:
+        # [1, heads, T, head_dim]: sdpa's fast CPU kernel takes 4-D inputs only (3-D ones run ~4x slower)
+        q, k, v = (t.transpose(0, 1)[None] for t in (query, key, value))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+        return out[0].transpose(0, 1)
     scores = torch.einsum("qhd,khd->hqk", query.float(), key.float()) * scale
     scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)                                            # [heads, T_q]
     out = torch.einsum("hqk,khd->qhd", torch.exp(scores - lse[..., None]), value.float()).to(query.dtype)
-    return (out, lse) if return_aux is not None and return_aux.lse else out
+    return out, lse
 
 
 def _lse_request():
@@ -389,6 +392,11 @@ def _lse_request():
     except ImportError:  # torch < 2.10: only dense_varlen_attn runs, and it reads .lse alone
         return types.SimpleNamespace(lse=True)
     return AuxRequest(lse=True)
+
+
+def _varlen_for(query):
+    """FlashAttention's variable-length kernel for a GPU query where torch has it, else its dense reference."""
+    return (_varlen_attn() if query.is_cuda else None) or dense_varlen_attn
 
 
 def _varlen_attn():
@@ -412,7 +420,7 @@ def _register_attention() -> None:
 def attention_implementation(model, name: str):
     """Inside, the model attends with the attention function registered as ``name`` (one of llmcls's, above);
     after, as before."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     before = base.config._attn_implementation
     _register_attention()
     base.set_attn_implementation(name)
@@ -429,7 +437,7 @@ def packed_rows(model, enabled: bool = True):
     if not enabled:
         yield model
         return
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     if compute_device(base).type == "cuda" and _varlen_attn() is None:
         log.warning("torch %s has no variable-length FlashAttention (torch.nn.attention.varlen, torch >= 2.10): "
                     "packed rows fall back to a dense mask, slower than padding", torch.__version__)
@@ -442,7 +450,7 @@ def compile_layers(model) -> None:
     serves all of them and compile time stays short), launches per layer drop from hundreds to a few, and the
     elementwise work between matrix products is fused. Shapes are dynamic: batches of any size and length reuse
     the compiled code."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     for layer in base.model.layers:
         layer.compile(dynamic=True)
 
