@@ -551,11 +551,17 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The options every single-card benchmark here takes: the model shape and the device."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default=str(SHARED / "model-shapes/qwen1.5-7b-chat.json"),
                     help="config.json of a real model, or 'tiny'")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return ap
+
+
+def main(argv=None):
+    ap = parser(__doc__)
     ap.add_argument("--steps", type=int, default=8,
                     help="timed optimizer steps per training variant: one epoch over the same 16 x STEPS rows")
     ap.add_argument("--warmup", type=int, default=1,

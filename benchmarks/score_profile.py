@@ -19,7 +19,6 @@ Output: JSON with every number and the environment, and the profiler tables as t
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -31,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from gpu_speed import MAX_LEN, SHARED, build_model, load_rows, matmul_tflops, sync  # noqa: E402
+from gpu_speed import MAX_LEN, SHARED, build_model, load_rows, matmul_tflops, parser, sync  # noqa: E402
 from llmcls.config import PromptConfig  # noqa: E402
 from llmcls.encode import PromptBuilder, fit_row, left_pad, positions  # noqa: E402
 from llmcls.env import environment  # noqa: E402
@@ -169,9 +168,7 @@ def serving_pieces(model, tok, rows, lengths, max_batch, device) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default=str(SHARED / "model-shapes/qwen1.5-7b-chat.json"))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = parser(__doc__)
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--batches", default="32,64")
     ap.add_argument("--serve-lengths", default="384,128")

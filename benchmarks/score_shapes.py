@@ -14,18 +14,15 @@ shapes of the padded layout, the environment.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from gpu_speed import MAX_LEN, SHARED, build_model, load_rows, sync  # noqa: E402
+from gpu_speed import MAX_LEN, SHARED, build_model, load_rows, parser, sync  # noqa: E402
 import llmcls.infer as infer  # noqa: E402
 from llmcls.config import PromptConfig  # noqa: E402
 from llmcls.encode import PromptBuilder  # noqa: E402
@@ -61,9 +58,7 @@ def passes(model, b, rows, layout: str, batch: int, device: str) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default=str(SHARED / "model-shapes/qwen1.5-7b-chat.json"))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = parser(__doc__)
     ap.add_argument("--rows", type=int, default=400)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--out", default="bench-out/score_shapes")
