@@ -13,6 +13,13 @@ Evaluation (prompts of ~380 tokens): (a) tutorial-style one-row ``generate``; (b
 (c) llmcls batched ``generate``. Before timing, the fast path's loss and LoRA gradients on one batch are compared
 with the tutorial path's.
 
+Every llmcls variant is one of the shipped configs (``configs/qwen1.5-7b-chat-fudan*.yaml``, read with
+``llmcls.config.load_config``), with at most one lever changed (``VARIANTS``) and the settings a benchmark must
+control overridden (``BENCH_OVERRIDES``): a change to a shipped config changes what is measured. The tutorial's
+own recipe (``run_tutorial``: its Trainer, collator and peft defaults, as published) stays the reference; its
+settings are checked against ``configs/qwen1.5-7b-chat-fudan.yaml`` (``tutorial_config_drift``), and
+``llmcls-tutorial`` runs that config through llmcls.
+
 The model is a random-init model of a real shape (cost depends on shapes, not weight values). Output: a JSON
 file with every number and the environment, and a markdown table.
 
@@ -23,30 +30,29 @@ file with every number and the environment, and a markdown table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from llmcls.collate import AnswerCollator, PackedCollator, answer_loss
+from llmcls.config import Config, DataConfig, PromptConfig, load_config
+from llmcls.data import Row, read_rows
+from llmcls.encode import IGNORE, PromptBuilder, encode_train
+from llmcls.env import environment
+from llmcls.files import atomic_write_json, atomic_write_text
+from llmcls.infer import classify, generate_batch
+from llmcls.model.attention import packed_rows
+from llmcls.model.load import HostEmbedding, compile_layers, load_model, place_model
+from llmcls.trainer import build_trainer, prepare_for_training, training_arguments
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from llmcls.config import PromptConfig, load_config  # noqa: E402
-from llmcls.data import DataConfig, Row, read_rows  # noqa: E402
-from llmcls.encode import (AnswerCollator, IGNORE, PackedCollator, PromptBuilder, answer_loss,  # noqa: E402
-                           encode_train)
-from llmcls.env import environment  # noqa: E402
-from llmcls.infer import classify, generate_batch  # noqa: E402
-from llmcls.io import atomic_write_json, atomic_write_text  # noqa: E402
-from llmcls.model import compile_layers, packed_rows, place_model  # noqa: E402
-from llmcls.train import build_trainer, prepare_for_training, training_arguments  # noqa: E402
-
 SHARED = Path(os.environ.get("LLMCLS_SHARED", ROOT.parent / "shared"))
 MAX_LEN = 384
 
@@ -213,59 +219,125 @@ def timed_training(make_trainer, ds, device, warmup_epochs=1, profile_to=None) -
     return out
 
 
+# The tutorial's recipe as published (its Trainer arguments, LoRA settings, max length). These are the tutorial's
+# own values, not llmcls's: the reference must not move when a config does. configs/qwen1.5-7b-chat-fudan.yaml
+# states the same recipe for llmcls; tutorial_config_drift() tells where the two part.
+TUTORIAL = {"batch_size": 4, "grad_accum": 4, "lr": 1e-4, "gradient_checkpointing": True, "max_length": MAX_LEN,
+            "lora_r": 8, "lora_alpha": 32, "lora_dropout": 0.1,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+CONFIGS = ROOT / "configs"
+TUTORIAL_CONFIG = CONFIGS / "qwen1.5-7b-chat-fudan.yaml"
+
+
+def tutorial_config_drift(path: Path = TUTORIAL_CONFIG) -> dict:
+    """Settings of the tutorial's recipe that the shipped tutorial config states differently: {key: [tutorial,
+    config]} (empty when they agree)."""
+    c = load_config(path)
+    mine = {"batch_size": c.train.batch_size, "grad_accum": c.train.grad_accum, "lr": c.train.lr,
+            "gradient_checkpointing": c.train.gradient_checkpointing, "max_length": c.data.max_length,
+            "lora_r": c.lora.r, "lora_alpha": c.lora.alpha, "lora_dropout": c.lora.dropout,
+            "target_modules": list(c.lora.target_modules)}
+    return {k: [v, mine[k]] for k, v in TUTORIAL.items() if mine[k] != v}
+
+
 def run_tutorial(model, tok, rows, device, out_dir, warmup_epochs=1):
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                     "gate_proj", "up_proj", "down_proj"], inference_mode=False, r=8, lora_alpha=32, lora_dropout=0.1)
+    t = TUTORIAL
+    cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=list(t["target_modules"]), inference_mode=False,
+                     r=t["lora_r"], lora_alpha=t["lora_alpha"], lora_dropout=t["lora_dropout"])
     model.enable_input_require_grads()
     peft_model = get_peft_model(model, cfg)
 
     def make_trainer(ds, callbacks):
-        args = TrainingArguments(output_dir=str(out_dir / "tutorial"), per_device_train_batch_size=4,
-                                 gradient_accumulation_steps=4, logging_steps=10, num_train_epochs=1, save_steps=100,
-                                 learning_rate=1e-4, save_on_each_node=True, gradient_checkpointing=True,
+        args = TrainingArguments(output_dir=str(out_dir / "tutorial"), per_device_train_batch_size=t["batch_size"],
+                                 gradient_accumulation_steps=t["grad_accum"], logging_steps=10, num_train_epochs=1,
+                                 save_steps=100, learning_rate=t["lr"], save_on_each_node=True,
+                                 gradient_checkpointing=t["gradient_checkpointing"],
                                  report_to="none", save_strategy="no", disable_tqdm=True)
         return Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=callbacks,
                        data_collator=DataCollatorForSeq2Seq(tokenizer=tok, padding=True))
 
     ds = [tutorial_encode(tok, r) for r in rows]  # the Trainer takes any sized sequence of examples
     res = {**timed_training(make_trainer, ds, device, warmup_epochs), "peak_gib": peak_gib(device),
-           "micro_batch": 4, "grad_accum": 4, "checkpointing": recomputing(peft_model), "lora_dtype": "float32"}
+           "micro_batch": t["batch_size"], "grad_accum": t["grad_accum"], "checkpointing": recomputing(peft_model),
+           "lora_dtype": "float32"}
     base = peft_model.unload()
     base.disable_input_require_grads()  # (the recomputation it switched on: prepare_for_training turns it off)
     reset_peak(device)
     return base, res
 
 
-VARIANTS = {  # llmcls training paths; each keeps 16 rows per optimizer step
-    # "llmcls" is configs/qwen1.5-7b-chat-fudan-fast.yaml: rows packed end to end (train.packing), compiled layers
-    "llmcls": dict(micro=16, accum=1, checkpointing=False, offload=False, compile=True, group=True, packing=True),
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """An llmcls training path: a shipped config, the lever changed against it (config keys), and whether the
+    Trainer's per-step GPU reads are switched back on (``syncs``: not a config key, a benchmark-only lever)."""
+
+    config: str                                   # file name under configs/
+    changes: dict = dataclasses.field(default_factory=dict)
+    syncs: bool = False
+
+
+FAST = "qwen1.5-7b-chat-fudan-fast.yaml"
+LOW_MEM = "qwen1.5-7b-chat-fudan-16gb.yaml"
+QLORA = "qwen1.5-7b-chat-fudan-qlora.yaml"
+VARIANTS = {  # llmcls training paths; each keeps the config's 16 rows per optimizer step
+    # "llmcls" is the fast config as shipped: rows packed end to end (train.packing), compiled layers
+    "llmcls": Variant(FAST),
     # the levers, one at a time: left-padded batches (the default before packing), no compilation, half the
     # micro-batch (half the activation memory)
-    "llmcls-padded": dict(micro=16, accum=1, checkpointing=False, offload=False, compile=True, group=True),
-    "llmcls-eager": dict(micro=16, accum=1, checkpointing=False, offload=False, compile=False, group=True,
-                         packing=True),
-    "llmcls-m8": dict(micro=8, accum=2, checkpointing=False, offload=False, compile=True, group=True, packing=True),
+    "llmcls-padded": Variant(FAST, {"train.packing": False}),
+    "llmcls-eager": Variant(FAST, {"train.compile": False}),
+    "llmcls-m8": Variant(FAST, {"train.batch_size": 8, "train.grad_accum": 2}),
     # the Trainer's defaults that wait for the GPU in every step (token count, NaN filter, blocking batch
     # copies): what llmcls's training arguments switch off
-    "llmcls-syncs": dict(micro=16, accum=1, checkpointing=False, offload=False, compile=True, group=True,
-                         packing=True, syncs=True),
-    # 16 GB mode: the input table in host memory, recomputation, small micro-batches. "-compiled" is
-    # configs/qwen1.5-7b-chat-fudan-16gb.yaml; the others are the levers measured against it.
-    "llmcls-16gb": dict(micro=4, accum=4, checkpointing=True, offload=True, compile=False, group=True),
-    "llmcls-16gb-compiled": dict(micro=4, accum=4, checkpointing=True, offload=True, compile=True, group=True),
-    "llmcls-16gb-packed": dict(micro=4, accum=4, checkpointing=True, offload=True, compile=True, group=True,
-                               packing=True),
-    "llmcls-16gb-m8": dict(micro=8, accum=2, checkpointing=True, offload=True, compile=True, group=True),
-    "llmcls-16gb-nockpt": dict(micro=4, accum=4, checkpointing=False, offload=True, compile=True, group=True),
-    # QLoRA (model.quantize=nf4): the fast config on a frozen 4-bit base, loaded from a folder as users load it
-    "llmcls-qlora": dict(micro=16, accum=1, checkpointing=False, offload=False, compile=True, group=True,
-                         packing=True, quantize="nf4"),
-    "llmcls-qlora-ckpt": dict(micro=16, accum=1, checkpointing=True, offload=False, compile=True, group=True,
-                              packing=True, quantize="nf4"),
+    "llmcls-syncs": Variant(FAST, syncs=True),
+    # 16 GB mode: the input table in host memory, recomputation, small micro-batches. "-compiled" is the 16gb
+    # config as shipped; the others are the levers measured against it.
+    "llmcls-16gb": Variant(LOW_MEM, {"train.compile": False}),
+    "llmcls-16gb-compiled": Variant(LOW_MEM),
+    "llmcls-16gb-packed": Variant(LOW_MEM, {"train.packing": True}),
+    "llmcls-16gb-m8": Variant(LOW_MEM, {"train.batch_size": 8, "train.grad_accum": 2}),
+    "llmcls-16gb-nockpt": Variant(LOW_MEM, {"train.gradient_checkpointing": False}),
+    # QLoRA (model.quantize=nf4): the fast path on a frozen 4-bit base, loaded from a folder as users load it;
+    # "-ckpt" is the qlora config as shipped (it recomputes), "llmcls-qlora" the same without recomputation
+    "llmcls-qlora": Variant(QLORA, {"train.gradient_checkpointing": False}),
+    "llmcls-qlora-ckpt": Variant(QLORA),
+    # the tutorial's config run by llmcls (fp32 adapters, 4 x 4, recomputation, left padding, answer-position
+    # logits, no compilation): what 'llmcls train -c configs/qwen1.5-7b-chat-fudan.yaml' gets
+    "llmcls-tutorial": Variant(TUTORIAL_CONFIG.name),
 }
+
+# What the benchmark itself must control, over every variant's config:
+BENCH_OVERRIDES = {
+    "train.epochs": 1,              # timed_training runs whole epochs over the same rows, one epoch per Trainer
+    "train.max_steps": -1,          # ... and all of the epoch
+    "train.save_steps": 10**6,      # no checkpoint is written inside the timing
+    "train.logging_steps": 10**6,   # no loss read back inside the timing (the Trainer still logs its first step)
+    "track.tracker": "none",        # no tracker: nothing uploaded or written beside the numbers
+}
+# Not overridden but not read either: model.name_or_path/source (the random-init model of --shape is built in
+# this process; QLoRA variants save it to a folder and load it with the config's model section), data.train_file
+# and data.test_file (the rows come from SHARED, the same for every variant), eval.* (the evaluation part has its
+# own table), train.output_dir (OUT/VARIANT, set per variant; nothing is saved there).
+
+
+def variant_config(name: str, out_dir: Path | None = None) -> Config:
+    """The config a variant trains with: its shipped file, its lever, then ``BENCH_OVERRIDES``."""
+    v = VARIANTS[name]
+    over = {**v.changes, **BENCH_OVERRIDES}
+    if out_dir is not None:
+        over["train.output_dir"] = str(out_dir / name)
+    return load_config(CONFIGS / v.config, over)
+
+
+def settings(cfg: Config) -> dict:
+    """The config's training settings as the result JSON names them (the same keys before configs drove this)."""
+    return {"micro_batch": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
+            "offload_embeddings": cfg.model.offload_embeddings, "compile": cfg.train.compile,
+            "group_by_length": cfg.train.group_by_length, "packing": cfg.train.packing,
+            **({"quantize": cfg.model.quantize} if cfg.model.quantize != "none" else {})}
 
 
 def recomputing(model) -> bool:
@@ -286,8 +358,6 @@ def uncompile(model):
 
 def _table_on_device(base, device):
     """Undo ``offload_embeddings``: the input table back on the GPU for the next variant."""
-    from llmcls.model import HostEmbedding
-
     table = base.get_input_embeddings()
     if isinstance(table, HostEmbedding):
         base.set_input_embeddings(torch.nn.Embedding.from_pretrained(table.weight.data.to(device),
@@ -295,26 +365,24 @@ def _table_on_device(base, device):
     return base
 
 
-def run_llmcls(model, tok, rows, device, out_dir, name, micro, accum, checkpointing, offload, compile=False,
-               group=False, packing=False, warmup_epochs=1, profile_to=None, syncs=False):
-    cfg = load_config(None, {"lora.dtype": "auto", "train.batch_size": micro, "train.grad_accum": accum,
-                             "train.compile": compile, "train.group_by_length": group, "train.epochs": 1,
-                             "train.packing": packing,
-                             "train.gradient_checkpointing": checkpointing, "train.save_steps": 10**6,
-                             "train.logging_steps": 10**6, "track.tracker": "none"})
+def run_llmcls(model, tok, rows, device, cfg: Config, name: str, syncs=False, warmup_epochs=1, profile_to=None):
+    """One variant's training, timed (``timed_training``), on ``model`` as given; returns the base model again
+    (adapters unloaded, eager layers, the input table on the device) and the result."""
     b = PromptBuilder(tok, cfg.prompt)
-    if offload:
+    if cfg.model.offload_embeddings:
         model = place_model(model, device, offload_embeddings=True)
     peft_model = prepare_for_training(model, cfg)
+    out = Path(cfg.train.output_dir)
 
     def make_trainer(ds, callbacks):
-        args = training_arguments(cfg, out_dir / name, progress=False)
+        args = training_arguments(cfg, out, progress=False)
         if syncs:
             args.include_num_input_tokens_seen, args.logging_nan_inf_filter = "non_padding", True
             args.accelerator_config.non_blocking = False
-        return build_trainer(peft_model, tok, ds, args, callbacks=callbacks, packing=packing)
+        return build_trainer(peft_model, tok, ds, args, callbacks=callbacks, packing=cfg.train.packing)
 
-    ds = [{"input_ids": e.input_ids, "labels": e.labels} for e in (encode_train(b, r, MAX_LEN) for r in rows)]
+    ds = [{"input_ids": e.input_ids, "labels": e.labels}
+          for e in (encode_train(b, r, cfg.data.max_length, cfg.data.truncation) for r in rows)]
 
     static = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else None
     try:
@@ -325,10 +393,8 @@ def run_llmcls(model, tok, rows, device, out_dir, name, micro, accum, checkpoint
         uncompile(_table_on_device(peft_model.unload(), device))
         reset_peak(device)
         raise
-    res = {**timing, "peak_gib": peak_gib(device), "micro_batch": micro,
-           "grad_accum": accum, "checkpointing": recomputed, "lora_dtype": str(lora_dtype).replace("torch.", ""),
-           "offload_embeddings": offload, "compile": compile, "group_by_length": group, "packing": packing,
-           "trainer_syncs": syncs,
+    res = {**timing, "peak_gib": peak_gib(device), **settings(cfg), "checkpointing": recomputed,
+           "lora_dtype": str(lora_dtype).replace("torch.", ""), "trainer_syncs": syncs,
            "static_gib": round(static, 2) if static is not None else None}
     base = _table_on_device(peft_model.unload(), device)
     uncompile(base)
@@ -336,13 +402,11 @@ def run_llmcls(model, tok, rows, device, out_dir, name, micro, accum, checkpoint
     return base, res
 
 
-def run_qlora(model, tok, rows, device, out_dir, name, quantize, **v):
+def run_qlora(model, tok, rows, device, cfg: Config, name: str, **kw):
     """A variant on a 4-bit base (``model.quantize``), loaded the way users load one: from a folder, quantised by
-    bitsandbytes on the way to the GPU. The bf16 model waits in host memory meanwhile, so the peak is the 4-bit
-    model's alone; the random weights are saved once (their values do not matter, their shapes do)."""
-    from llmcls.config import ModelConfig
-    from llmcls.model import load_model
-
+    bitsandbytes on the way to the GPU, with the config's model section. The bf16 model waits in host memory
+    meanwhile, so the peak is the 4-bit model's alone; the random weights are saved once (their values do not
+    matter, their shapes do)."""
     # in the temp dir, not under --out: 15 GB of weights are not a result
     c = model.config
     folder = Path(tempfile.gettempdir()) / f"llmcls-bench-base-{c.num_hidden_layers}x{c.hidden_size}x{c.vocab_size}"
@@ -355,14 +419,16 @@ def run_qlora(model, tok, rows, device, out_dir, name, quantize, **v):
         model.save_pretrained(tmp)
         tmp.replace(folder)
     reset_peak(device)
-    qmodel = load_model(ModelConfig(name_or_path=str(folder), quantize=quantize), str(folder), device=device)
+    # the model section as configured, pointed at the saved random weights (the benchmark's one change to it)
+    mcfg = dataclasses.replace(cfg.model, name_or_path=str(folder), source="local")
+    qmodel = load_model(mcfg, str(folder), device=device)
     try:
-        _, res = run_llmcls(qmodel, tok, rows, device, out_dir, name, **v)
+        _, res = run_llmcls(qmodel, tok, rows, device, cfg, name, **kw)
     finally:
         del qmodel
         reset_peak(device)
         model.to(device)
-    return model, {**res, "quantize": quantize}
+    return model, res
 
 
 def same_results(model, tok, rows, device) -> dict:
@@ -578,6 +644,12 @@ def main(argv=None):
                     "under torch.profiler after the timing, tables in OUT/profile-VARIANT.txt")
     ap.add_argument("--out", default="bench-out")
     a = ap.parse_args(argv)
+    only = set(filter(None, a.only.split(",")))
+    unknown = only - {"check", "eval", "tutorial", *VARIANTS}
+    if unknown:
+        ap.error(f"--only: unknown {', '.join(sorted(unknown))}")
+    for name in VARIANTS:  # every variant's config must load before anything runs (a key a config lost, say)
+        variant_config(name)
     out_dir = Path(a.out)
     from transformers import AutoTokenizer
 
@@ -588,9 +660,11 @@ def main(argv=None):
     peak = matmul_tflops(a.device)
     train_rows, eval_rows = load_rows(16 * a.steps, short=a.train_rows == "short")
     eval_rows = eval_rows[:a.rows]
-    only = set(a.only.split(","))
+    drift = tutorial_config_drift()
+    if drift:
+        print(f"note: {TUTORIAL_CONFIG.name} differs from the tutorial's recipe: {drift}", flush=True)
     res = {"shape": a.shape, "device": a.device, "gpu": environment()["gpu"], "params": n_params,
-           "train_rows": a.train_rows,
+           "train_rows": a.train_rows, "tutorial_config_drift": drift,
            "matmul_tflops": round(peak, 1) if peak else None, "environment": environment(), "train": {}}
     print(json.dumps({"gpu": res["gpu"], "params": n_params, "matmul_tflops": res["matmul_tflops"]}), flush=True)
 
@@ -610,23 +684,27 @@ def main(argv=None):
         if name not in only:
             continue
         t0 = time.perf_counter()
-        runner = run_qlora if "quantize" in v else run_llmcls
+        cfg = variant_config(name, out_dir)
+        made = {"config": f"configs/{v.config}", "changes": v.changes, **settings(cfg),
+                "checkpointing": cfg.train.gradient_checkpointing}
+        runner = run_qlora if cfg.model.quantize != "none" else run_llmcls
         try:  # compilation, if any, happens in the untimed warm-up steps
-            model, res["train"][name] = runner(model, tok, train_rows, a.device, out_dir, name,
-                                                   warmup_epochs=a.warmup, **v,
-                                                   profile_to=out_dir / f"profile-{name}.txt"
-                                                   if name in a.profile.split(",") else None)
+            model, res["train"][name] = runner(model, tok, train_rows, a.device, cfg, name, syncs=v.syncs,
+                                               warmup_epochs=a.warmup,
+                                               profile_to=out_dir / f"profile-{name}.txt"
+                                               if name in a.profile.split(",") else None)
         except torch.OutOfMemoryError as e:
-            res["train"][name] = {"error": f"out of memory: {e}"[:300], **v}
+            res["train"][name] = {"error": f"out of memory: {e}"[:300], **made}
             print(name, "OOM", flush=True)
             continue
         except Exception as e:  # one variant failing (e.g. a kernel a library lacks) must not lose the run
             import traceback
 
-            res["train"][name] = {"error": f"{type(e).__name__}: {e}"[:300], **v}
+            res["train"][name] = {"error": f"{type(e).__name__}: {e}"[:300], **made}
             print(name, "failed", traceback.format_exc()[-3000:], flush=True)
             continue
-        res["train"][name]["wall_s"] = round(time.perf_counter() - t0, 1)
+        res["train"][name] = {**res["train"][name], "config": made["config"], "changes": made["changes"],
+                              "wall_s": round(time.perf_counter() - t0, 1)}
         print(name, json.dumps(res["train"][name]), flush=True)
         save(res, n_embed, out_dir)  # a run cut short (a time limit) keeps what it measured
 

@@ -12,30 +12,26 @@ tokens), one process, one card:
   - a ``torch.profiler`` breakdown of one score batch: GPU-busy time against wall time, top kernels;
   - ``classify`` end to end under the profiler: GPU busy time against the span of its kernels, and the longest
     idle gaps with the host operators running when each began;
-  - the serving path's pieces (``llmcls.serve.Classifier``): ``prepare`` per row, ``score`` of one row and of a
-    full batch of prepared rows, at each ``--serve-lengths``.
+  - the serving path's pieces (``llmcls.serving.classifier.Classifier``): ``prepare`` per row, ``score`` of one
+    row and of a full batch of prepared rows, at each ``--serve-lengths``.
 Output: JSON with every number and the environment, and the profiler tables as text.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "src"))
-
-from gpu_speed import MAX_LEN, SHARED, build_model, load_rows, matmul_tflops, parser, sync  # noqa: E402
-from llmcls.config import PromptConfig  # noqa: E402
-from llmcls.encode import PromptBuilder, fit_row, left_pad, positions  # noqa: E402
-from llmcls.env import environment  # noqa: E402
-from llmcls.infer import classify, prompts_for, score_batch  # noqa: E402
-from llmcls.io import atomic_write_json, atomic_write_text  # noqa: E402
+# A sibling module: ``python benchmarks/score_profile.py`` puts this folder on sys.path, as it does any script's.
+from gpu_speed import MAX_LEN, SHARED, build_model, load_rows, matmul_tflops, parser, sync
+from llmcls.config import PromptConfig
+from llmcls.encode import PromptBuilder, fit_row, left_pad, positions
+from llmcls.env import environment
+from llmcls.files import atomic_write_json, atomic_write_text
+from llmcls.infer import classify, prompts_for, score_batch
 
 
 def timed(fn, device, repeat=1) -> float:
@@ -144,7 +140,7 @@ def profile_classify(model, b, rows, bs, device, trace_dir: Path) -> dict:
 
 
 def serving_pieces(model, tok, rows, lengths, max_batch, device) -> dict:
-    from llmcls.serve import Classifier
+    from llmcls.serving.classifier import Classifier
 
     labels = sorted({c for r in rows for c in r.candidates})
     out = {}

@@ -1,13 +1,15 @@
 """Bounded load test of ``llmcls serve`` on loopback: dynamic batching against one request at a time.
 
-    PYTHONPATH=src python benchmarks/serve_load.py                                  # CPU, tiny preset
-    PYTHONPATH=src python benchmarks/serve_load.py --shape qwen1.5-7b --device cuda # GPU, Qwen1.5-7B shape, bf16
+    python benchmarks/serve_load.py                                  # CPU, tiny preset
+    python benchmarks/serve_load.py --shape qwen1.5-7b --device cuda # GPU, Qwen1.5-7B shape, bf16
 
-The same server (``llmcls.serve.create_app`` on uvicorn, 127.0.0.1, a free port) runs twice on the same model and
-the same offered load: ``--concurrency`` clients in a closed loop, each posting one row and sending the next when
-the answer comes. Once with dynamic batching (``--max-batch``), once with ``max_batch=1`` (every row its own
-forward pass, as a server without batching would do). The clients run in separate processes (``--client-procs``),
-so their HTTP and JSON work does not share the server's interpreter lock, nor cap the rate they can offer. Each
+It imports the installed ``llmcls`` (``pip install -e '.[serve]'``).
+
+The same server (``llmcls.serving.app.create_app`` on uvicorn, 127.0.0.1, a free port) runs twice on the same model
+and the same offered load: ``--concurrency`` clients in a closed loop, each posting one row and sending the next when
+the answer comes. Once with dynamic batching (``--max-batch``), once with ``max_batch=1`` (every row its own forward
+pass, as a server without batching would do). The clients run in separate processes (``--client-procs``), so their
+HTTP and JSON work does not share the server's interpreter lock, nor cap the rate they can offer. Each
 mode warms up, then measures for ``--seconds``.
 
 Rows are of realistic length: the Fudan news test rows (texts up to 3,000 characters, 2-4 candidates each),
@@ -131,7 +133,7 @@ def build_model(shape: str, device: str, shared: Path | None, tok, tmp: Path):
         from transformers import AutoModelForCausalLM
 
         from llmcls.config import TinyConfig
-        from llmcls.model import build_tiny
+        from llmcls.model.tiny import build_tiny
 
         folder = build_tiny(TinyConfig(), tok, tmp / "tiny", seed=0)
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval(), "float32"
@@ -175,7 +177,7 @@ def summarise(name: str, max_batch: int, raw: dict, batcher: dict) -> dict:
 
 
 def run_mode(clf, name: str, max_batch: int, args, rows_file: Path, rows: list[dict], seconds: float) -> dict:
-    from llmcls.serve import Batcher
+    from llmcls.serving.batcher import Batcher
 
     if args.transport == "inprocess":
         async def go():
@@ -199,7 +201,7 @@ def run_mode(clf, name: str, max_batch: int, args, rows_file: Path, rows: list[d
 
     import httpx
 
-    from llmcls.serve import create_app, running
+    from llmcls.serving.app import create_app, running
 
     app = create_app(clf, max_batch=max_batch, max_wait_ms=args.max_wait_ms if max_batch > 1 else 0.0,
                      max_queue_rows=100_000)
@@ -281,13 +283,12 @@ def main() -> int:
         return client_main(args)
 
     t_start = time.monotonic()
-    sys.path.insert(0, str(ROOT / "src"))
     import torch
     from transformers import AutoTokenizer
 
     from llmcls.config import PromptConfig
     from llmcls.env import environment
-    from llmcls.serve import Classifier
+    from llmcls.serving.classifier import Classifier
 
     args.device = args.device or ("cpu" if args.shape == "tiny" else "cuda")
     if args.torch_threads is None and not args.device.startswith("cuda"):
@@ -323,7 +324,7 @@ def main() -> int:
         tmp = Path(tmp)
         model, dtype = build_model(args.shape, args.device, shared, tok, tmp)
         if args.compile:
-            from llmcls.model import compile_layers
+            from llmcls.model.load import compile_layers
 
             compile_layers(model)
         rows_file = tmp / "rows.jsonl"

@@ -1,7 +1,7 @@
 """Shared fixtures: the real Qwen tokenizer, tiny random models built from a config, tiny learnable datasets.
 
 The tokenizer comes from ``../shared/qwen-tokenizer`` when present; otherwise it is rebuilt from Qwen's BPE
-ranks in the ``dashscope`` wheel on PyPI (see ``llmcls.model.build_qwen_tokenizer``), so a fresh clone tests the
+ranks in the ``dashscope`` wheel on PyPI (see ``llmcls.model.tiny.build_qwen_tokenizer``), so a fresh clone tests the
 same tokenizer. Tests that need the shared *data* skip with a reason when it is absent.
 """
 
@@ -26,7 +26,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     if (SHARED_TOKENIZER / "vocab.json").is_file():
         path = SHARED_TOKENIZER
     else:
-        from llmcls.model import qwen_tokenizer_dir
+        from llmcls.model.tiny import qwen_tokenizer_dir
 
         path = qwen_tokenizer_dir()
     os.environ["LLMCLS_TOKENIZER"] = str(path)  # the tiny preset in CLI runs picks it up

@@ -85,7 +85,7 @@ def test_baseline_agrees_with_sklearn_multiclass_svm(confusing):
     from sklearn.pipeline import make_pipeline
     from sklearn.svm import LinearSVC
 
-    from llmcls.baseline import baseline
+    from llmcls.recipes.baseline import baseline
 
     m = baseline(confusing["train"], confusing["test"], out_dir=confusing["dir"] / "bl2", progress=False)
     train = [json.loads(line) for line in confusing["train"].read_text().splitlines()]
@@ -118,7 +118,7 @@ def test_baseline_cli_refuses_to_overwrite(confusing, tmp_path, capsys):
 @pytest.mark.skipif(os.environ.get("LLMCLS_SLOW_TESTS") != "1",
                     reason="takes 1-2 min on 2 cores; set LLMCLS_SLOW_TESTS=1 to check the reference numbers")
 def test_baseline_reproduces_fudan_reference(tmp_path):
-    from llmcls.baseline import baseline
+    from llmcls.recipes.baseline import baseline
 
     m = baseline(FUDAN / "train.jsonl", FUDAN / "test.jsonl", tmp_path / "bl", progress=False)
     assert (m["train_rows"], m["test_rows"], len(m["labels"])) == (6675, 1669, 20)

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from llmcls.data import Row
-from llmcls.serve import Batcher, Overloaded
+from llmcls.serving.batcher import Batcher, Overloaded
 
 
 class Recorder:

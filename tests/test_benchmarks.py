@@ -1,4 +1,5 @@
-"""The GPU benchmark scripts, run on the CPU with a tiny model: they must keep working between GPU sessions."""
+"""The GPU benchmark scripts, run on the CPU with a tiny model: they must keep working between GPU sessions.
+They import the installed llmcls (nothing on sys.path but their own folder, as for any script)."""
 
 import json
 import os
@@ -6,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from conftest import FUDAN, ROOT, SHARED
 
@@ -31,12 +33,16 @@ def test_gpu_speed_runs_every_part_and_compares_like_with_like(tmp_path):
     # recomputation as each variant asks, measured on the model after its run: the tutorial's Trainer switched it
     # on for the shared model, and the variants after it must not inherit it
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from gpu_speed import VARIANTS
+    from gpu_speed import variant_config
 
     assert train["tutorial"]["checkpointing"] is True
-    assert all(train[k]["checkpointing"] is VARIANTS[k]["checkpointing"]
+    assert all(train[k]["checkpointing"] is variant_config(k).train.gradient_checkpointing
                for k in ("llmcls-eager", "llmcls-padded", "llmcls-16gb", "llmcls-qlora-ckpt"))
-    assert VARIANTS["llmcls-eager"]["checkpointing"] is False
+    assert variant_config("llmcls-eager").train.gradient_checkpointing is False
+    # each result names the shipped config it ran and the lever changed against it
+    assert train["llmcls-padded"]["config"] == "configs/qwen1.5-7b-chat-fudan-fast.yaml"
+    assert train["llmcls-padded"]["changes"] == {"train.packing": False}
+    assert train["llmcls-qlora-ckpt"]["changes"] == {} and res["tutorial_config_drift"] == {}
     same = res["same_results"]  # float32 on the CPU: the same loss, padded or packed
     assert same["same_dtype"]["loss_rel_diff"] < 1e-5 and same["llmcls_packed"]["loss_rel_diff"] < 1e-5
     assert same["llmcls_packed"]["grad_min_cosine"] > 0.9999
@@ -74,5 +80,95 @@ def test_score_shapes_runs_on_a_cpu(tmp_path):
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads((tmp_path / "score_shapes.json").read_text())
-    assert set(res) >= {"padded", "environment"} and "flat" not in res  # flat needs a GPU
+    assert set(res) >= {"padded", "environment"} and "packed" not in res  # packed needs a GPU
     assert res["padded"]["distinct_shapes"] >= 1 and res["padded"]["pass2_rows_per_s"] > 0
+
+
+@pytest.mark.parametrize("script", ["gpu_speed", "multi_gpu", "score_profile", "score_shapes", "serve_load"])
+def test_every_benchmark_imports_the_installed_package(script):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "usage:" in out.stdout
+    assert "sys.path.insert" not in (ROOT / "benchmarks" / f"{script}.py").read_text()
+
+
+def test_gpu_speed_variants_are_the_shipped_configs():
+    """Each llmcls variant is a shipped config with at most its one lever and the benchmark's own settings
+    changed: editing a config changes what is benchmarked. The tutorial's recipe, the reference, matches the
+    shipped tutorial config."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_speed import BENCH_OVERRIDES, VARIANTS, tutorial_config_drift, variant_config
+
+    from llmcls.config import load_config
+
+    assert tutorial_config_drift() == {}
+    for name, v in VARIANTS.items():
+        cfg = variant_config(name)
+        shipped = yaml.safe_load((ROOT / "configs" / v.config).read_text())
+        assert load_config(ROOT / "configs" / v.config, {**v.changes, **BENCH_OVERRIDES}) == cfg
+        for section in ("model", "lora", "prompt"):  # never touched by the benchmark
+            assert all(getattr(getattr(cfg, section), k) == val for k, val in shipped[section].items()), name
+        for k, val in shipped["train"].items():
+            key = f"train.{k}"
+            if key not in v.changes and key not in BENCH_OVERRIDES and k != "output_dir":
+                assert getattr(cfg.train, k) == val, (name, key)
+    assert variant_config("llmcls").train.packing is True and variant_config("llmcls").train.compile is True
+    assert variant_config("llmcls-16gb-compiled").model.offload_embeddings is True
+    assert variant_config("llmcls-qlora-ckpt").model.quantize == "nf4"
+    assert variant_config("llmcls-tutorial").lora.dtype == "float32"
+    # the levers change what their names say, and nothing else
+    assert VARIANTS["llmcls-padded"].changes == {"train.packing": False}
+    assert VARIANTS["llmcls-16gb"].changes == {"train.compile": False}
+
+
+@pytest.mark.skipif(not (FUDAN / "test.jsonl").is_file(), reason="../shared (Fudan rows) is absent")
+def test_multi_gpu_dry_run_prints_the_fast_config_commands(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "multi_gpu.py"), "--dry-run", "--shape",
+                          str(tmp_path / "shape.json"), "--tokenizer", str(tmp_path), "--data", str(FUDAN),
+                          "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    cmds = [line for line in out.stdout.splitlines() if "torch.distributed.run" in line]
+    assert len(cmds) == 3
+    fast = str(ROOT / "configs" / "qwen1.5-7b-chat-fudan-fast.yaml")
+    assert all(f"-c {fast} " in c and "--train.max_steps 16 --train.logging_steps 8" in c for c in cmds)
+    # the fast config's micro-batch of 16; the same 32 rows per optimizer step in every phase
+    assert "--nproc_per_node=1" in cmds[0] and "--train.grad_accum 2" in cmds[0]
+    assert all("--train.grad_accum 1" in c for c in cmds[1:]) and cmds[2].endswith("--train.fsdp full_shard")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()  # nothing built, nothing run
+
+
+@pytest.mark.skipif(not (FUDAN / "train.jsonl").is_file() or not (SHARED / "qwen-tokenizer").is_dir(),
+                    reason="../shared (Fudan rows, Qwen tokenizer) is absent")
+def test_multi_gpu_runs_one_process_and_ddp_on_a_cpu(tmp_path):
+    """The CPU path of multi_gpu.py (gloo, the tiny model): the fast config through 'llmcls run' in one process and
+    in two, its figures read from each run's train_summary.json, train_log.jsonl and eval/metrics.json."""
+    out_dir = tmp_path / "out"
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "multi_gpu.py"), "--shape", "tiny",
+                          "--tokenizer", str(SHARED / "qwen-tokenizer"), "--data", str(FUDAN),
+                          "--out", str(out_dir), "--workdir", str(tmp_path / "work"), "--max-steps", "4",
+                          "--warmup-steps", "2", "--train-rows", "64", "--eval-rows", "16", "--batch-size", "2",
+                          "--eval-batch-size", "4", "--max-length", "128"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    res = json.loads((out_dir / "multi_gpu.json").read_text())
+    p = res["phases"]
+    assert p["fsdp"] == {"skipped": "FSDP needs CUDA GPUs (accelerate runs DDP on CPUs)"}
+    assert res["settings"]["config"] == "configs/qwen1.5-7b-chat-fudan-fast.yaml"
+    assert res["settings"]["global_batch"] == 4 and res["settings"]["train_settings"]["packing"] is True
+    for name, world, accum in (("single", 1, 2), ("ddp", 2, 1)):
+        r = p[name]
+        assert r["rc"] == 0 and r["world_size"] == world and r["grad_accum"] == accum
+        assert r["global_step"] == 4 and r["measured_steps"] == 2 and "measured_note" not in r
+        assert r["tokens_per_s"] > 0 and r["whole_run_tokens_per_s"] > 0 and r["tokens_seen"] > 0
+        assert r["score_rows"] == 16 and r["score_rows_per_s"] > 0
+        saved = yaml.safe_load((out_dir / "phases" / name / "config.yaml").read_text())
+        assert saved["train"]["packing"] is True and saved["train"]["compile"] is False  # no compiling on a CPU
+        assert saved["train"]["logging_steps"] == 2 and saved["train"]["grad_accum"] == accum
+    # the same rows per optimizer step: the same training, one process or two
+    assert abs(p["single"]["final_loss"] - p["ddp"]["final_loss"]) < 1e-2
+    assert abs(p["single"]["tokens_seen"] - p["ddp"]["tokens_seen"]) <= 0.05 * p["single"]["tokens_seen"]
+    assert "DDP training speed-up" in res["checks"] and "sharded scoring speed-up" in res["checks"]
+    md = (out_dir / "multi_gpu.md").read_text()
+    assert "| 1 process | 1 | 2 × 2 |" in md and "| DDP | 2 | 2 × 1 |" in md

@@ -103,3 +103,22 @@ def test_every_shipped_config_loads(path):
         assert cfg.train.packing and cfg.train.compile  # what docs/BENCHMARKS.md measured
     if "qlora" in path.name:
         assert cfg.model.quantize == "nf4" and cfg.train.gradient_checkpointing
+
+
+def test_every_command_documents_its_config_keys_and_old_flags():
+    """One mechanism for settings: each command offers --section.key for the keys it reads (in --help), the earlier
+    spellings as aliases of the same option."""
+    from llmcls.cli import ALIASES, build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices
+    for cmd, key, alias in [("eval", "eval.batch_size", "--batch-size"), ("eval", "data.test_file", "--test"),
+                            ("predict", "eval.method", "--method"), ("serve", "serve.max_batch", "--max-batch"),
+                            ("export", "export.dtype", "--dtype"), ("baseline", "baseline.svm_c", "--C")]:
+        text = sub[cmd].format_help()
+        assert f"--{key}" in text and alias in text, (cmd, key)
+        assert ALIASES[cmd][key] == alias
+        rest = {"export": ["RUN", "OUT"], "baseline": ["--train", "T", "--test", "T"]}.get(cmd, ["RUN"])
+        a = sub[cmd].parse_args([*rest, alias, "1"])
+        b = sub[cmd].parse_args([*rest, f"--{key}", "1"])
+        assert getattr(a, f"cfg:{key}") == getattr(b, f"cfg:{key}") == "1"
+    assert "--train.lr" not in sub["serve"].format_help()  # serve does not read it: not offered

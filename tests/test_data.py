@@ -72,7 +72,7 @@ def test_candidate_formats(value, want):
 
 
 def test_cache_is_keyed_on_content_not_existence(tmp_path, tokenizer):
-    from llmcls.prepare import prepare
+    from llmcls.recipes.prepare import prepare
 
     raw = write_jsonl(tmp_path / "raw.jsonl", [GOOD, {**GOOD, "output": "Economy"}])
     cfg = load_config(None, {"data.train_file": str(raw)})

@@ -175,7 +175,8 @@ from conftest import tiny_model
 from llmcls import dist
 from llmcls.config import LoraConfig
 from llmcls.data import DataError
-from llmcls.model import add_lora
+from llmcls.model.load import add_lora
+from llmcls.trainer import full_state_dict
 
 out = sys.argv[1]
 dist.state()  # the process group, as llmcls train starts it
@@ -191,7 +192,7 @@ mesh = init_device_mesh("cpu", (dist.world_size(),))
 for layer in model.base_model.model.model.layers:
     fully_shard(layer, mesh=mesh)
 fully_shard(model, mesh=mesh)
-state = dist.full_state_dict(model, trainable_only=True)
+state = full_state_dict(model, trainable_only=True)
 if dist.is_main():
     model.save_pretrained(out + "/gathered", state_dict=state)
 
@@ -251,19 +252,23 @@ def test_classify_shards_cover_the_single_process_plan(tokenizer, model_factory)
 
 def test_launch_checks(monkeypatch):
     from llmcls import dist
-    from llmcls.config import ConfigError, load_config
+    from llmcls.config import ConfigError, check_launch, load_config
+    from llmcls.trainer import launch_arguments
+
+    def check(cfg):
+        check_launch(cfg, dist.world_size(), torch.cuda.is_available())
 
     with pytest.raises(ConfigError, match="launch with 'torchrun"):
-        dist.check_launch(load_config(None, {"train.fsdp": "full_shard"}))
+        check(load_config(None, {"train.fsdp": "full_shard"}))
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="single process"):
-        dist.check_launch(load_config(None, {"model.device_map": "auto"}))
+        check(load_config(None, {"model.device_map": "auto"}))
     if not torch.cuda.is_available():  # accelerate would quietly run DDP instead
         with pytest.raises(ConfigError, match="needs CUDA"):
-            dist.check_launch(load_config(None, {"train.fsdp": "full_shard"}))
+            check(load_config(None, {"train.fsdp": "full_shard"}))
     with pytest.raises(ConfigError, match="unknown config key|is not one of"):
         load_config(None, {"train.fsdp": "zero3"})
-    args = dist.trainer_arguments(load_config(None, {"train.fsdp": "shard_grad_op"}))
+    args = launch_arguments(load_config(None, {"train.fsdp": "shard_grad_op"}))
     assert args["fsdp"] is True and args["fsdp_config"]["reshard_after_forward"] is False
 
 
@@ -271,7 +276,7 @@ def test_device_map_loads_over_available_devices(tmp_path, model_factory):
     """The single-process fallback for a model larger than one card: accelerate places the layers (on a
     machine without GPUs everything lands on the CPU and transformers records no map)."""
     from llmcls.config import ModelConfig
-    from llmcls.model import load_model
+    from llmcls.model.load import load_model
 
     ref = model_factory()
     ref.save_pretrained(tmp_path / "m")

@@ -50,3 +50,25 @@ def test_predict_never_overwrites(trained_run, learnable_data, tmp_path, capsys)
     assert main(["predict", str(trained_run), "-i", str(learnable_data["test"]), "-o", str(out)]) == 2
     assert out.read_text() == "precious\n"
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_eval_takes_config_overrides_like_every_command(trained_run, capsys):
+    """`llmcls eval RUN --section.key VALUE` overrides the run's config for this evaluation only; the earlier
+    short flag is an alias of the same option; a key eval does not read is refused, not ignored."""
+    import pytest
+
+    from llmcls.cli import main
+
+    before = (trained_run / "config.yaml").read_text()
+    assert main(["eval", str(trained_run), "--data.max_eval_rows", "7", "--eval.batch_size", "3", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert m["rows"] == 7
+    assert main(["eval", str(trained_run), "--max-rows", "5", "--batch-size", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == 5
+    assert (trained_run / "config.yaml").read_text() == before  # the run's own config is not rewritten
+    with pytest.raises(SystemExit):  # lora.r means nothing to an evaluation of a finished run
+        main(["eval", str(trained_run), "--lora.r", "4"])
+    assert "--lora.r" in capsys.readouterr().err
+    # leave the run as the other tests expect it: evaluated on all its rows
+    assert main(["eval", str(trained_run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == 60

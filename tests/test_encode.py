@@ -8,7 +8,8 @@ import torch
 from conftest import FUDAN
 from llmcls.config import PromptConfig, TUTORIAL_SYSTEM, load_config
 from llmcls.data import Row
-from llmcls.encode import (IGNORE, AnswerCollator, PromptBuilder, PromptTooLong, answer_loss, encode_train, fit_prompt,
+from llmcls.collate import AnswerCollator, answer_loss
+from llmcls.encode import (IGNORE, PromptBuilder, PromptTooLong, encode_train, fit_prompt,
                            fit_prompts, fit_rows)
 
 
@@ -149,7 +150,7 @@ def test_batched_fitting_equals_one_row_at_a_time_on_fudan(tokenizer):
 def test_fudan_every_row_keeps_its_answer(tokenizer, tmp_path):
     """On the real development data (first 600 rows, for time) the tutorial's cut drops most answers; ours
     keeps every one. The full file is checked by `llmcls prepare --json` (see README)."""
-    from llmcls.prepare import prepare
+    from llmcls.recipes.prepare import prepare
 
     cfg = load_config(None, {"data.train_file": str(FUDAN / "train.jsonl"), "data.max_train_rows": 600})
     s = prepare(cfg, tokenizer, tmp_path / "prep", progress=False)

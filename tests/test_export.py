@@ -39,7 +39,7 @@ def _prompt_batch(tokenizer, prompt_cfg, texts):
 def test_lora_export_merges_the_adapter(lora_run, lora_export):
     from transformers import AutoModelForCausalLM
 
-    from llmcls.model import load_trained
+    from llmcls.rundir import load_trained
 
     files = {p.name for p in lora_export.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "llmcls.json"} <= files
@@ -67,7 +67,7 @@ def test_lora_export_merges_the_adapter(lora_run, lora_export):
 
 def test_plain_transformers_gets_the_adapters_predictions(lora_run, lora_export, small_data, tmp_path):
     from llmcls.data import read_rows
-    from llmcls.serve import load_classifier
+    from llmcls.serving.classifier import load_classifier
 
     rows = [json.loads(l) for l in small_data["test"].read_text().splitlines()]
     rows.append({"text": "pollution " * 300})            # no candidates: the label set; too long: shortened
@@ -106,7 +106,7 @@ def test_full_finetune_export_reproduces_the_run(full_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from llmcls.cli import main
-    from llmcls.model import load_trained
+    from llmcls.rundir import load_trained
 
     out = tmp_path / "full-export"
     assert main(["export", str(full_run), str(out)]) == 0
@@ -121,7 +121,7 @@ def test_full_finetune_export_reproduces_the_run(full_run, tmp_path):
 
 
 def test_export_never_overwrites_unasked_and_swaps_atomically(full_run, tmp_path, monkeypatch, capsys):
-    import llmcls.export as ex
+    import llmcls.recipes.export as ex
     from llmcls.cli import main
 
     out = tmp_path / "exp"

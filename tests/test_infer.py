@@ -9,7 +9,7 @@ import torch
 from llmcls.config import PromptConfig
 from llmcls.data import Row
 from llmcls.encode import PromptBuilder
-from llmcls.evaluate import INVALID, compute_metrics
+from llmcls.metrics import INVALID, compute_metrics
 from llmcls.infer import classify, generate_batch, map_output, score_batch
 
 ROWS = [
@@ -47,23 +47,25 @@ def test_score_equals_brute_force(tokenizer, model_factory):
 
 def test_cached_scoring_path_equals_packed(tokenizer, model_factory):
     """The KV-cache path (used with flash-attention, which takes no custom mask) gives the same scores."""
-    from llmcls.infer import _score_cached, pack, prompts_for, score_packed
+    from llmcls.infer import prompts_for
+    from llmcls.layouts import pad_batch, queue_padded, score_cached
 
     model = model_factory(seed=4)
     b = PromptBuilder(tokenizer, PromptConfig())
     prompts = prompts_for(b, ROWS, None)
-    for x, y in zip(score_packed(model, pack(b, ROWS, prompts)), _score_cached(model, b, ROWS, prompts)):
+    for x, y in zip(queue_padded(model, pad_batch(b, ROWS, prompts)).result(), score_cached(model, b, ROWS, prompts)):
         assert max(abs(p - q) for p, q in zip(x, y)) < 1e-4
 
 
 def test_pack_lays_candidates_back_to_back(tokenizer):
     """Each prompt is followed by its candidates' tokens but the last of each (only ever predicted, never read):
     the batch is as wide as its longest prompt plus its largest such sum, not candidates x longest answer."""
-    from llmcls.infer import pack, prompts_for
+    from llmcls.infer import prompts_for
+    from llmcls.layouts import pad_batch
 
     b = PromptBuilder(tokenizer, PromptConfig())
     prompts = prompts_for(b, ROWS, None)
-    p = pack(b, ROWS, prompts)
+    p = pad_batch(b, ROWS, prompts)
     P = max(map(len, prompts))
     answers = [[b.answer_ids(c) for c in r.candidates] for r in ROWS]
     # the last row's labels: Enviornment 3 tokens, Politics 1, Economy 2, Sports 1 (slots of width 4 would be 16)
@@ -96,17 +98,18 @@ def test_flat_batch_scores_equal_brute_force(tokenizer, model_factory):
     """The GPU layout (one sequence, no padding; shared-prompt attention: prompts causal, candidates over their
     prompt and over themselves, merged by log-sum-exp), run on the CPU through the dense reference of the
     variable-length kernel, gives the brute-force log-likelihoods, and takes exactly prompts + candidate tokens."""
-    from llmcls.infer import pack_flat, prompts_for, queue_flat
+    from llmcls.infer import prompts_for
+    from llmcls.layouts import pack_batch, queue_packed
 
     model = model_factory(seed=7)
     b = PromptBuilder(tokenizer, PromptConfig())
     prompts = prompts_for(b, ROWS, None)
-    flat = pack_flat(b, ROWS, prompts)
+    flat = pack_batch(b, ROWS, prompts)
     answers = [[b.answer_ids(c) for c in r.candidates] for r in ROWS]
     assert flat.ids.shape == (1, sum(map(len, prompts)) + sum(len(a) - 1 for ans in answers for a in ans))
     assert flat.prompt_bounds.tolist() == [0, *itertools.accumulate(map(len, prompts))]
     assert flat.answer_rows.tolist() == [0, *itertools.accumulate(sum(len(a) - 1 for a in ans) for ans in answers)]
-    got = queue_flat(model, flat).result()
+    got = queue_packed(model, flat).result()
     for row, lls in zip(ROWS, got):
         for cand, ll in zip(row.candidates, lls):
             assert abs(ll - brute_force(model, b, row, cand)) < 1e-4, (row.text[:10], cand)
@@ -116,8 +119,8 @@ def test_flat_batch_scores_equal_brute_force(tokenizer, model_factory):
 def test_dense_varlen_reference_equals_sdpa_per_sequence():
     """dense_varlen_attn (the CPU stand-in for FlashAttention's varlen kernel): each sequence pair attended alone
     by sdpa, causal aligned at the end as FlashAttention does, and the log-sum-exp of each query's scores."""
-    from llmcls.model import dense_varlen_attn
-    from llmcls.model import _lse_request
+    from llmcls.model.attention import dense_varlen_attn
+    from llmcls.model.attention import _lse_request
 
     torch.manual_seed(0)
     lq, lk = [3, 1, 5], [4, 6, 5]
@@ -144,17 +147,18 @@ def test_dense_varlen_reference_equals_sdpa_per_sequence():
 def test_flat_batch_on_a_gpu_equals_the_padded_one(tokenizer, model_factory):
     """In bf16 on a GPU the flat batch runs FlashAttention's variable-length kernel (what layout_for picks there):
     the same scores as the padded batch with its 4-D mask, eager and with compiled layers."""
-    from llmcls.infer import layout_for, pack, pack_flat, prompts_for, queue_flat, queue_packed
-    from llmcls.model import compile_layers
+    from llmcls.infer import prompts_for
+    from llmcls.layouts import layout_for, pack_batch, pad_batch, queue_packed, queue_padded
+    from llmcls.model.load import compile_layers
 
     model = model_factory(seed=8).to("cuda", torch.bfloat16)
-    assert layout_for(model) == "flat"
+    assert layout_for(model).name == "packed"
     b = PromptBuilder(tokenizer, PromptConfig())
     rows = ROWS * 3
     prompts = prompts_for(b, rows, None)
-    padded = queue_packed(model, pack(b, rows, prompts)).result()
+    padded = queue_padded(model, pad_batch(b, rows, prompts)).result()
     for _ in range(2):
-        flat = queue_flat(model, pack_flat(b, rows, prompts).pin()).result()
+        flat = queue_packed(model, pack_batch(b, rows, prompts).pin()).result()
         for x, y in zip(padded, flat):
             assert max(abs(p - q) for p, q in zip(x, y)) < 0.05 + 0.01 * max(map(abs, x))
         compile_layers(model)
@@ -162,7 +166,7 @@ def test_flat_batch_on_a_gpu_equals_the_padded_one(tokenizer, model_factory):
     for pred, x in zip(preds, padded):
         want = [p for p in torch.softmax(torch.tensor(x, dtype=torch.float64), 0).tolist()]
         assert max(abs(pred.probs[c] - w) for c, w in zip(pred.probs, want)) < 0.05
-    assert layout_for(model.float()) == "padded"  # the kernel takes 16-bit inputs only
+    assert layout_for(model.float()).name == "padded"  # the kernel takes 16-bit inputs only
 
 
 def test_batched_generate_equals_single(tokenizer, model_factory):
@@ -209,7 +213,7 @@ def test_metrics_equal_a_hand_count():
 def test_compiled_layers_score_the_same(tokenizer, model_factory):
     """eval.compile / serve --compile: regional torch.compile changes the speed, not the scores (dynamic shapes:
     batches of other sizes and lengths reuse the compiled code)."""
-    from llmcls.model import compile_layers
+    from llmcls.model.load import compile_layers
 
     model = model_factory(seed=5)
     b = PromptBuilder(tokenizer, PromptConfig())

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llmcls.config import ModelConfig
-from llmcls.model import ModelNotFound, resolve_dtype, resolve_model_path
+from llmcls.model.load import ModelNotFound, resolve_dtype, resolve_model_path
 
 
 def test_local_folder_skips_the_hub(tmp_path, monkeypatch):
@@ -51,7 +51,7 @@ def test_tiny_preset_is_a_loadable_qwen2_folder(tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from llmcls.config import TinyConfig
-    from llmcls.model import build_tiny
+    from llmcls.model.tiny import build_tiny
 
     path = build_tiny(TinyConfig(), tokenizer, tmp_path / "tiny", seed=0)
     m = AutoModelForCausalLM.from_pretrained(path)
@@ -69,7 +69,7 @@ def _untied_tiny(seed=0, hidden=32):
 
 
 def test_offloaded_embedding_table_stays_on_host_and_changes_nothing():
-    from llmcls.model import HostEmbedding, compute_device, place_model
+    from llmcls.model.load import HostEmbedding, compute_device, place_model
 
     ref = _untied_tiny()
     model = place_model(_untied_tiny(), "cpu", offload_embeddings=True)
@@ -89,7 +89,7 @@ def test_offloaded_embedding_table_stays_on_host_and_changes_nothing():
 
 def test_offloaded_embeddings_train_lora_and_leave_the_table_frozen():
     from llmcls.config import LoraConfig
-    from llmcls.model import add_lora, place_model
+    from llmcls.model.load import add_lora, place_model
 
     model = add_lora(place_model(_untied_tiny(), "cpu", offload_embeddings=True), LoraConfig(dropout=0.0))
     table = model.get_input_embeddings().weight.detach().clone()
@@ -112,7 +112,7 @@ def test_a_4bit_base_with_its_table_on_the_host_scores_like_the_4bit_base(tokeni
     from llmcls.data import Row
     from llmcls.encode import PromptBuilder
     from llmcls.infer import classify
-    from llmcls.model import compute_device, compute_dtype, load_model
+    from llmcls.model.load import compute_device, compute_dtype, load_model
 
     _untied_tiny(seed=5, hidden=64).save_pretrained(tmp_path / "m")  # bitsandbytes' CPU kernel needs 64
     path = str(tmp_path / "m")
@@ -128,7 +128,7 @@ def test_a_4bit_base_with_its_table_on_the_host_scores_like_the_4bit_base(tokeni
 
 def test_offloading_a_tied_table_is_refused():
     from llmcls.config import ConfigError
-    from llmcls.model import place_model
+    from llmcls.model.load import place_model
 
     from conftest import tiny_model
 
@@ -142,7 +142,7 @@ def test_offloaded_table_on_a_gpu_scores_generates_and_trains_like_the_whole_mod
     from llmcls.data import Row
     from llmcls.encode import PromptBuilder
     from llmcls.infer import classify, generate_batch
-    from llmcls.model import add_lora, compute_device, place_model
+    from llmcls.model.load import add_lora, compute_device, place_model
 
     ref = place_model(_untied_tiny(seed=3), "cuda")
     model = place_model(_untied_tiny(seed=3), "cuda", offload_embeddings=True)

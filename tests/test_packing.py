@@ -9,8 +9,10 @@ from transformers import TrainerCallback
 
 from llmcls.config import LoraConfig, PromptConfig, load_config
 from llmcls.data import Row
-from llmcls.encode import IGNORE, AnswerCollator, PackedCollator, PromptBuilder, answer_loss, encode_train
-from llmcls.model import PACKED_ATTENTION, add_lora, packed_rows
+from llmcls.collate import AnswerCollator, PackedCollator, answer_loss
+from llmcls.encode import IGNORE, PromptBuilder, encode_train
+from llmcls.model.attention import PACKED_ATTENTION, packed_rows
+from llmcls.model.load import add_lora
 
 ROWS = [Row("a short one", ["Sport", "Art"], "Sport"),
         Row("a much longer text about the election and the vote " * 4, ["Politics", "Enviornment"], "Politics"),
@@ -133,7 +135,7 @@ def test_rows_longer_than_a_sliding_window_are_refused(tokenizer):
 def test_packed_training_counts_the_same_tokens_and_learns(tokenizer, model_factory, tmp_path):
     """Through the Trainer (as `llmcls train` runs it): every token counted once per epoch, no padding; the same
     losses as the padded run, step by step (dropout off, same seed, same row order)."""
-    from llmcls.train import build_trainer, training_arguments
+    from llmcls.trainer import build_trainer, training_arguments
 
     torch.manual_seed(0)
     feats = features(tokenizer) * 3
@@ -168,7 +170,7 @@ def test_packed_training_counts_the_same_tokens_and_learns(tokenizer, model_fact
 
 
 def test_packing_is_a_config_key_llmcls_train_uses(tokenizer_dir, learnable_data, tmp_path):
-    from llmcls.train import train
+    from llmcls.recipes.train import train
 
     opts = {"model.name_or_path": "tiny", "data.train_file": str(learnable_data["train"]),
             "data.test_file": str(learnable_data["test"]), "data.max_length": "128", "lora.r": "4",
@@ -189,7 +191,8 @@ def test_packing_is_a_config_key_llmcls_train_uses(tokenizer_dir, learnable_data
 def test_varlen_kernel_on_a_gpu_matches_the_padded_batch(tokenizer, model_factory):
     """On a GPU the packed path runs torch's variable-length FlashAttention; in bf16 its loss and LoRA gradients
     agree with the padded sdpa path within bf16 tolerance, compiled (as the fast config runs it) or not."""
-    from llmcls.model import _varlen_attn, compile_layers
+    from llmcls.model.attention import _varlen_attn
+    from llmcls.model.load import compile_layers
 
     assert _varlen_attn() is not None, "torch.nn.attention.varlen is missing (torch >= 2.10 has it)"
     feats = features(tokenizer) * 4
@@ -213,10 +216,10 @@ def test_varlen_kernel_on_a_gpu_matches_the_padded_batch(tokenizer, model_factor
 
 
 def test_a_gpu_torch_without_varlen_is_told_packing_falls_back(model_factory, monkeypatch, caplog):
-    import llmcls.model as m
+    import llmcls.model.attention as m
 
     monkeypatch.setattr(m, "_varlen_attn", lambda: None)
     monkeypatch.setattr(m, "compute_device", lambda model: torch.device("cuda"))
-    with caplog.at_level("WARNING", logger="llmcls.model"), packed_rows(model_factory()):
+    with caplog.at_level("WARNING", logger="llmcls.model.attention"), packed_rows(model_factory()):
         pass
     assert "dense mask" in caplog.text and "torch >= 2.10" in caplog.text

@@ -70,7 +70,7 @@ def test_run_writes_baseline_and_report(trained_run):
 
 
 def test_mistakes_are_the_most_confident_with_their_text(trained_run, learnable_data):
-    from llmcls.report import confident_mistakes
+    from llmcls.reporting.report import confident_mistakes
 
     preds = [json.loads(line) for line in (trained_run / "eval" / "predictions.jsonl").read_text().splitlines()]
     wrong = [p for p in preds if p["correct"] is False]

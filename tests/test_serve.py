@@ -20,7 +20,7 @@ LIMIT = 64 * 1024
 
 @pytest.fixture(scope="module")
 def classifier(lora_export):
-    from llmcls.serve import load_classifier
+    from llmcls.serving.classifier import load_classifier
 
     return load_classifier(lora_export, device="cpu")
 
@@ -29,7 +29,7 @@ def classifier(lora_export):
 def server(classifier):
     """The export on a real uvicorn server on loopback. A long batching window (100 ms) makes the batching test
     deterministic on a loaded CI machine; the other tests do not depend on it."""
-    from llmcls.serve import create_app, running
+    from llmcls.serving.app import create_app, running
 
     app = create_app(classifier, token=TOKEN, max_batch=8, max_wait_ms=100, max_body_bytes=LIMIT, max_texts=16)
     with running(app) as url:
@@ -44,7 +44,7 @@ def client(server):
 
 def test_classify_matches_the_library(client, classifier, lora_run, small_data, tmp_path):
     from llmcls.data import read_rows
-    from llmcls.serve import load_classifier
+    from llmcls.serving.classifier import load_classifier
 
     rows = [json.loads(l) for l in small_data["test"].read_text().splitlines()]
     # Texts far over max_length (128 tokens): the server shortens them before batching, as scoring would.
@@ -193,10 +193,11 @@ def _free_port() -> int:
 
 
 def test_cli_serve_binds_loopback_and_requires_the_token(lora_export, tokenizer_dir):
-    from llmcls.cli import build_parser
+    from llmcls.cli import build_parser, overrides_from
+    from llmcls.rundir import export_config
 
     args = build_parser().parse_args(["serve", str(lora_export)])
-    assert args.host == "127.0.0.1"
+    assert export_config(lora_export, overrides_from(args)).serve.host == "127.0.0.1"  # what serve binds
 
     port = _free_port()
     env = {**os.environ, "LLMCLS_SERVE_TOKEN": TOKEN}

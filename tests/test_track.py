@@ -26,7 +26,7 @@ def no_swanlab_key(monkeypatch, tmp_path):
 
 def test_swanlab_mode_follows_the_api_key(no_swanlab_key, monkeypatch, tmp_path):
     from llmcls.config import TrackConfig
-    from llmcls.track import swanlab_mode
+    from llmcls.reporting.track import swanlab_mode
 
     assert swanlab_mode(TrackConfig(mode="auto")) == "offline"
     # A key saved by `swanlab login` is a .netrc: machine = API host, login = web host, password = key.
@@ -126,7 +126,7 @@ def _get(url: str) -> dict:
 
 
 def test_local_dashboard_serves_the_run_over_http(tmp_path, learnable_data, tokenizer_dir, no_swanlab_key):
-    from llmcls.track import swanboard_available
+    from llmcls.reporting.track import swanboard_available
 
     if not swanboard_available():
         pytest.skip("the SwanLab dashboard is not installed (pip install 'swanlab[dashboard]')")

@@ -5,7 +5,7 @@ import torch
 from transformers import TrainerCallback
 
 from llmcls.config import load_config
-from llmcls.train import RunExists, train
+from llmcls.recipes.train import RunExists, train
 
 
 def lora_cfg(data, out, **extra):
@@ -83,7 +83,7 @@ def test_resume_matches_uninterrupted(tokenizer_dir, learnable_data, tmp_path):
 def test_prepare_switches_off_recomputation_left_on_by_an_earlier_run(model_factory):
     """The Trainer only ever switches gradient checkpointing on; a model trained before with it (the tutorial's
     recipe in the same process) must not keep recomputing when this run's config says no."""
-    from llmcls.train import prepare_for_training
+    from llmcls.trainer import prepare_for_training
 
     model = model_factory()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -104,8 +104,8 @@ def test_token_count_is_the_real_tokens_fed_and_is_published_at_log_steps(tokeni
     """TokenCounter (no per-step GPU read) counts what the Trainer's own non-padding count would: every token of
     every row, padding excluded, once per epoch; in the log at every logging step."""
     from llmcls.config import LoraConfig
-    from llmcls.model import add_lora
-    from llmcls.train import build_trainer, training_arguments
+    from llmcls.model.load import add_lora
+    from llmcls.trainer import build_trainer, training_arguments
 
     torch.manual_seed(0)
     lengths = [5, 17, 9, 30, 12, 7, 21]  # 7 rows, batch 2: 4 micro-batches per epoch, padded differently
@@ -139,9 +139,9 @@ def test_qlora_trains_adapters_on_a_frozen_4bit_base_and_exports_unquantised(tok
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
-    from llmcls.evaluate import evaluate
-    from llmcls.export import export
-    from llmcls.model import trainable_summary
+    from llmcls.recipes.evaluate import evaluate
+    from llmcls.recipes.export import export
+    from llmcls.model.load import trainable_summary
 
     seen = {}
 
@@ -179,7 +179,7 @@ def test_quantize_without_bitsandbytes_says_what_to_install(monkeypatch):
     import sys
 
     from llmcls.config import ConfigError
-    from llmcls.model import quantization_config
+    from llmcls.model.load import quantization_config
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if it were not installed
     with pytest.raises(ConfigError, match=r"pip install 'llmcls\[qlora\]'"):

@@ -7,8 +7,10 @@ model is loaded, with the offending key named.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -164,6 +166,36 @@ class TrackConfig:
 
 
 @dataclass
+class BaselineConfig:
+    svm_c: float = f(2.0, "Inverse regularisation strength of the TF-IDF baseline's linear SVM.")
+
+
+@dataclass
+class ExportConfig:
+    device: str = f("cpu", "Where LoRA is merged into the base for 'llmcls export' (cpu or cuda).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = f(
+        "auto", "Weights dtype of the export; 'auto' keeps the dtype the weights are stored in.")
+
+
+@dataclass
+class ServeConfig:
+    host: str = f("127.0.0.1", "Address to bind (default: this machine only).")
+    port: int = f(8000, "Port to listen on.")
+    device: Optional[str] = f(None, "cuda or cpu (default: cuda if available).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = f(
+        "auto", "Weights dtype; 'auto' is bfloat16 on a GPU and float32 on a CPU.")
+    compile: bool = f(False, "torch.compile the decoder layers (GPU: faster passes; the first requests pay ~30 s).")
+    max_batch: int = f(32, "Most rows per forward pass (1 turns batching off).")
+    max_wait_ms: float = f(5.0, "How long a lone row waits for others to share its pass.")
+    max_body_bytes: int = f(1 << 20, "Larger request bodies get 413.")
+    max_texts: int = f(64, "Most texts in one request.")
+    max_text_chars: int = f(100_000, "Longest text accepted (422 beyond; also capped so any accepted text fits "
+                                     "in max_body_bytes).")
+    max_queue_rows: int = f(4096, "Rows waiting beyond this get 503.")
+    prepare_threads: Optional[int] = f(None, "Threads that tokenise requests (default: min(4, CPU cores)).")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "Model to fine-tune."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "Dataset files and encoding."})
@@ -172,6 +204,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "Trainer settings."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "Evaluation settings."})
     track: TrackConfig = field(default_factory=TrackConfig, metadata={"doc": "Experiment tracking."})
+    baseline: BaselineConfig = field(default_factory=BaselineConfig, metadata={"doc": "TF-IDF baseline."})
+    export: ExportConfig = field(default_factory=ExportConfig, metadata={"doc": "llmcls export."})
+    serve: ServeConfig = field(default_factory=ServeConfig, metadata={"doc": "llmcls serve."})
 
 
 class ConfigError(ValueError):
@@ -273,6 +308,17 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def config_from_dict(tree: dict, overrides: dict[str, Any] | None = None, source: str | None = None) -> Config:
+    """A config from a nested dict (e.g. an export's ``llmcls.json``), with ``{"train.lr": "2e-4"}`` overrides."""
+    tree = copy.deepcopy(tree)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(tree, dotted, value)
+    try:
+        return _build(Config, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}" if source else str(e)) from None
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Load a YAML file (or the defaults) and apply ``{"train.lr": "2e-4"}``-style overrides."""
     tree: dict = {}
@@ -286,16 +332,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(tree, dotted, value)
-    try:
-        return _build(Config, tree)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    return config_from_dict(tree, overrides, str(path) if path else None)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from llmcls.io import atomic_write_text
+    from llmcls.files import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
 
@@ -311,3 +352,41 @@ def iter_fields(cls: type = Config, prefix: str = ""):
         else:
             default = fl.default if fl.default is not dataclasses.MISSING else fl.default_factory()
             yield key, tp, default, fl.metadata.get("doc", "")
+
+
+# ------------------------------------------------------------------------------------- cross-field checks
+# Every rule that relates two settings, or a setting and the way the process was launched, lives here, so that
+# each stops the run before anything is loaded and reads as one list.
+def check_model(model: ModelConfig, world_size: int = 1) -> None:
+    """Where the weights go: settings that contradict each other or the launch."""
+    if model.device_map and model.offload_embeddings:
+        raise ConfigError("model.device_map and model.offload_embeddings both decide where weights go; choose one")
+    if model.device_map and world_size > 1:
+        raise ConfigError(
+            f"model.device_map={model.device_map} spreads one model over the GPUs of a single process; it "
+            f"cannot run under a launcher with {world_size} processes. Run without torchrun/accelerate, or "
+            "(training) use train.fsdp to shard the model over the processes")
+
+
+def check_launch(cfg: Config, world_size: int = 1, cuda: bool = False) -> None:
+    """Refuse training settings that cannot work with the way ``train`` was launched, before anything is loaded
+    (accelerate would otherwise quietly run DDP where FSDP was asked for on a CPU)."""
+    check_model(cfg.model, world_size)
+    if cfg.model.offload_embeddings and world_size > 1:
+        # DDP and FSDP want every weight of a process on its GPU (DDP refuses a module spread over devices).
+        raise ConfigError("model.offload_embeddings is a single-GPU memory saver; it cannot run under a launcher "
+                          f"with {world_size} processes (use train.fsdp to save memory there)")
+    if cfg.train.fsdp != "off":
+        if cfg.model.device_map:
+            raise ConfigError("train.fsdp and model.device_map are two ways to split a model; choose one")
+        if cfg.model.quantize != "none":
+            raise ConfigError(f"model.quantize={cfg.model.quantize} with train.fsdp: FSDP cannot shard "
+                              "bitsandbytes' packed 4-bit weights here; use DDP (train.fsdp: off) or no quantize")
+        if world_size < 2:
+            raise ConfigError(f"train.fsdp={cfg.train.fsdp} shards the model over several processes: launch with "
+                              "'torchrun --nproc_per_node N -m llmcls.cli train ...' (or accelerate launch)")
+        if not cuda:
+            raise ConfigError("train.fsdp needs CUDA GPUs (on CPUs accelerate would silently fall back to DDP)")
+    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        raise ConfigError("the launcher asks for FSDP (an accelerate FSDP config) but train.fsdp is 'off'; set "
+                          "train.fsdp to full_shard or shard_grad_op and launch without the FSDP config")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from llmcls.io import atomic_write_jsonl
+from llmcls.files import atomic_write_jsonl
 
 TOPICS = {"business": "Business", "entertainment": "Entertainment", "politics": "Politics", "sports": "Sport",
           "tech": "Technology"}

@@ -1,4 +1,5 @@
-"""Stage 2 — encoding: chat-template prompts, answer-keeping truncation, label masking, batching.
+"""Stage 2 — encoding: chat-template prompts, answer-keeping truncation, label masking, padding. Training batches
+are made in ``llmcls.collate``.
 
 The tutorial appends the answer to the prompt and then cuts the row at ``max_length`` from the right, which on
 Fudan news removes the answer from most training rows. Here the *text* is shortened instead (cut on a character
@@ -7,12 +8,10 @@ boundary, the prompt rebuilt and re-tokenised), so every training row keeps its 
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from llmcls.config import PromptConfig
 from llmcls.data import Row, user_message
@@ -189,63 +188,3 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, dtype=torch.long) -> tu
 def positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that start at 0 on each row's first real token, so left padding changes nothing."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-@dataclass
-class AnswerCollator:
-    """Left-pads training rows so every row's answer sits at the end, and asks the model for logits only over
-    the last ``logits_to_keep`` positions: the answer is a few tokens, full logits are vocabulary-wide.
-
-    ``labels`` is [B, 1 + K]: column 0 is padding (the Trainer counts the tokens a step learns from over
-    ``labels[:, 1:]``, as for any causal LM), then the token each kept logit must predict (see :func:`answer_loss`)."""
-
-    pad_id: int
-
-    def __call__(self, features: list[dict]) -> dict:
-        ids, mask = left_pad([f["input_ids"] for f in features], self.pad_id)
-        labels, _ = left_pad([f["labels"] for f in features], IGNORE)
-        width = labels.shape[1]
-        has = labels != IGNORE
-        first = torch.where(has.any(1), has.float().argmax(1), torch.full((len(features),), width))
-        keep = max(2, min(int((width - first).max().item()) + 1, width))
-        # kept position p predicts token p + 1; the last kept position predicts nothing
-        targets = torch.cat([labels[:, width - keep + 1:], torch.full((len(features), 1), IGNORE)], 1)
-        return {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask),
-                "labels": torch.cat([torch.full((len(features), 1), IGNORE), targets], 1), "logits_to_keep": keep}
-
-
-@dataclass
-class PackedCollator:
-    """Padding-free batches (``train.packing``): the micro-batch's rows laid end to end in one sequence, positions
-    restarting at 0 on each row, and the rows' boundaries (``cu_seq_lens_*``, ``max_length_*``: the names
-    transformers passes through to attention) so that attention stays within each row
-    (:func:`llmcls.model.packed_attention`). No compute is spent on padding, and the LM head runs only at the
-    positions that predict an answer token. ``labels`` as in :class:`AnswerCollator`: [1, 1 + K]."""
-
-    def __call__(self, features: list[dict]) -> dict:
-        lengths = [len(f["input_ids"]) for f in features]
-        ids = torch.tensor([t for f in features for t in f["input_ids"]])
-        labels = torch.tensor([t for f in features for t in f["labels"]])
-        bounds = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
-        labels[bounds[:-1].long()] = IGNORE  # a row's first token is never predicted, least of all by the row before
-        keep = (labels[1:] != IGNORE).nonzero().squeeze(1)
-        longest = max(lengths)
-        return {"input_ids": ids[None], "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
-                "labels": torch.cat([torch.tensor([IGNORE]), labels[keep + 1]])[None], "logits_to_keep": keep,
-                "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
-
-
-def answer_loss(outputs, labels: torch.Tensor, num_items_in_batch: Optional[torch.Tensor | int] = None):
-    """Token-level cross-entropy on the answer positions; the same value as the model's own causal-LM loss
-    (sum over answer tokens / answer tokens in the whole accumulated batch) computed on a few positions.
-    ``labels`` comes from the collators above: [B, 1 + K], the targets of the K kept logits after column 0."""
-    logits = outputs.logits
-    targets = labels[:, 1:]
-    if targets.shape != logits.shape[:2]:
-        raise ValueError(f"labels {tuple(labels.shape)} do not match the kept logits {tuple(logits.shape[:2])}: "
-                         "batches for answer_loss come from AnswerCollator or PackedCollator")
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
-    n = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE).sum()
-    n = n.to(loss.device).clamp(min=1) if isinstance(n, torch.Tensor) else max(int(n), 1)
-    return loss / n

@@ -1,29 +1,27 @@
-"""The classifier at inference time: candidate scoring and batched generation. Used by eval, predict and serve.
+"""The classifier at inference time, used by eval, predict and serve: prompts fitted as in training, candidate
+scoring (the batch laid out as ``llmcls.layouts`` says), probabilities and the prediction, batched generation,
+and :func:`classify`, which runs all of it over a whole file, on one process or sharded over a launch.
 
-``score``: the log-likelihood of each candidate label (all of its tokens, then the end token) given the prompt.
-One forward per batch, each prompt followed by its candidates' tokens, logits computed only where a candidate token
-is predicted. On a GPU with variable-length FlashAttention the batch is one sequence without padding
-(:func:`pack_flat`, attended by :func:`llmcls.model.shared_prompt_attention`); elsewhere rows are left-padded and a
-4-D attention mask keeps each row's candidates apart (:func:`pack`, :func:`score_packed`); attention kernels that
-take neither (flash-attention set by the user, without varlen) use a KV-cache path: the prompt once, then the
-candidates over copies of its cache (:func:`layout_for` picks). Multi-token labels are scored exactly, and the end
-token tells "Sport" from "Sports". Probabilities are the softmax of the log-likelihoods over the row's candidates.
+``score``: the log-likelihood of each candidate label (all of its tokens, then the end token) given the prompt;
+probabilities are the softmax of the log-likelihoods over the row's candidates. Multi-token labels are scored
+exactly, and the end token tells "Sport" from "Sports".
 
 ``generate``: the tutorial's way, batched with left padding and greedy decoding; the text is mapped to a label.
 """
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass, fields, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import torch
 
+from llmcls import dist
 from llmcls.data import Row
-from llmcls.encode import PromptBuilder, fit_prompts, left_pad, positions
-from llmcls.model import (SHARED_PROMPT_ATTENTION, attention_implementation, compute_device, compute_dtype,
-                          shared_prompt_ok)
+from llmcls.encode import PromptBuilder, fit_prompts, left_pad
+from llmcls.layouts import Layout, layout_for
+from llmcls.model.load import compute_device
 
 
 @dataclass
@@ -34,9 +32,30 @@ class Prediction:
     raw: Optional[str] = None               # generated text (generate)
 
 
-def _batches(order: list[int], size: int) -> Iterable[list[int]]:
-    for i in range(0, len(order), size):
-        yield order[i:i + size]
+def to_probs(logliks: Sequence[float]) -> list[float]:
+    return torch.softmax(torch.tensor(logliks, dtype=torch.float64), 0).tolist()
+
+
+def scored_prediction(index: int, candidates: Sequence[str], logliks: Sequence[float]) -> Prediction:
+    """Log-likelihoods of a row's candidates -> probabilities -> the prediction (the most probable candidate)."""
+    probs = dict(zip(candidates, to_probs(logliks)))
+    return Prediction(index, max(probs, key=probs.get), probs)
+
+
+def record(row: Row, p: Prediction, with_truth: bool) -> dict:
+    """A prediction as one line of ``predictions.jsonl`` (``with_truth``: eval, with the true label and whether it
+    was right) or of ``llmcls predict``'s output."""
+    rec: dict = {"index": p.index, "line": row.line}
+    if with_truth:
+        rec.update(truth=row.label, pred=p.pred, correct=p.pred == row.label if row.label is not None else None)
+    else:
+        rec["label"] = p.pred
+    if p.probs is not None:
+        rec["probs"] = {k: round(v, 6) for k, v in p.probs.items()}
+        rec["confidence"] = round(max(p.probs.values()), 6)
+    if p.raw is not None:
+        rec["raw"] = p.raw
+    return rec
 
 
 def prompts_for(builder: PromptBuilder, rows: Sequence[Row], max_length: Optional[int]) -> list[list[int]]:
@@ -47,282 +66,14 @@ def prompts_for(builder: PromptBuilder, rows: Sequence[Row], max_length: Optiona
                                        for r in rows])
 
 
-def _packed_ok(model) -> bool:
-    # A custom 4-D mask reaches the kernel with sdpa and eager attention; flash-attention takes none.
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    return impl in (None, "sdpa", "eager")
-
-
-def layout_for(model) -> str:
-    """How :func:`score_batch` lays out a batch for this model: ``flat`` (no padding, variable-length
-    FlashAttention: a GPU whose torch has it), ``padded`` (a 4-D mask: sdpa or eager attention elsewhere) or
-    ``cached`` (a KV cache: attention kernels that take no custom mask)."""
-    if shared_prompt_ok(model):
-        return "flat"
-    return "padded" if _packed_ok(model) else "cached"
-
-
 @torch.no_grad()
 def score_batch(model, builder: PromptBuilder, rows: Sequence[Row], max_length: Optional[int] = None,
-                prompts: Optional[list[list[int]]] = None, packed: Optional["Packed | Flat"] = None
-                ) -> list[list[float]]:
-    """Log-likelihood of every candidate of every row (same order as ``row.candidates``). ``packed`` is
-    :func:`pack` or :func:`pack_flat` of the same rows (as :func:`layout_for` says), made ahead (e.g. on another
-    thread)."""
-    if packed is None:
-        layout = layout_for(model)
-        prompts = prompts if prompts is not None else prompts_for(builder, rows, max_length)
-        if layout == "cached":
-            return _score_cached(model, builder, rows, prompts)
-        packed = (pack_flat if layout == "flat" else pack)(builder, rows, prompts)
-    return queue_scores(model, packed).result()
-
-
-def queue_scores(model, packed: "Packed | Flat") -> "QueuedScores":
-    """Queue the forward of a prepared batch; :meth:`QueuedScores.result` waits for its scores."""
-    return queue_flat(model, packed) if isinstance(packed, Flat) else queue_packed(model, packed)
-
-
-def _pinned(batch):
-    """The same batch with its tensors in page-locked memory, which a GPU copies from without holding up the host
-    (a copy from pageable memory can wait for the GPU to catch up first)."""
-    return replace(batch, **{f.name: getattr(batch, f.name).pin_memory() for f in fields(batch)
-                             if isinstance(getattr(batch, f.name), torch.Tensor)})
-
-
-@dataclass
-class Packed:
-    """One scoring batch as CPU tensors: each row's prompt (left-padded to P) followed by its candidates back to
-    back, each candidate holding all its tokens but the last (that one is only ever predicted, never read).
-    ``segment`` says what each position is (-1 padding, 0 prompt, j + 1 candidate j); the attention mask is
-    derived from it on the device (a B x L x L mask is cheap there, not on the host)."""
-
-    ids: torch.Tensor          # [B, L]
-    pos: torch.Tensor          # [B, L] position ids: a candidate's tokens continue from its prompt's end
-    segment: torch.Tensor      # [B, L]
-    keep: torch.Tensor         # [1 + L - P] positions whose logits are needed: last prompt position and after
-    pair_row: torch.Tensor     # [N, W] per (row, candidate): its row ...
-    pair_at: torch.Tensor      # [N, W] ... the kept position predicting each of its tokens ...
-    pair_tok: torch.Tensor     # [N, W] ... the token ...
-    pair_valid: torch.Tensor   # [N, W] ... and whether it is a real token (candidates differ in length)
-    counts: list[int]          # candidates per row
-
-    def pin(self) -> "Packed":
-        return _pinned(self)
-
-
-def pack(builder: PromptBuilder, rows: Sequence[Row], prompts: list[list[int]]) -> Packed:
-    answers = [[builder.answer_ids(c) for c in r.candidates] for r in rows]
-    B, P = len(rows), max(len(p) for p in prompts)
-    W = max(len(a) for ans in answers for a in ans)
-    # Candidates back to back rather than in slots of the longest one's width: a batch of Fudan rows computes
-    # 4.7% more positions than its prompts instead of 7.0%.
-    L = P + max(sum(len(a) - 1 for a in ans) for ans in answers)
-    ids = torch.full((B, L), builder.tok.pad_token_id, dtype=torch.long)
-    pos = torch.zeros((B, L), dtype=torch.long)
-    seg = torch.full((B, L), -1, dtype=torch.long)
-    pair_b, pair_pos, pair_tok, pair_valid = [], [], [], []
-    for i, (p, ans) in enumerate(zip(prompts, answers)):
-        off = P - len(p)
-        ids[i, off:P] = torch.tensor(p)
-        pos[i, off:P] = torch.arange(len(p))
-        seg[i, off:P] = 0
-        s = P
-        for j, a in enumerate(ans):
-            n = len(a) - 1
-            ids[i, s:s + n] = torch.tensor(a[:-1])
-            pos[i, s:s + n] = len(p) + torch.arange(n)
-            seg[i, s:s + n] = j + 1
-            # token 0 of the candidate is predicted at kept position 0 (the prompt's last), token t at kept
-            # position 1 + (s - P) + t - 1, the candidate's own token t - 1
-            kept = [0] + [1 + s - P + t for t in range(n)]
-            pair_b.append([i] * W)
-            pair_pos.append(kept + [0] * (W - len(a)))
-            pair_tok.append(a + [0] * (W - len(a)))
-            pair_valid.append([True] * len(a) + [False] * (W - len(a)))
-            s += n
-    return Packed(ids, pos, seg, torch.cat([torch.tensor([P - 1]), torch.arange(P, L)]), torch.tensor(pair_b),
-                  torch.tensor(pair_pos), torch.tensor(pair_tok), torch.tensor(pair_valid),
-                  [len(a) for a in answers])
-
-
-@dataclass
-class Flat:
-    """One scoring batch as one sequence without padding, for :func:`llmcls.model.shared_prompt_attention`: every
-    row's prompt, then every row's candidates (each candidate's tokens but its last, as in :class:`Packed`)."""
-
-    ids: torch.Tensor            # [1, T]
-    pos: torch.Tensor            # [1, T] position ids: a candidate's tokens continue from its prompt's end
-    prompt_bounds: torch.Tensor  # [B + 1] where each row's prompt starts and ends (int32, as the kernel takes)
-    answer_rows: torch.Tensor    # [B + 1] the same for each row's candidate tokens, counted after the prompts
-    answer_bounds: torch.Tensor  # [M + 1] the same for each candidate that has tokens here
-    keep: torch.Tensor           # [B + T - n] positions whose logits are needed: each prompt's last, then after
-    pair_at: torch.Tensor        # [N, W] per (row, candidate): the kept position predicting each of its tokens ...
-    pair_tok: torch.Tensor       # [N, W] ... the token ...
-    pair_valid: torch.Tensor     # [N, W] ... and whether it is a real token (candidates differ in length)
-    counts: list[int]            # candidates per row
-    sizes: dict                  # prompt_tokens (n), prompt_max, answer_rows_max, answer_max
-
-    def pin(self) -> "Flat":
-        return _pinned(self)
-
-
-def pack_flat(builder: PromptBuilder, rows: Sequence[Row], prompts: list[list[int]]) -> Flat:
-    answers = [[builder.answer_ids(c) for c in r.candidates] for r in rows]
-    B, W = len(rows), max(len(a) for ans in answers for a in ans)
-    n = sum(map(len, prompts))
-    ids, pos = [t for p in prompts for t in p], [i for p in prompts for i in range(len(p))]
-    row_ends, own_ends, pairs = [], [], []
-    for i, (p, ans) in enumerate(zip(prompts, answers)):
-        for a in ans:
-            start = len(ids) - n  # where this candidate's tokens start among the kept positions after B
-            ids += a[:-1]
-            pos += range(len(p), len(p) + len(a) - 1)
-            if len(a) > 1:
-                own_ends.append(len(ids) - n)
-            # token 0 is predicted by the row's last prompt position (kept position i), token t by the
-            # candidate's own token t - 1 (kept position B + start + t - 1)
-            pairs.append(([i] + [B + start + t for t in range(len(a) - 1)], a))
-        row_ends.append(len(ids) - n)
-    bounds = lambda ends: torch.tensor([0] + ends, dtype=torch.int32)  # noqa: E731
-    prompt_ends = list(itertools.accumulate(map(len, prompts)))
-    lengths = lambda ends: [b - a for a, b in zip([0] + ends, ends)] or [0]  # noqa: E731
-    return Flat(
-        torch.tensor([ids]), torch.tensor([pos]), bounds(prompt_ends), bounds(row_ends), bounds(own_ends),
-        torch.cat([torch.tensor(prompt_ends) - 1, torch.arange(n, len(ids))]),
-        torch.tensor([at + [0] * (W - len(at)) for at, _ in pairs]),
-        torch.tensor([a + [0] * (W - len(a)) for _, a in pairs]),
-        torch.tensor([[True] * len(a) + [False] * (W - len(a)) for _, a in pairs]),
-        [len(a) for a in answers],
-        # The kernel needs upper bounds only; 2 at least, because torch.compile may specialise compiled layers on
-        # an int of 0 or 1 and recompile them when a batch of one-token labels is followed by longer ones.
-        {"prompt_tokens": n, "prompt_max": max(map(len, prompts)), "answer_rows_max": max(2, *lengths(row_ends)),
-         "answer_max": max(2, *lengths(own_ends))})
-
-
-def _packed_mask(seg: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive [B, 1, L, L] mask: a prompt token sees the prompt up to itself; a candidate's token sees the whole
-    prompt and its own candidate up to itself, never another candidate. Padding sees only itself, so that no
-    row of the mask is empty."""
-    L = seg.shape[1]
-    idx = torch.arange(L, device=seg.device)
-    q, k = seg[:, :, None], seg[:, None, :]
-    allowed = (idx[:, None] >= idx[None, :]) & (k >= 0) & (q >= 0) & ((k == 0) | (k == q))
-    allowed |= torch.eye(L, dtype=torch.bool, device=seg.device)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-
-
-@torch.no_grad()
-def score_packed(model, packed: Packed) -> list[list[float]]:
-    """One forward per batch over prompts and their candidates (:class:`Packed`): every candidate's position
-    computes exactly what a separate prompt + candidate forward would, and logits are taken only where a candidate
-    token is predicted."""
-    return queue_packed(model, packed).result()
-
-
-class QueuedScores:
-    """Scores of a batch whose forward is queued on the GPU; :meth:`result` waits for them. Until then the host
-    is free to queue the next batch, so the GPU does not idle while scores are read back."""
-
-    def __init__(self, total: torch.Tensor, counts: list[int]):
-        self.counts, self._ready = counts, None
-        if total.is_cuda:
-            self._host = torch.empty(total.shape, dtype=total.dtype, pin_memory=True)
-            self._host.copy_(total, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-        else:
-            self._host = total
-
-    def result(self) -> list[list[float]]:
-        if self._ready is not None:
-            self._ready.synchronize()
-        total, result, k = self._host.tolist(), [], 0
-        for n in self.counts:
-            result.append(total[k:k + n])
-            k += n
-        return result
-
-
-@torch.no_grad()
-def queue_packed(model, packed: Packed) -> QueuedScores:
-    """:func:`score_packed` without waiting for the GPU. With ``packed`` pinned (:meth:`Packed.pin`) no copy
-    waits either: a pageable copy to the GPU can hold the host until the GPU has caught up."""
-    dev = compute_device(model)
-    to = lambda t: t.to(dev, non_blocking=True)  # noqa: E731
-    mask = _packed_mask(to(packed.segment), compute_dtype(model))
-    out = model(input_ids=to(packed.ids), attention_mask=mask, position_ids=to(packed.pos),
-                logits_to_keep=to(packed.keep), use_cache=False)
-    logits = out.logits.float()                                                  # [B, 1 + L - P, V]
-    lse = torch.logsumexp(logits, dim=-1)  # once per kept position, however many candidates read it
-    pb, pp = to(packed.pair_row), to(packed.pair_at)
-    picked = logits[pb, pp, to(packed.pair_tok)] - lse[pb, pp]
-    return QueuedScores((picked * to(packed.pair_valid)).sum(1), packed.counts)
-
-
-@torch.no_grad()
-def queue_flat(model, flat: Flat) -> QueuedScores:
-    """:func:`queue_packed` for a :class:`Flat` batch: the model attends with
-    :func:`llmcls.model.shared_prompt_attention` for this forward only."""
-    dev = compute_device(model)
-    to = lambda t: t.to(dev, non_blocking=True)  # noqa: E731
-    with attention_implementation(model, SHARED_PROMPT_ATTENTION):
-        out = model(input_ids=to(flat.ids), position_ids=to(flat.pos), logits_to_keep=to(flat.keep), use_cache=False,
-                    prompt_bounds=to(flat.prompt_bounds), answer_rows=to(flat.answer_rows),
-                    answer_bounds=to(flat.answer_bounds), **flat.sizes)
-    logits = out.logits[0].float()                                               # [B + T - n, V]
-    lse = torch.logsumexp(logits, dim=-1)  # once per kept position, however many candidates read it
-    at = to(flat.pair_at)
-    picked = logits[at, to(flat.pair_tok)] - lse[at]
-    return QueuedScores((picked * to(flat.pair_valid)).sum(1), flat.counts)
-
-
-def _score_cached(model, builder: PromptBuilder, rows: Sequence[Row], prompts: list[list[int]]) -> list[list[float]]:
-    """Prompt forward with a KV cache, then the candidates' remaining tokens over copies of the cache."""
-    dev = compute_device(model)
-    ids, mask = left_pad(prompts, builder.tok.pad_token_id)
-    ids, mask = ids.to(dev), mask.to(dev)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True,
-                logits_to_keep=1)
-    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)          # [B, V]
-
-    # One continuation per (row, candidate): the candidate's tokens and the end token.
-    pair_row, conts = [], []
-    for i, r in enumerate(rows):
-        for c in r.candidates:
-            pair_row.append(i)
-            conts.append(builder.answer_ids(c))
-    pair_row_t = torch.tensor(pair_row, device=dev)
-    width = max(len(c) for c in conts)
-    tgt = torch.full((len(conts), width), builder.tok.pad_token_id, dtype=torch.long)
-    valid = torch.zeros((len(conts), width), dtype=torch.bool)
-    for j, c in enumerate(conts):
-        tgt[j, :len(c)] = torch.tensor(c)
-        valid[j, :len(c)] = True
-    tgt, valid = tgt.to(dev), valid.to(dev)
-    total = first[pair_row_t].gather(1, tgt[:, :1]).squeeze(1)             # first token of each candidate
-
-    if width > 1:
-        cache = out.past_key_values
-        cache.batch_select_indices(pair_row_t)  # one copy of the row's prompt cache per candidate
-        step_in = tgt[:, :-1]
-        attn = torch.cat([mask[pair_row_t], valid[:, :-1].long()], dim=1)
-        pos = mask.sum(1)[pair_row_t, None] + torch.arange(width - 1, device=dev)[None]
-        out2 = model(input_ids=step_in, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                     use_cache=True)
-        logp = torch.log_softmax(out2.logits.float(), dim=-1).gather(2, tgt[:, 1:, None]).squeeze(2)
-        total = total + (logp * valid[:, 1:]).sum(1)
-
-    result, k = [], 0
-    for r in rows:
-        result.append(total[k:k + len(r.candidates)].tolist())
-        k += len(r.candidates)
-    return result
-
-
-def to_probs(logliks: Sequence[float]) -> list[float]:
-    return torch.softmax(torch.tensor(logliks, dtype=torch.float64), 0).tolist()
+                prompts: Optional[list[list[int]]] = None, layout: Optional[Layout] = None) -> list[list[float]]:
+    """Log-likelihood of every candidate of every row (same order as ``row.candidates``), in one forward;
+    ``layout`` defaults to :func:`llmcls.layouts.layout_for` the model."""
+    layout = layout or layout_for(model)
+    prompts = prompts if prompts is not None else prompts_for(builder, rows, max_length)
+    return layout.queue(model, layout.prepare(builder, rows, prompts)).result()
 
 
 def map_output(text: str, candidates: Sequence[str]) -> Optional[str]:
@@ -354,15 +105,32 @@ def generate_batch(model, builder: PromptBuilder, rows: Sequence[Row], max_new_t
     return builder.tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
 
 
+def _batches(order: list[int], size: int) -> Iterable[list[int]]:
+    for i in range(0, len(order), size):
+        yield order[i:i + size]
+
+
 def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "score", batch_size: int = 16,
              max_new_tokens: int = 8, max_length: Optional[int] = None, progress: bool = True,
              desc: str = "classify", shard: Optional[tuple[int, int]] = None) -> list[Prediction]:
     """Classify rows in batches (longest first, so padding stays small); results come back in input order.
-    ``shard=(rank, world)`` classifies only batches rank, rank + world, ... of that plan and leaves the other
-    rows None (``llmcls.dist.classify`` merges the shards of all processes)."""
-    from tqdm.auto import tqdm
 
-    from concurrent.futures import ThreadPoolExecutor
+    Under torchrun (several processes) each process classifies every world-th batch of the batch plan a single
+    process would use, and every process gets all predictions back: a row meets the same batch as in one
+    process, so the results are the same, not just close. ``shard=(rank, world)`` classifies only batches rank,
+    rank + world, ... of that plan and leaves the other rows None (what each process does under a launch)."""
+    if shard is None and dist.launched():
+        mine = classify(model, builder, rows, method, batch_size, max_new_tokens, max_length,
+                        progress and dist.is_main(), desc, shard=(dist.rank(), dist.world_size()))
+        merged: list[Optional[Prediction]] = [None] * len(rows)
+        for part in dist.all_gather([p for p in mine if p is not None]):
+            for p in part:
+                merged[p.index] = p
+        missing = [i for i, p in enumerate(merged) if p is None]
+        if missing:  # a broken batch plan would silently drop rows from the metrics
+            raise RuntimeError(f"sharded classification lost {len(missing)} rows (first: {missing[:5]})")
+        return merged  # type: ignore[return-value]
+    from tqdm.auto import tqdm
 
     lengths = [len(r.text) for r in rows]
     order = sorted(range(len(rows)), key=lambda i: -lengths[i])
@@ -371,19 +139,16 @@ def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "
         batches = batches[shard[0]::shard[1]]
     preds: list[Optional[Prediction]] = [None] * len(rows)
     layout = layout_for(model) if method == "score" else None
-    packing = layout in ("flat", "padded")
-    pin = packing and compute_device(model).type == "cuda"
+    pin = layout is not None and layout.name != "cached" and compute_device(model).type == "cuda"
 
     def prep(idx):  # the next batch's tokens and tensors, made on a thread while the model runs this one
-        prompts = prompts_for(builder, [rows[i] for i in idx], max_length)
-        packed = (pack_flat if layout == "flat" else pack)(builder, [rows[i] for i in idx], prompts) if packing \
-            else None
-        return prompts, (packed.pin() if pin else packed)
+        batch = [rows[i] for i in idx]
+        prompts = prompts_for(builder, batch, max_length)
+        return prompts, (layout.prepare(builder, batch, prompts, pin) if layout is not None else None)
 
     def scored(idx, lls):
         for i, ll in zip(idx, lls):
-            probs = dict(zip(rows[i].candidates, to_probs(ll)))
-            preds[i] = Prediction(i, max(probs, key=probs.get), probs)
+            preds[i] = scored_prediction(i, rows[i].candidates, ll)
         bar.update(len(idx))
 
     with tqdm(total=sum(map(len, batches)), desc=desc, unit="row", disable=not progress) as bar, \
@@ -391,18 +156,16 @@ def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "
         pending = pool.submit(prep, batches[0]) if batches else None
         queued = None  # the batch on the GPU whose scores are read back once the next one is queued behind it
         for k, idx in enumerate(batches):
-            prompts, packed = pending.result()
+            prompts, prepared = pending.result()
             if k + 1 < len(batches):
                 pending = pool.submit(prep, batches[k + 1])
-            batch = [rows[i] for i in idx]
-            if packing:
-                now = (idx, queue_scores(model, packed))
+            if layout is not None:
+                now = (idx, layout.queue(model, prepared))
                 if queued is not None:
                     scored(queued[0], queued[1].result())
                 queued = now
-            elif method == "score":
-                scored(idx, score_batch(model, builder, batch, prompts=prompts))
             else:
+                batch = [rows[i] for i in idx]
                 texts = generate_batch(model, builder, batch, max_new_tokens, prompts=prompts)
                 for i, r, t in zip(idx, batch, texts):
                     preds[i] = Prediction(i, map_output(t, r.candidates), None, t)

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from llmcls.config import Config
 from llmcls.data import DataError, read_rows, to_instruction
 from llmcls.encode import PromptBuilder, PromptTooLong, encode_train
-from llmcls.io import atomic_write_json, atomic_write_jsonl, sha256_file, sha256_json
+from llmcls.files import atomic_dir, atomic_write_json, atomic_write_jsonl, sha256_file, sha256_json
+from llmcls.rundir import DataDir
 
 CACHE_VERSION = 1
 
@@ -44,11 +45,11 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
     train_file = train_file or cfg.data.train_file
     if not train_file:
         raise ValueError("no training file: set data.train_file in the config or pass --train FILE")
-    out = Path(out_dir)
+    out = DataDir(Path(out_dir))
     key = sha256_json({"v": CACHE_VERSION, "input": sha256_file(train_file), "data": vars(cfg.data),
                        "prompt": vars(cfg.prompt), "tokenizer": _tokenizer_key(tokenizer)})
-    summary_path = out / "prepare.json"
-    if summary_path.is_file() and (out / "encoded").is_dir():
+    summary_path = out.summary
+    if summary_path.is_file() and out.encoded.is_dir():
         cached = json.loads(summary_path.read_text(encoding="utf-8"))
         if cached.get("cache_key") == key:
             cached["cached"] = True
@@ -86,14 +87,9 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
     rows = used
     if not rows:
         raise DataError(train_file, 0, None, "no row fits max_length")
-    atomic_write_jsonl(out / "train.instruct.jsonl", (to_instruction(r, cfg.prompt) for r in rows))
-    tmp = out / "encoded.tmp"
-    Dataset.from_dict(cols).save_to_disk(str(tmp))
-    if (out / "encoded").exists():
-        import shutil
-
-        shutil.rmtree(out / "encoded")
-    tmp.replace(out / "encoded")
+    atomic_write_jsonl(out.instructions, (to_instruction(r, cfg.prompt) for r in rows))
+    with atomic_dir(out.encoded, exists="replace") as tmp:
+        Dataset.from_dict(cols).save_to_disk(str(tmp))
 
     labels = Counter(r.label for r in rows)
     summary = {
@@ -112,4 +108,17 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
 def load_encoded(out_dir: str | Path):
     from datasets import load_from_disk
 
-    return load_from_disk(str(Path(out_dir) / "encoded"))
+    return load_from_disk(str(DataDir(Path(out_dir)).encoded))
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The summary as ``llmcls prepare`` prints it."""
+    lines = [f"{summary['rows']} rows ({summary['invalid']} invalid skipped), {summary['num_labels']} labels"]
+    lines += [f"  {label:<24} {n}" for label, n in summary["labels"].items()]
+    tl = summary["token_lengths"]
+    lines.append(f"tokens per row before the cut: median {tl['median']}, p90 {tl['p90']}, max {tl['max']}")
+    lines.append(f"shortened to {summary['max_length']} tokens: {summary['shortened']}; whole answer kept: "
+                 f"{summary['answer_kept']}/{summary['rows']} (the tutorial's right cut keeps an answer token in "
+                 f"{summary['tutorial_answer_kept']})")
+    lines += [f"  skipped: {e}" for e in summary["invalid_examples"]]
+    return lines

@@ -1,6 +1,6 @@
 """``llmcls report``: one self-contained HTML page that shows how a run went (or compares several runs).
 
-Everything is read from the run directory (layout in ``train.py``): ``train_log.jsonl`` (loss and learning-rate
+Everything is read from the run directory (layout in ``rundir.py``): ``train_log.jsonl`` (loss and learning-rate
 curves), ``train_summary.json`` (throughput, memory, environment), ``data/prepare.json`` (truncation statistics),
 ``eval/metrics.json`` and ``eval/predictions.jsonl`` (metrics, per-class F1, confusion matrix, mistakes),
 ``config.yaml`` and, when present, ``baseline/metrics.json`` (the TF-IDF + SVM baseline of ``llmcls baseline``).
@@ -8,13 +8,14 @@ curves), ``train_summary.json`` (throughput, memory, environment), ``data/prepar
 The page needs no network and no JavaScript: plots are matplotlib PNGs inlined as base64 ``data:`` URLs and the
 styles are inline, so the file can be mailed, archived or opened from a CI artifact as is. A missing input (a run
 that was trained but not evaluated, say) leaves a note in its section instead of failing the report.
+
+Longer than most modules (~550 lines) on purpose: it is one page, its sections read top to bottom in the order
+they appear on the page, and each is a small function; the plots are in ``reporting/plots.py``.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import logging
 import time
@@ -22,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from llmcls.io import atomic_write_text, refuse_overwrite
+from llmcls.files import atomic_write_text, refuse_overwrite
+from llmcls.metrics import INVALID
+from llmcls.reporting.plots import (BASELINE_COLOR, PALETTE, fig_to_data_url, plot_confusion, plot_curves,
+                                    plot_f1_bars)
+from llmcls.rundir import ResultsDir, RunDir
 
 log = logging.getLogger(__name__)
-
-INVALID = "<invalid>"
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
-BASELINE_COLOR = "#9a9a9a"
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -102,20 +103,20 @@ def _texts_for(lines: set[int], test_file: str, text_field: str, run: Path) -> d
 def load_run(run_dir: str | Path, baseline_dir: Optional[str | Path] = None, top_mistakes: int = 10) -> RunData:
     import yaml
 
-    run = Path(run_dir)
+    rd = RunDir(run_dir)
+    run = rd.path
     if not run.is_dir():
         raise FileNotFoundError(f"run directory not found: {run}")
     d = RunData(path=run, name=run.resolve().name)
-    cfg_path = run / "config.yaml"
-    if cfg_path.is_file():
-        d.config = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
-    d.train_log = _read_jsonl(run / "train_log.jsonl")
-    d.train_summary = _read_json(run / "train_summary.json")
-    d.prepare = _read_json(run / "data" / "prepare.json")
-    d.metrics = _read_json(run / "eval" / "metrics.json")
-    d.predictions = _read_jsonl(run / "eval" / "predictions.jsonl")
-    bdir = Path(baseline_dir) if baseline_dir else run / "baseline"
-    d.baseline = _read_json(bdir / "metrics.json")
+    if rd.config_file.is_file():
+        d.config = yaml.safe_load(rd.config_file.read_text(encoding="utf-8"))
+    d.train_log = _read_jsonl(rd.train_log)
+    d.train_summary = _read_json(rd.train_summary)
+    d.prepare = _read_json(rd.data.summary)
+    d.metrics = _read_json(rd.eval.metrics)
+    d.predictions = _read_jsonl(rd.eval.predictions)
+    bdir = Path(baseline_dir) if baseline_dir else rd.baseline.path
+    d.baseline = _read_json(ResultsDir(bdir).metrics)
     if d.baseline is not None:
         d.baseline_dir = bdir
     elif baseline_dir:
@@ -141,109 +142,6 @@ def confident_mistakes(predictions: Sequence[dict], n: int) -> list[dict]:
     """Wrong predictions, most confident first (invalid generations, which have no confidence, last)."""
     wrong = [p for p in predictions if p.get("correct") is False]
     return sorted(wrong, key=lambda p: -(p.get("confidence") or 0.0))[:n]
-
-
-# ------------------------------------------------------------------------------------------------ plots
-# Chinese label names (the tutorial's data set) need a CJK font; matplotlib falls back along this list per glyph.
-CJK_FONTS = ["Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
-             "Microsoft YaHei", "SimHei", "PingFang SC", "Heiti SC"]
-_fonts_done = False
-
-
-def _plt():
-    global _fonts_done
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)  # no display here; never let a GUI backend be picked
-    import matplotlib.pyplot as plt
-
-    if not _fonts_done:
-        from matplotlib import font_manager
-
-        have = {f.name for f in font_manager.fontManager.ttflist}
-        # Only installed ones: a missing family in the list makes matplotlib warn on every text it draws.
-        extra = [f for f in CJK_FONTS if f in have and f not in matplotlib.rcParams["font.sans-serif"]]
-        matplotlib.rcParams["font.sans-serif"] = [*matplotlib.rcParams["font.sans-serif"], *extra]
-        _fonts_done = True
-    return plt
-
-
-def fig_to_data_url(fig, dpi: int = 110) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    _plt().close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def plot_curves(series: Sequence[tuple[str, list[float], list[float]]], ylabel: str, title: str,
-                logy: bool = False):
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.6, 3.1))
-    for i, (name, xs, ys) in enumerate(series):
-        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, lw=1.6, color=PALETTE[i % len(PALETTE)],
-                label=name)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    if logy:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    if len(series) > 1:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def plot_f1_bars(labels: list[str], series: Sequence[tuple[str, dict[str, float], str]]):
-    """Horizontal grouped bars: one group per class, one bar per series (runs, then the baseline)."""
-    import numpy as np
-
-    plt = _plt()
-    n = len(series)
-    height = 0.8 / max(n, 1)
-    fig, ax = plt.subplots(figsize=(6.4, max(2.4, 0.32 * len(labels) * max(1, n * 0.6) + 1.2)))
-    y = np.arange(len(labels))
-    for i, (name, f1, color) in enumerate(series):
-        vals = [f1.get(c, 0.0) for c in labels]
-        ax.barh(y + (i - (n - 1) / 2) * height, vals, height=height * 0.95, color=color, label=name)
-    ax.set_yticks(y, labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1.0)
-    ax.set_xlabel("F1")
-    ax.grid(axis="x", alpha=0.3)
-    ax.set_title("Per-class F1")
-    # Below the axes: inside, the legend would hide the bars of the last classes.
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.16), ncol=min(n, 3), frameon=False)
-    fig.tight_layout()
-    return fig
-
-
-def plot_confusion(labels: list[str], matrix: list[list[int]], title: str = "Confusion matrix"):
-    """Colours are row-normalised (recall per true class) so small classes show; cells print the counts."""
-    import numpy as np
-
-    plt = _plt()
-    cm = np.asarray(matrix, dtype=float)
-    n_true, n_pred = cm.shape
-    rows = labels[:n_true]
-    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    side = max(3.6, 0.42 * n_pred + 2.2)
-    fig, ax = plt.subplots(figsize=(side + 0.8, max(3.2, 0.42 * n_true + 1.8)))
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(n_pred), labels, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(n_true), rows, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    if n_pred <= 30:
-        for i in range(n_true):
-            for j in range(n_pred):
-                if cm[i, j]:
-                    ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=7,
-                            color="white" if norm[i, j] > 0.55 else "black")
-    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="share of the true class")
-    fig.tight_layout()
-    return fig
 
 
 # ------------------------------------------------------------------------------------------------ html bits
@@ -364,7 +262,7 @@ def _summary(runs: Sequence[RunData]) -> str:
                        f'</p>')
         elif m:
             verdict = ('<p class="verdict">No baseline in this run directory: run <code>llmcls baseline '
-                       f'--train TRAIN --test TEST --out {esc(d.path / "baseline")}</code> to compare.</p>')
+                       f'--train TRAIN --test TEST --out {esc(RunDir(d.path).baseline.path)}</code> to compare.</p>')
         else:
             verdict = '<p class="verdict missing">Not evaluated yet: run <code>llmcls eval RUN_DIR</code>.</p>'
         notes = "".join(f'<p class="note">Note: {esc(n)}</p>' for n in d.notes)
@@ -631,7 +529,7 @@ def render_html(runs: Sequence[RunData], top_mistakes: int = 10) -> tuple[str, l
 
 
 def default_output(run_dirs: Sequence[str | Path]) -> Path:
-    return Path(run_dirs[0]) / "report.html" if len(run_dirs) == 1 else Path("llmcls-report.html")
+    return RunDir(run_dirs[0]).report if len(run_dirs) == 1 else Path("llmcls-report.html")
 
 
 def write_report(run_dirs: Sequence[str | Path], out: Optional[str | Path] = None,
@@ -642,7 +540,7 @@ def write_report(run_dirs: Sequence[str | Path], out: Optional[str | Path] = Non
     if not run_dirs:
         raise ValueError("give at least one run directory")
     target = Path(out) if out else default_output(run_dirs)
-    owned = len(run_dirs) == 1 and target.resolve() == (Path(run_dirs[0]) / "report.html").resolve()
+    owned = len(run_dirs) == 1 and target.resolve() == RunDir(run_dirs[0]).report.resolve()
     if not owned:
         refuse_overwrite(target, overwrite)
     runs = [load_run(r, baseline_dir, top_mistakes) for r in run_dirs]

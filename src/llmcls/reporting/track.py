@@ -18,6 +18,8 @@ from typing import Any, Optional
 from transformers import TrainerCallback
 
 from llmcls.config import TrackConfig
+from llmcls.files import atomic_write_json
+from llmcls.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +51,6 @@ def _has_swanlab_key() -> bool:
         return False
 
 
-RUN_RECORD = "llmcls-run.json"  # in RUN/swanlog: the SwanLab run id that a later `llmcls eval` resumes
-
-
 def swanboard_available() -> bool:
     """The local dashboard (``swanlab watch``) and the 'local' mode need the ``swanlab[dashboard]`` extra."""
     try:
@@ -80,7 +79,7 @@ class Tracker:
         elif self.kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(RunDir(self.run_dir).tensorboard))
             self._tb.add_text("config", "```\n" + json.dumps(config, indent=2, ensure_ascii=False) + "\n```")
             from transformers.integrations import TensorBoardCallback
 
@@ -99,9 +98,8 @@ class Tracker:
             # A ConfigError reaches the user as one line from the CLI, before any step is trained.
             raise ConfigError("track.mode=local needs the SwanLab dashboard: pip install 'swanlab[dashboard]' "
                               "(or use track.mode=offline and `swanlab sync` later)")
-        logdir = self.run_dir / "swanlog"
+        logdir, record = RunDir(self.run_dir).swanlog, RunDir(self.run_dir).swanlab_record
         logdir.mkdir(parents=True, exist_ok=True)
-        record = logdir / RUN_RECORD
         previous = None
         if resume and record.is_file():
             try:
@@ -112,8 +110,6 @@ class Tracker:
         self._run = swanlab.init(project=self.cfg.project, name=self.cfg.experiment, config=config, mode=mode,
                                  log_dir=str(logdir), reinit=True, **extra)
         if not extra:
-            from llmcls.io import atomic_write_json
-
             atomic_write_json(record, {"id": self._run.id, "mode": mode, "project": self.cfg.project,
                                        "experiment": self.cfg.experiment})
         from swanlab.integration.transformers import SwanLabCallback
@@ -158,7 +154,7 @@ class Tracker:
         cm = metrics.get("confusion_matrix")
         if not cm:
             return
-        from llmcls.report import plot_confusion
+        from llmcls.reporting.plots import plot_confusion
 
         fig = plot_confusion(cm["labels"], cm["matrix"])
         if self.kind == "swanlab":

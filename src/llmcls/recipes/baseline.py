@@ -1,4 +1,4 @@
-"""``llmcls baseline``: the classical model an LLM fine-tune has to beat.
+"""Recipe — ``llmcls baseline``: the classical model an LLM fine-tune has to beat.
 
 Character 1–2-gram TF-IDF and a linear SVM (scikit-learn), one binary SVM per label (one-vs-rest, as
 ``LinearSVC`` does internally; fitted one label at a time so the progress bar has an honest ETA). Scored with the
@@ -23,8 +23,9 @@ import numpy as np
 from llmcls.config import DataConfig
 from llmcls.data import read_rows
 from llmcls.env import environment
-from llmcls.evaluate import compute_metrics
-from llmcls.io import atomic_write_json, atomic_write_jsonl
+from llmcls.files import atomic_write_json, atomic_write_jsonl
+from llmcls.metrics import compute_metrics
+from llmcls.rundir import ResultsDir
 
 MODEL = "char 1-2-gram TF-IDF (sublinear tf) + LinearSVC (C={C}), one-vs-rest"
 
@@ -88,12 +89,12 @@ def baseline(train_file: str | Path, test_file: str | Path, out_dir: Optional[st
         "wall_s": round(wall, 2), **timings, "environment": environment(),
     }
     if out_dir is not None:
-        out = Path(out_dir)
-        atomic_write_jsonl(out / "predictions.jsonl", (
+        out = ResultsDir(Path(out_dir))
+        atomic_write_jsonl(out.predictions, (
             {"index": i, "line": r.line, "truth": r.label, "pred": pa, "pred_candidates": pc,
              "candidates": r.candidates, "scores": {c: float(scores[i, j]) for c, j in col.items()}}
             for i, (r, pa, pc) in enumerate(zip(test_rows, pred_all, pred_cand))))
-        atomic_write_json(out / "metrics.json", metrics)
+        atomic_write_json(out.metrics, metrics)
     return metrics
 
 

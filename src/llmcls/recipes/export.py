@@ -1,4 +1,4 @@
-"""``llmcls export``: a finished run as a standard Hugging Face model folder that plain ``transformers`` loads.
+"""Recipe — ``llmcls export``: a finished run as a standard Hugging Face model folder that plain ``transformers`` loads.
 
 LoRA runs are merged into their base (PEFT ``merge_and_unload``), so neither PEFT nor llmcls is needed to use the
 result; full fine-tunes are re-saved as they are. Beside the weights (safetensors), the tokenizer and a generation
@@ -20,27 +20,24 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from llmcls.config import Config, to_dict
+from llmcls.env import environment
+from llmcls.files import atomic_dir
+from llmcls.model.load import resolve_model_path
+from llmcls.rundir import EXPORT_FORMAT, EXPORT_META, EXPORT_VERSION, RunDir, load_trained, read_json
+
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = "llmcls-export"
-EXPORT_VERSION = 1
-META_FILE = "llmcls.json"
 
-
-def _base_dtype(run: Path, cfg) -> torch.dtype:
+def _base_dtype(run: RunDir, cfg: Config) -> torch.dtype:
     """The dtype the weights were stored in: exporting must not silently double (fp32) or halve the folder."""
-    from llmcls.model import resolve_model_path
-
-    folder = run / "model" if (run / "model").is_dir() else Path(resolve_model_path(cfg.model))
+    folder = run.model if run.model.is_dir() else Path(resolve_model_path(cfg.model))
     try:
         conf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
@@ -72,7 +69,7 @@ def _model_card(meta: dict) -> str:
 A causal LM fine-tuned ({meta['source']['method']}) to answer with one label. Labels: {labels}.
 
 Load it with plain `transformers` (`AutoModelForCausalLM`, `AutoTokenizer`); no PEFT or llmcls is needed.
-`{META_FILE}` holds the prompt it was trained with: the system message, the user template (`{{text}}` and
+`{EXPORT_META}` holds the prompt it was trained with: the system message, the user template (`{{text}}` and
 `{{category}}` are filled in; candidates render as {meta['prompt']['category_format']}), and `max_length`, the token
 budget of prompt + answer. Classify by scoring each candidate's log-likelihood (its tokens plus the end-of-turn
 token) after the chat-template prompt, or by greedy generation (`generation_config.json`).
@@ -87,44 +84,40 @@ def _refuse_self_destruction(run: Path, out: Path) -> None:
         raise ValueError(f"{out} holds the run {run}: exporting there would replace the run itself")
 
 
-def export(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, device: str = "cpu",
-           dtype: Optional[torch.dtype] = None) -> dict:
-    """Merge and write the export; returns the contents of ``llmcls.json``.
+def export(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, cfg: Optional[Config] = None,
+           device: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> dict:
+    """Merge and write the export; returns the contents of ``llmcls.json``. ``cfg`` is the run's config with the
+    caller's overrides (``export.device``, ``export.dtype``).
 
-    ``dtype`` defaults to the dtype the base (or fine-tuned) weights are stored in. LoRA deltas are added in that
-    dtype, the single rounding ``merge_and_unload`` always makes."""
-    from llmcls.config import load_config, to_dict
-    from llmcls.env import environment
-    from llmcls.model import load_trained
-    from llmcls.predict import trained_labels
-
-    run, out = Path(run_dir), Path(out_dir)
-    if not (run / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run} is not a run directory (no config.yaml); train one with 'llmcls train'")
-    _refuse_self_destruction(run, out)
+    ``dtype`` (else ``export.dtype``) defaults to the dtype the base (or fine-tuned) weights are stored in. LoRA
+    deltas are added in that dtype, the single rounding ``merge_and_unload`` always makes."""
+    run, out = RunDir(run_dir).require(), Path(out_dir)
+    _refuse_self_destruction(run.path, out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    labels = trained_labels(run)
+    labels = run.labels()
     if not labels:
-        raise FileNotFoundError(f"{run / 'data' / 'prepare.json'} is missing: the run's label set is unknown")
+        raise FileNotFoundError(f"{run.data.summary} is missing: the run's label set is unknown")
 
-    cfg = load_config(run / "config.yaml")
+    cfg = cfg or run.load_config()
+    device = device or cfg.export.device
+    if dtype is None and cfg.export.dtype != "auto":
+        dtype = getattr(torch, cfg.export.dtype)
     dtype = dtype or _base_dtype(run, cfg)
     t0 = time.perf_counter()
     trained_on = cfg.model.quantize
     # A QLoRA adapter goes into the base's own unquantised weights: the export needs neither bitsandbytes nor a
     # second rounding of the base (the adapter was trained against the NF4-rounded base; the difference is small)
-    model, tok, cfg = load_trained(run, device=device, dtype=dtype, quantize="none")
-    method = "lora" if (run / "adapter").is_dir() else "full"
+    cfg.model.quantize = "none"
+    model, tok, cfg = load_trained(run.path, cfg, device=device, dtype=dtype)
+    method = run.method()
     if method == "lora":
         model = model.merge_and_unload()
     model.config.use_cache = True  # training switched it off; users of the export generate with a cache
     model.generation_config = _generation_config(model, tok, cfg, labels)
 
-    summary_file = run / "train_summary.json"
-    summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
-    metrics_file = run / "eval" / "metrics.json"
-    metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else None
+    summary = read_json(run.train_summary) or {}
+    metrics = read_json(run.eval.metrics)
     env = environment()
     meta = {
         "format": EXPORT_FORMAT, "format_version": EXPORT_VERSION,
@@ -136,7 +129,7 @@ def export(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, de
         "scoring": "log-likelihood of each candidate's tokens plus the tokenizer's eos token after the chat-template "
                    "prompt (add_generation_prompt=True); probabilities are the softmax over the candidates",
         "dtype": str(dtype).replace("torch.", ""),
-        "source": {"run_dir": str(run.resolve()), "method": method, "base_model": cfg.model.name_or_path,
+        "source": {"run_dir": str(run.path.resolve()), "method": method, "base_model": cfg.model.name_or_path,
                    "base_quantized_in_training": trained_on,
                    "global_step": summary.get("global_step"), "train_loss": summary.get("train_loss")},
         "eval": {k: metrics[k] for k in ("rows", "accuracy", "macro_f1") if k in metrics} if metrics else None,
@@ -145,60 +138,10 @@ def export(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, de
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out, exists="replace" if overwrite else "error") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        (tmp / EXPORT_META).write_text(json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(_model_card(meta), encoding="utf-8")
-        _finalise_tree(tmp)
-        _swap_into_place(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("exported %s (%s) to %s in %.1f s", run, method, out, time.perf_counter() - t0)
-    return meta
-
-
-def _finalise_tree(folder: Path) -> None:
-    """Flush the files before the rename publishes them (a crash must not leave a complete-looking folder of
-    truncated weights), and give them the usual umask modes: the temporary folder is private (0700) and
-    safetensors writes 0600, but an export is made to be shared."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for p in folder.iterdir():
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.chmod(p, 0o666 & ~mask)
-    os.chmod(folder, 0o777 & ~mask)
-
-
-def _swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    if not overwrite:  # appeared while we were exporting
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    # Move the old export aside first, so that a failure between the renames leaves it recoverable under .old.
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.rmdir(old)
-    os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old) if old.is_dir() else old.unlink()
-
-
-def read_export_meta(path: str | Path) -> dict:
-    """``llmcls.json`` of an export folder, checked for the fields a server needs."""
-    meta_path = Path(path) / META_FILE
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{meta_path} is not an llmcls export (format {meta.get('format')!r})")
-    if meta.get("format_version", 0) > EXPORT_VERSION:
-        raise ValueError(f"{meta_path} has format_version {meta['format_version']}; this llmcls reads "
-                         f"up to {EXPORT_VERSION}: upgrade llmcls")
-    for key in ("labels", "prompt", "max_length"):
-        if key not in meta:
-            raise ValueError(f"{meta_path} lacks '{key}'")
+    log.info("exported %s (%s) to %s in %.1f s", run.path, method, out, time.perf_counter() - t0)
     return meta

@@ -1,0 +1,31 @@
+"""Classification metrics (scikit-learn does the counting), shared by ``llmcls eval``, the TF-IDF baseline and the
+report, so that every number in a report is computed the same way."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+INVALID = "<invalid>"  # the column of the confusion matrix for a reply that maps to no label (generate)
+
+
+def compute_metrics(truth: Sequence[str], pred: Sequence[Optional[str]], labels: Optional[list[str]] = None) -> dict:
+    """Accuracy, macro-F1 over the true classes, per-class P/R/F1 and the confusion matrix (scikit-learn).
+    An invalid prediction (None) counts as wrong and gets its own confusion-matrix column."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    y_pred = [p if p is not None else INVALID for p in pred]
+    classes = labels or sorted(set(truth) | {p for p in y_pred if p != INVALID})
+    p, r, f, s = precision_recall_fscore_support(truth, y_pred, labels=classes, zero_division=0)
+    cm_labels = classes + ([INVALID] if INVALID in y_pred else [])
+    return {
+        "rows": len(truth),
+        "accuracy": float(accuracy_score(truth, y_pred)),
+        "macro_f1": float(f1_score(truth, y_pred, labels=classes, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(truth, y_pred, labels=classes, average="weighted", zero_division=0)),
+        "invalid": sum(x == INVALID for x in y_pred),
+        "invalid_rate": sum(x == INVALID for x in y_pred) / max(len(y_pred), 1),
+        "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+                      for i, c in enumerate(classes)},
+        "confusion_matrix": {"labels": cm_labels,
+                             "matrix": confusion_matrix(truth, y_pred, labels=cm_labels).tolist()},
+    }

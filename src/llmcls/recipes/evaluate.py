@@ -1,0 +1,83 @@
+"""Stage 5 recipe — ``llmcls eval``: classify the whole test file with a trained run and compute metrics.
+
+Writes ``RUN/eval/metrics.json`` (accuracy, macro-F1, per-class precision/recall/F1, confusion matrix, invalid
+rate, throughput) and ``RUN/eval/predictions.jsonl`` (row index, truth, prediction, per-candidate probability).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from llmcls import dist
+from llmcls.config import Config, to_dict
+from llmcls.data import read_rows
+from llmcls.encode import PromptBuilder
+from llmcls.env import environment
+from llmcls.files import atomic_write_json, atomic_write_jsonl
+from llmcls.infer import classify, record
+from llmcls.metrics import compute_metrics
+from llmcls.rundir import RunDir, model_for_run
+
+
+def samples_for_tracker(rows, records: list[dict], n: int) -> list[dict]:
+    """Up to n sample predictions, half wrong and half right where possible (the tutorial printed 10)."""
+    wrong = [i for i, r in enumerate(records) if r["correct"] is False][: (n + 1) // 2]
+    right = [i for i, r in enumerate(records) if r["correct"]][: n - len(wrong)]
+    return [{"text": rows[i].text, "truth": records[i]["truth"], "pred": records[i]["pred"],
+             "correct": records[i]["correct"]} for i in sorted(wrong + right)]
+
+
+def evaluate(run_dir: str | Path, cfg: Optional[Config] = None, model=None, tokenizer=None, progress: bool = True,
+             tracker=None) -> dict:
+    """Classify ``data.test_file`` (first ``data.max_eval_rows`` rows) as ``eval.*`` says. ``cfg`` is the run's
+    config with the caller's overrides (default: the run's own); ``model``/``tokenizer`` an already loaded pair
+    (default: :func:`llmcls.rundir.load_trained`)."""
+    run = RunDir(run_dir)
+    model, tokenizer, cfg = model_for_run(run.path, cfg, model, tokenizer)
+    if not cfg.data.test_file:
+        raise ValueError("no test file: set data.test_file in the config or pass --data.test_file FILE")
+    method = cfg.eval.method
+    rows, invalid = read_rows(cfg.data.test_file, cfg.data, limit=cfg.data.max_eval_rows)
+    builder = PromptBuilder(tokenizer, cfg.prompt)
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    # Under torchrun every process classifies a share of the rows; each gets all predictions back.
+    preds = classify(model, builder, rows, method=method, batch_size=cfg.eval.batch_size,
+                     max_new_tokens=cfg.eval.max_new_tokens, max_length=cfg.data.max_length,
+                     progress=progress, desc=f"eval ({method})")
+    wall = time.perf_counter() - t0
+
+    labels = sorted({r.label for r in rows})
+    metrics = compute_metrics([r.label for r in rows], [p.pred for p in preds], labels)
+    records = [record(r, p, with_truth=True) for r, p in zip(rows, preds)]
+    metrics.update({
+        "method": method, "test_file": str(cfg.data.test_file), "skipped_invalid_rows": len(invalid),
+        "wall_s": round(wall, 3), "rows_per_s": round(len(rows) / wall, 2) if wall > 0 else None,
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
+        "processes": dist.world_size(),
+        "environment": environment(),
+    })
+    if not dist.is_main():
+        return metrics
+    atomic_write_jsonl(run.eval.predictions, records)
+    atomic_write_json(run.eval.metrics, metrics)
+
+    if tracker is not None:
+        tracker.log({"eval/accuracy": metrics["accuracy"], "eval/macro_f1": metrics["macro_f1"],
+                     "eval/invalid_rate": metrics["invalid_rate"]})
+        tracker.log_samples(samples_for_tracker(rows, records, cfg.eval.log_samples))
+        tracker.log_eval_details(metrics)
+    return metrics
+
+
+def eval_tracker(run_dir: str | Path, cfg: Config):
+    """A tracker for ``llmcls eval``: continues the SwanLab run that training started in this run directory."""
+    from llmcls.reporting.track import Tracker
+
+    return Tracker(cfg.track, run_dir, to_dict(cfg), is_main=dist.is_main(), resume=True)

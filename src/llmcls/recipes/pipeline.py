@@ -1,0 +1,62 @@
+"""Recipe — ``llmcls run``: the whole job in one go, what the demo runs. Train, evaluate the whole test file,
+score the TF-IDF baseline on the same data, write the report."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Optional
+
+from llmcls import dist
+from llmcls.config import Config
+from llmcls.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def after_eval(run_dir: str | Path, cfg: Optional[Config] = None, with_baseline: bool = False,
+               echo: Callable[[str], None] = print) -> None:
+    """What follows an evaluation: the baseline on the run's own data (``llmcls run``), then RUN/report.html.
+    Neither may fail a finished run: a problem is logged and the run's results stand."""
+    run = RunDir(run_dir)
+    if with_baseline and cfg is not None and cfg.data.train_file and cfg.data.test_file:
+        from llmcls.recipes.baseline import baseline, summary_line
+
+        try:
+            m = baseline(cfg.data.train_file, cfg.data.test_file, run.baseline.path, cfg.data, C=cfg.baseline.svm_c,
+                         max_train_rows=cfg.data.max_train_rows, max_test_rows=cfg.data.max_eval_rows)
+            echo(summary_line(m))
+        except Exception as e:  # noqa: BLE001 (e.g. a single-label training file)
+            log.warning("baseline skipped: %s", e)
+    try:
+        from llmcls.reporting.report import write_report
+
+        echo(f"report: {write_report([run.path])}")
+    except Exception as e:  # noqa: BLE001
+        log.warning("report not written: %s (run 'llmcls report %s' to retry)", e, run.path)
+
+
+def run(cfg: Config, resume: bool = False, overwrite: bool = False, with_baseline: bool = True,
+        echo: Callable[[str], None] = print) -> dict:
+    """Train, evaluate, baseline, report; returns the evaluation metrics. ``echo`` prints progress lines (rank 0)."""
+    from llmcls.recipes.evaluate import eval_tracker, evaluate
+    from llmcls.recipes.train import train
+
+    say = echo if dist.is_main() else (lambda _: None)
+    out = train(cfg, resume=resume, overwrite=overwrite)
+    say(f"trained {out['global_step']} steps in {out['wall_s']:.0f} s, final loss {out['final_logged_loss']}")
+    run_dir = RunDir(cfg.train.output_dir)
+    saved = run_dir.load_config()  # what training resolved (the tiny preset's base, for one)
+    tracker = eval_tracker(run_dir.path, saved)
+    metrics = evaluate(run_dir.path, saved, tracker=tracker)
+    tracker.finish()
+    if dist.is_main():
+        say(metrics_line(metrics))
+        after_eval(run_dir.path, cfg, with_baseline=with_baseline, echo=say)
+        say(f"run directory: {run_dir.path}")
+    return metrics
+
+
+def metrics_line(m: dict) -> str:
+    return (f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  invalid {m['invalid_rate']:.2%}  "
+            f"rows {m['rows']}  {m['rows_per_s']} rows/s")

@@ -1,0 +1,1 @@
+"""Stage 6 — tracking (SwanLab, TensorBoard), the HTML report and its plots."""

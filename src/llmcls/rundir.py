@@ -1,0 +1,201 @@
+"""The run directory and the export folder: the one owner of their layout. Every other module asks here for a
+path (``RunDir(path).adapter``), a run's config, labels or weights, so a file name is spelled once.
+
+Run directory (``train.output_dir``)::
+
+    RUN/config.yaml          resolved configuration (what was actually run)
+    RUN/data/                prepare's outputs: train.instruct.jsonl, encoded/, prepare.json (summary, labels)
+    RUN/base-model/          the tiny preset's random-init base (tiny runs only)
+    RUN/checkpoints/         Trainer checkpoints (resume from the last one)
+    RUN/adapter/             LoRA adapter, PEFT format, safetensors      (lora.method: lora)
+    RUN/model/               fine-tuned weights, safetensors              (lora.method: full)
+    RUN/tokenizer/           tokenizer used for training
+    RUN/train_log.jsonl      one line per logging step
+    RUN/train_summary.json   steps, loss, throughput, memory, versions
+    RUN/eval/                metrics.json, predictions.jsonl             (llmcls eval)
+    RUN/baseline/            the TF-IDF baseline's metrics.json, predictions.jsonl
+    RUN/report.html          llmcls report
+    RUN/swanlog/, RUN/tensorboard/   tracker files
+
+Export folder (``llmcls export``): a plain Hugging Face model folder plus ``llmcls.json`` (labels, prompt,
+config), see ``llmcls.recipes.export``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from llmcls.config import Config, check_model, load_config
+
+EXPORT_META = "llmcls.json"
+EXPORT_FORMAT = "llmcls-export"
+EXPORT_VERSION = 1
+
+
+def read_json(path: Path) -> Optional[dict]:
+    """A JSON file's object, or None when it is absent or unreadable (an interrupted run's files are optional)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+@dataclass(frozen=True)
+class DataDir:
+    """``llmcls prepare``'s outputs (``RUN/data`` or the folder given with ``--out``)."""
+
+    path: Path
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "prepare.json"
+
+    @property
+    def encoded(self) -> Path:
+        return self.path / "encoded"
+
+    @property
+    def instructions(self) -> Path:
+        return self.path / "train.instruct.jsonl"
+
+
+@dataclass(frozen=True)
+class ResultsDir:
+    """Where an evaluation writes (``RUN/eval``, ``RUN/baseline`` or a folder the user names)."""
+
+    path: Path
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
+    def predictions(self) -> Path:
+        return self.path / "predictions.jsonl"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    def __init__(self, path: str | Path):
+        object.__setattr__(self, "path", Path(path))
+
+    # ---- layout
+    config_file = property(lambda self: self.path / "config.yaml")
+    data = property(lambda self: DataDir(self.path / "data"))
+    base_model = property(lambda self: self.path / "base-model")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    adapter = property(lambda self: self.path / "adapter")
+    model = property(lambda self: self.path / "model")
+    tokenizer = property(lambda self: self.path / "tokenizer")
+    train_log = property(lambda self: self.path / "train_log.jsonl")
+    train_summary = property(lambda self: self.path / "train_summary.json")
+    eval = property(lambda self: ResultsDir(self.path / "eval"))
+    baseline = property(lambda self: ResultsDir(self.path / "baseline"))
+    report = property(lambda self: self.path / "report.html")
+    swanlog = property(lambda self: self.path / "swanlog")
+    swanlab_record = property(lambda self: self.path / "swanlog" / "llmcls-run.json")  # the run id eval resumes
+    tensorboard = property(lambda self: self.path / "tensorboard")
+
+    def training_outputs(self) -> list[Path]:
+        """What ``train --overwrite`` removes: a new training makes all of it stale."""
+        return [self.checkpoints, self.adapter, self.model, self.train_log, self.train_summary, self.eval.path]
+
+    # ---- state
+    @property
+    def finished(self) -> bool:
+        return self.adapter.is_dir() or self.model.is_dir()
+
+    @property
+    def started(self) -> bool:
+        return self.checkpoints.is_dir() or self.finished
+
+    def require(self) -> "RunDir":
+        if not self.config_file.is_file():
+            raise FileNotFoundError(f"{self.path} is not a run directory (no config.yaml); train one with "
+                                    "'llmcls train'")
+        return self
+
+    # ---- contents
+    def load_config(self, overrides: Optional[dict[str, Any]] = None) -> Config:
+        return load_config(self.require().config_file, overrides)
+
+    def labels(self) -> Optional[list[str]]:
+        """The labels the run was trained on (prepare's summary), sorted; None when unknown."""
+        summary = read_json(self.data.summary)
+        return sorted(summary["labels"]) if summary and "labels" in summary else None
+
+    def method(self) -> str:
+        return "lora" if self.adapter.is_dir() else "full"
+
+
+def load_trained(run_dir: str | Path, cfg: Optional[Config] = None, device: Optional[str] = None,
+                 dtype=None):
+    """Load a finished run: (model, tokenizer, config). LoRA runs load the base named in the run's config and apply
+    ``adapter/``; full fine-tunes load ``model/``. ``cfg`` is the run's config with the caller's overrides (default:
+    read from the run), e.g. ``model.device_map: auto`` to evaluate a model trained with FSDP on a single process,
+    or ``model.quantize: none`` (export merges a QLoRA adapter into the unquantised base)."""
+    from llmcls import dist
+    from llmcls.model.load import load_model, load_tokenizer, resolve_model_path
+
+    run = RunDir(run_dir)
+    cfg = cfg or run.load_config()
+    check_model(cfg.model, dist.world_size())
+    tok = load_tokenizer(cfg.model, str(run.tokenizer))
+    if run.adapter.is_dir():
+        from peft import PeftModel
+
+        base = load_model(cfg.model, resolve_model_path(cfg.model), device, dtype)
+        model = PeftModel.from_pretrained(base, run.adapter)
+    elif run.model.is_dir():
+        model = load_model(cfg.model, str(run.model), device, dtype)
+    else:
+        raise FileNotFoundError(f"{run.path} holds neither adapter/ nor model/: did training finish? "
+                                "Resume it with 'llmcls train --resume'")
+    model.eval()
+    return model, tok, cfg
+
+
+# ------------------------------------------------------------------------------------------------- export
+def is_export(path: str | Path) -> bool:
+    return (Path(path) / EXPORT_META).is_file()
+
+
+def read_export_meta(path: str | Path) -> dict:
+    """``llmcls.json`` of an export folder, checked for the fields a server needs."""
+    meta_path = Path(path) / EXPORT_META
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{meta_path} is not an llmcls export (format {meta.get('format')!r})")
+    if meta.get("format_version", 0) > EXPORT_VERSION:
+        raise ValueError(f"{meta_path} has format_version {meta['format_version']}; this llmcls reads "
+                         f"up to {EXPORT_VERSION}: upgrade llmcls")
+    for key in ("labels", "prompt", "max_length"):
+        if key not in meta:
+            raise ValueError(f"{meta_path} lacks '{key}'")
+    return meta
+
+
+def export_config(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> Config:
+    """The config an export was made from (its ``llmcls.json``), with the caller's overrides."""
+    from llmcls.config import config_from_dict
+
+    meta = read_export_meta(path)
+    return config_from_dict(meta.get("config") or {}, overrides, str(Path(path) / EXPORT_META))
+
+
+def model_for_run(run_dir: str | Path, cfg: Optional[Config] = None, model=None, tokenizer=None):
+    """(model, tokenizer, config) for eval and predict: the caller's already-loaded pair, or
+    :func:`load_trained`'s; decoder layers compiled when ``eval.compile`` says so."""
+    cfg = cfg or RunDir(run_dir).load_config()
+    if model is None:
+        model, tokenizer, cfg = load_trained(run_dir, cfg)
+    if cfg.eval.compile:
+        from llmcls.model.load import compile_layers
+
+        compile_layers(model)
+    return model, tokenizer, cfg

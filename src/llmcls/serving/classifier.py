@@ -1,0 +1,114 @@
+"""What serving needs from a run or an export: the model, its prompt, its labels and token budget, with the two
+steps the batcher drives (``prepare`` on request threads, ``score`` on the model thread). Framework-free."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from llmcls.config import PromptConfig
+from llmcls.data import Row
+
+
+@dataclass
+class Classifier:
+    """What serving needs from a run or an export: the model, its prompt, its labels and token budget."""
+
+    model: Any
+    tokenizer: Any
+    prompt: PromptConfig
+    labels: Optional[list[str]]
+    max_length: Optional[int]
+    name: str
+    kind: str                      # "run" or "export"
+    builder: Any = field(init=False)
+
+    def __post_init__(self):
+        from llmcls.encode import PromptBuilder
+
+        self.builder = PromptBuilder(self.tokenizer, self.prompt)
+        self._local = threading.local()
+
+    @property
+    def device(self) -> str:
+        from llmcls.model.load import compute_device
+
+        return str(compute_device(self.model))
+
+    @property
+    def dtype(self) -> str:
+        from llmcls.model.load import compute_dtype
+
+        return str(compute_dtype(self.model)).replace("torch.", "")
+
+    def prepare(self, rows: Sequence[Row]) -> list[tuple[Row, list[int]]]:
+        """Each row with its prompt ids, the text shortened to ``max_length`` as in training
+        (:func:`llmcls.infer.prompts_for`). Tokenising costs milliseconds of CPU per long text; done here, on the
+        requests' side and on several threads, it overlaps the model's work instead of stalling it. Each thread
+        has its own copy of the tokenizer: a fast tokenizer shared between threads can fail with 'Already
+        borrowed'."""
+        from llmcls.infer import prompts_for
+
+        builder = getattr(self._local, "builder", None)
+        if builder is None:
+            import copy
+
+            from llmcls.encode import PromptBuilder
+
+            builder = self._local.builder = PromptBuilder(copy.deepcopy(self.tokenizer), self.prompt)
+        return list(zip(rows, prompts_for(builder, rows, self.max_length)))
+
+    def score(self, prepared: Sequence[tuple[Row, list[int]]]) -> list:
+        """One :class:`llmcls.infer.Prediction` per prepared row, all in one :func:`llmcls.infer.score_batch`."""
+        from llmcls.infer import score_batch, scored_prediction
+
+        rows = [r for r, _ in prepared]
+        logliks = score_batch(self.model, self.builder, rows, prompts=[p for _, p in prepared])
+        return [scored_prediction(i, r.candidates, ll) for i, (r, ll) in enumerate(zip(rows, logliks))]
+
+    def classify(self, rows: Sequence[Row]) -> list:
+        """The library's own path (:func:`llmcls.infer.classify`), for comparisons: the server uses
+        :meth:`prepare` and :meth:`score`."""
+        from llmcls.infer import classify
+
+        return classify(self.model, self.builder, rows, method="score", batch_size=max(1, len(rows)),
+                        max_length=self.max_length, progress=False)
+
+
+def load_classifier(path: str | Path, device: Optional[str] = None, dtype=None, compile: bool = False) -> Classifier:
+    """A run directory (``llmcls train``) or an export folder (``llmcls export``), told apart by their files.
+    ``compile``: regional torch.compile of the decoder layers (:func:`llmcls.model.load.compile_layers`)."""
+    clf = _load_classifier(path, device, dtype)
+    if compile:
+        from llmcls.model.load import compile_layers
+
+        compile_layers(clf.model)
+    return clf
+
+
+def _load_classifier(path, device, dtype) -> Classifier:
+    from llmcls.model.load import device_default, resolve_dtype
+    from llmcls.rundir import EXPORT_META, RunDir, is_export, load_trained, read_export_meta
+
+    p = Path(path)
+    if is_export(p):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        meta = read_export_meta(p)
+        device = device or device_default()
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype or resolve_dtype("auto", device)).to(device)
+        model.eval()
+        tok = AutoTokenizer.from_pretrained(p)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        return Classifier(model, tok, PromptConfig(**meta["prompt"]), list(meta["labels"]), meta["max_length"],
+                          p.resolve().name, "export")
+    run = RunDir(p)
+    if run.config_file.is_file():
+        model, tok, cfg = load_trained(p, device=device, dtype=dtype)
+        return Classifier(model, tok, cfg.prompt, run.labels(), cfg.data.max_length, p.resolve().name, "run")
+    raise FileNotFoundError(f"{p} is neither a run directory (config.yaml) nor an export ({EXPORT_META})")
+
+

@@ -1,0 +1,177 @@
+"""Training components for the HF Trainer: its arguments (one process or a DDP/FSDP launch), the model made ready
+to train, the collator and loss chosen together, and the callbacks that count tokens and switch packed attention
+on and off. ``llmcls.recipes.train`` puts them together into a run."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback, TrainingArguments
+
+from llmcls import dist
+from llmcls.collate import AnswerCollator, PackedCollator, answer_loss
+from llmcls.config import Config
+from llmcls.model.attention import packed_rows
+from llmcls.model.load import add_lora, compile_layers
+
+log = logging.getLogger(__name__)
+
+
+class _Arguments(TrainingArguments):
+    """llmcls places the model itself (``model.load_model``), so the Trainer must not move it: with
+    ``model.offload_embeddings`` part of it stays on the CPU on purpose. This property is the documented hook."""
+
+    @property
+    def place_model_on_device(self) -> bool:
+        return False
+
+
+
+def training_arguments(cfg: Config, checkpoints: Path, progress: bool = True) -> TrainingArguments:
+    return _Arguments(
+        output_dir=str(checkpoints),
+        per_device_train_batch_size=cfg.train.batch_size,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        num_train_epochs=cfg.train.epochs,
+        max_steps=cfg.train.max_steps,
+        learning_rate=cfg.train.lr,
+        lr_scheduler_type=cfg.train.lr_scheduler,
+        warmup_steps=cfg.train.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=cfg.train.weight_decay,
+        logging_steps=cfg.train.logging_steps,
+        logging_first_step=True,
+        save_steps=cfg.train.save_steps,
+        save_total_limit=cfg.train.save_total_limit,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.train.gradient_checkpointing else None,
+        seed=cfg.train.seed,
+        dataloader_num_workers=cfg.train.dataloader_workers,
+        train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
+        # Nothing in a step may wait for the GPU: the Trainer's own token count and NaN filter read a GPU value
+        # after every micro-batch, and a blocking copy of the batch waits for the queue to drain; each leaves the
+        # GPU idle while the CPU prepares the next step (15% of a 7B step; docs/BENCHMARKS.md). Tokens are counted
+        # by TokenCounter instead; a NaN loss shows up in the log as NaN rather than being averaged away.
+        include_num_input_tokens_seen="no",
+        logging_nan_inf_filter=False,
+        accelerator_config={"non_blocking": True},
+        remove_unused_columns=False,  # the collator needs 'labels'; 'length' is dropped there
+        report_to="none",             # trackers are attached explicitly (see track.py)
+        disable_tqdm=not progress,
+        **launch_arguments(cfg),  # several processes: DDP / FSDP settings
+    )
+
+
+
+def launch_arguments(cfg: Config) -> dict:
+    """TrainingArguments for several processes (harmless for one).
+
+    FSDP (``train.fsdp``) is FSDP2 through accelerate: the units gathered for compute are the model's own
+    ``_no_split_modules`` (whole decoder layers), accelerate's default. With ``cpu_ram_efficient_loading`` only
+    the first process of each node reads the checkpoint; the others start from zero-filled placeholders and
+    accelerate sends rank 0's weights into every shard."""
+    # Every trainable weight gets a gradient each step; DDP's search for unused ones would cost every step.
+    out: dict = {"ddp_find_unused_parameters": False}
+    if dist.launched() and not torch.cuda.is_available():  # see dist.state(): the CI's gloo runs
+        out.update(use_cpu=True, ddp_backend="gloo")
+    if cfg.train.fsdp != "off":
+        out.update(fsdp=True, fsdp_config={"version": 2, "reshard_after_forward": cfg.train.fsdp == "full_shard",
+                                           "cpu_ram_efficient_loading": True})
+    return out
+
+
+def fsdp_loading(cfg: Config, on: bool) -> None:
+    """Switch transformers' FSDP loading mode: with it on, ``from_pretrained`` reads real weights only on each
+    node's first process, the others get zeros (accelerate then sends rank 0's into every shard). On before the
+    model is loaded
+    (the Trainer's own switch comes with its construction, too late); off once training is over, or a later
+    load in the same process (``llmcls run`` evaluates next) would get zeros on the other processes."""
+    if cfg.train.fsdp == "off":
+        return
+    from accelerate.utils import disable_fsdp_ram_efficient_loading, enable_fsdp_ram_efficient_loading
+
+    enable_fsdp_ram_efficient_loading() if on else disable_fsdp_ram_efficient_loading()
+
+
+def full_state_dict(model, trainable_only: bool) -> dict:
+    """The whole weights of an FSDP-sharded model on rank 0 (empty dict elsewhere). Every process must call it:
+    each contributes its shards. ``trainable_only`` gathers just the adapter, not the frozen base model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=trainable_only))
+
+
+def prepare_for_training(model, cfg: Config):
+    """Attach adapters (or unfreeze everything) and switch off what training doesn't need."""
+    model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    # The Trainer switches recomputation on when asked, never off: a model reused in one process (a notebook, a
+    # benchmark running the tutorial's recipe first) would otherwise keep recomputing every layer, unasked.
+    if not cfg.train.gradient_checkpointing and getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
+    model = add_lora(model, cfg.lora)
+    if cfg.train.compile:
+        compile_layers(model)
+    return model
+
+
+class TokenCounter(TrainerCallback):
+    """Counts the real (non-padding) tokens the model is fed into ``state.num_input_tokens_seen``, summed over
+    processes. The count stays on the GPU and is read only when the Trainer is about to log, save or stop, so no
+    step waits for it; a resumed run starts from the checkpoint's count."""
+
+    def __init__(self, model):
+        self.model, self.count, self.base, self.hook = model, None, 0, None
+
+    def _add(self, module, args, kwargs):
+        mask, ids = kwargs.get("attention_mask"), kwargs.get("input_ids")
+        n = mask.sum() if mask is not None and mask.dim() == 2 else (ids.numel() if ids is not None else 0)
+        self.count = n if self.count is None else self.count + n
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.base, self.count = state.num_input_tokens_seen, None
+        self.hook = self.model.register_forward_pre_hook(self._add, with_kwargs=True)
+
+    def on_step_end(self, args, state, control, **kw):
+        if control.should_log or control.should_save or control.should_training_stop:
+            self._publish(args, state)
+
+    def on_train_end(self, args, state, control, **kw):
+        self._publish(args, state)
+        self.hook.remove()
+
+    def _publish(self, args, state):
+        n = torch.as_tensor(0 if self.count is None else self.count, device=args.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(n)  # every process publishes at the same steps
+        state.num_input_tokens_seen = self.base + int(n.item())
+
+
+class PackedAttention(TrainerCallback):
+    """Packed batches attend within each row (``model.packed_rows``) for the length of the training, and the model
+    attends as before after it. Chosen together with the collator in :func:`build_trainer`: a packed batch under
+    plain sdpa would let every row attend to the rows before it, with no error."""
+
+    def __init__(self, model):
+        self.model, self.stack = model, contextlib.ExitStack()
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.stack.enter_context(packed_rows(self.model))
+
+    def on_train_end(self, args, state, control, **kw):
+        self.stack.close()
+
+
+def build_trainer(model, tokenizer, dataset, args: TrainingArguments, callbacks: list | None = None,
+                  packing: bool = False):
+    """The HF Trainer with llmcls's collator (left padding, or rows packed end to end with attention kept within
+    each row; answer-position logits) and loss."""
+    from transformers import Trainer
+
+    collator = PackedCollator() if packing else AnswerCollator(pad_id=tokenizer.pad_token_id)
+    extra = [PackedAttention(model)] if packing else []
+    return Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                   compute_loss_func=answer_loss, callbacks=[TokenCounter(model), *extra, *(callbacks or [])])
+
