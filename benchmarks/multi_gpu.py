@@ -22,7 +22,8 @@ measured after the warm-up steps, where compilation happens: the run logs every 
 steps, so the last line of ``train_log.jsonl`` holds the real tokens/s of exactly the steps after the warm-up;
 ``train_summary.json``'s whole-run figure (warm-up and compilation included) is kept beside it.
 
-Run on the GPU machine (one command, about 5-6 minutes on 2 x H200 with the 7B shape)::
+Run on the GPU machine (one command; 393 s on 2 x H200 with the 7B shape, the model's build included: each launch
+spends about a minute loading and compiling before its first step)::
 
     python benchmarks/multi_gpu.py --out bench-out/multi_gpu
 

@@ -3,10 +3,12 @@
     python examples/classify_with_transformers.py EXPORT_DIR < rows.jsonl > predictions.jsonl
 
 Input rows: ``{"text": "...", "category": ["A", "B"]}`` (``category`` optional: default, the export's labels).
-Output rows: ``{"label": "A", "probs": {"A": 0.93, "B": 0.07}}``.
+Output rows: ``{"label": "A", "probs": {"A": 0.93, "B": 0.07}, "confidence": 0.93, "abstain": false}``.
 
 It scores every candidate the way llmcls trained the model to answer: the chat-template prompt, then the
-candidate's tokens and the end-of-turn token; the label is the most likely candidate. It runs one plain forward
+candidate's tokens and the end-of-turn token; the label is the most likely candidate. Probabilities are calibrated
+as ``llmcls.json``'s ``calibration`` says (softmax of (log-likelihood + the label's bias) / temperature), and a row
+whose best probability is under its ``threshold`` is marked ``abstain``. It runs one plain forward
 per candidate, without llmcls's batching and KV-cache sharing, so it doubles as an independent check of them.
 """
 
@@ -66,9 +68,16 @@ class ExportedClassifier:
             logits = self.model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
             target = torch.tensor(answer, device=self.device)[:, None]
             scores.append(torch.log_softmax(logits, -1).gather(1, target).sum().item())
-        probs = torch.softmax(torch.tensor(scores, dtype=torch.float64), 0).tolist()
-        return {"label": candidates[max(range(len(probs)), key=probs.__getitem__)],
-                "probs": dict(zip(candidates, probs)), "logliks": dict(zip(candidates, scores))}
+        cal = self.meta.get("calibration") or {}
+        bias = cal.get("bias") or {}
+        z = torch.tensor([s + bias.get(c, 0.0) for s, c in zip(scores, candidates)], dtype=torch.float64)
+        probs = torch.softmax(z / cal.get("temperature", 1.0), 0).tolist()
+        best = max(range(len(probs)), key=probs.__getitem__)
+        out = {"label": candidates[best], "probs": dict(zip(candidates, probs)), "confidence": probs[best],
+               "logliks": dict(zip(candidates, scores))}
+        if cal.get("threshold") is not None:
+            out["abstain"] = probs[best] < cal["threshold"]
+        return out
 
 
 def main() -> int:

@@ -27,8 +27,9 @@ COMMAND_KEYS: dict[str, tuple[str, ...]] = {
     "prepare": ALL, "train": ALL, "run": ALL,
     "eval": ("eval.", "track.", "data.test_file", "data.max_eval_rows", "data.on_invalid", "data.text_field",
              "data.category_field", "data.output_field", "model.device_map"),
-    "predict": ("eval.method", "eval.batch_size", "eval.max_new_tokens", "eval.compile", "data.text_field",
-                "data.category_field", "model.device_map"),
+    "predict": ("predict.", "eval.method", "eval.batch_size", "eval.max_new_tokens", "eval.compile",
+                "data.text_field", "data.category_field", "model.device_map"),
+    "calibrate": ("calibration.", "eval.batch_size", "eval.compile", "data.dev_file", "model.device_map"),
     "export": ("export.",),
     "serve": ("serve.",),
     "baseline": ("baseline.", "data.text_field", "data.category_field", "data.output_field", "data.on_invalid",
@@ -41,6 +42,7 @@ ALIASES: dict[str, dict[str, str]] = {
              "data.max_eval_rows": "--max-rows", "track.tracker": "--tracker", "model.device_map": "--device-map"},
     "predict": {"eval.method": "--method", "eval.batch_size": "--batch-size", "model.device_map": "--device-map"},
     "export": {"export.device": "--device", "export.dtype": "--dtype"},
+    "calibrate": {"calibration.target_precision": "--target-precision", "calibration.method": "--method"},
     "serve": {"serve.host": "--host", "serve.port": "--port", "serve.device": "--device", "serve.dtype": "--dtype",
               "serve.max_batch": "--max-batch", "serve.max_wait_ms": "--max-wait-ms",
               "serve.max_body_bytes": "--max-body-bytes", "serve.max_texts": "--max-texts",
@@ -153,19 +155,32 @@ def cmd_eval(args) -> int:
     from llmcls.rundir import RunDir, load_trained
 
     run = RunDir(args.run_dir)
+    weights = "base" if args.zero_shot else args.weights
     cfg = run.load_config(overrides_from(args))
-    model, tok, cfg = load_trained(run.path, cfg)
-    tracker = eval_tracker(run.path, cfg)
-    m = evaluate(run.path, cfg, model, tok, tracker=tracker)
-    tracker.finish()
+    model, tok, cfg = load_trained(run.path, cfg, weights=weights)
+    tracker = eval_tracker(run.path, cfg) if weights == "selected" else None
+    m = evaluate(run.path, cfg, model, tok, tracker=tracker, weights=weights)
+    if tracker is not None:
+        tracker.finish()
     if not _is_main():
         return 0
     if args.json:
         _print_json(m)
     else:
         print(metrics_line(m))
-        print(f"written to {run.eval.path}")
+        print(f"written to {run.results(weights).path}")
     after_eval(run.path, echo=(lambda _: None) if args.json else print)
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from llmcls.recipes.calibrate import calibrate, summary_lines
+    from llmcls.rundir import RunDir
+
+    run = RunDir(args.run_dir)
+    out = calibrate(run.path, run.load_config(overrides_from(args)), progress=not args.json)
+    if _is_main():
+        print(json.dumps(out, ensure_ascii=False) if args.json else "\n".join(summary_lines(out)))
     return 0
 
 
@@ -288,6 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
              "evaluation only.")
     s.add_argument("run_dir", metavar="RUN_DIR", help="Run directory written by 'llmcls train'.")
     s.add_argument("--json", action="store_true", help="Print metrics as one JSON object.")
+    s.add_argument("--weights", choices=["selected", "last", "base"], default="selected",
+                   help="The run's own weights (default; RUN/eval), the last step's kept by train.keep_last "
+                        "(RUN/eval-last), or the base model without fine-tuning (RUN/zero-shot).")
+    s.add_argument("--zero-shot", action="store_true", help="Same as --weights base.")
+
+    s = _sub(sub, "calibrate", cmd_calibrate, "Fit calibrated probabilities and an abstention threshold on the "
+             "dev set.", "Score the run's dev set with its weights, fit temperature (or vector) scaling, pick the "
+             "threshold that reaches calibration.target_precision on the dev rows, write RUN/calibration.json "
+             "(eval, predict, serve and export use it).")
+    s.add_argument("run_dir", metavar="RUN_DIR", help="Run directory written by 'llmcls train'.")
+    s.add_argument("--json", action="store_true", help="Print the calibration as one JSON object.")
 
     s = _sub(sub, "predict", cmd_predict, "Classify new rows with a trained run.",
              "Read jsonl rows with 'text' (and optionally 'category' candidates) from a file or stdin; write one "

@@ -91,6 +91,10 @@ class DataConfig:
     )
     max_train_rows: Optional[int] = f(None, "Use only the first N training rows (quick experiments).")
     max_eval_rows: Optional[int] = f(None, "Evaluate only the first N test rows (default: all).")
+    dev_file: Optional[str] = f(None, "Raw dev jsonl: scored during training to pick the best step and to calibrate.")
+    dev_fraction: float = f(0.0, "Without dev_file: this share of the training rows, stratified by label, becomes "
+                                 "the dev set (taken out of training; recorded in RUN/data).")
+    split_seed: int = f(0, "Seed of the dev_fraction split.")
 
 
 @dataclass
@@ -136,6 +140,12 @@ class TrainConfig:
                              "it falls back to a dense mask and is slower than padding.")
     compile: bool = f(False, "torch.compile each decoder layer: fused kernels, far fewer launches (GPU; "
                              "the first steps pay the compile time).")
+    select_best: Literal["last", "macro_f1", "accuracy", "nll"] = f(
+        "last", "Which weights the run keeps: the last step's, or those of the dev evaluation with the best dev "
+        "macro-F1, accuracy or NLL (needs a dev set).")
+    early_stopping_patience: int = f(0, "Stop after this many dev evaluations without improvement of select_best "
+                                        "(0: never).")
+    keep_last: bool = f(False, "Also keep the last step's weights in RUN/last when select_best picks an earlier step.")
     fsdp: Literal["off", "full_shard", "shard_grad_op"] = f(
         "off", "Shard the model over the processes of a torchrun/accelerate launch (FSDP2, CUDA only): "
         "'full_shard' shards weights, gradients and optimizer state; 'shard_grad_op' keeps weights whole "
@@ -151,6 +161,10 @@ class EvalConfig:
     batch_size: int = f(16, "Rows per forward pass.")
     max_new_tokens: int = f(8, "Token budget for 'generate' (labels are short).")
     log_samples: int = f(10, "Sample predictions logged to the tracker (the tutorial printed 10).")
+    every_steps: int = f(0, "Score the dev set every N optimizer steps during training (0: only at the end).")
+    every_epoch: bool = f(False, "Score the dev set at the end of every epoch.")
+    zero_shot: bool = f(False, "'llmcls run' also scores the base model without fine-tuning (RUN/zero-shot), "
+                               "for the report.")
     compile: bool = f(False, "torch.compile each decoder layer for eval and predict (GPU: fused kernels; the first "
                              "batches pay ~30 s of compile time, so it pays from a few thousand rows).")
 
@@ -163,6 +177,24 @@ class TrackConfig:
     mode: Literal["auto", "cloud", "offline", "local", "disabled"] = f(
         "auto", "SwanLab mode; 'auto' is cloud with an API key, else offline (no prompt, no network)."
     )
+
+
+@dataclass
+class CalibrationConfig:
+    method: Literal["temperature", "vector", "none"] = f(
+        "temperature", "Fitted on the dev set after training: one temperature (Guo et al. 2017), or a temperature "
+        "and a per-label bias (vector scaling) for labels with min_rows_per_label dev rows, or none.")
+    min_rows_per_label: int = f(50, "Dev rows a label needs for its own bias (vector scaling).")
+    target_precision: Optional[float] = f(
+        None, "Pick the abstention threshold: the lowest confidence at which the answered dev rows reach this "
+        "precision (e.g. 0.995); rows below it are marked abstain.")
+
+
+@dataclass
+class PredictConfig:
+    top_k: int = f(0, "Also list the k most probable candidates of each row (0: off).")
+    abstain_below: Optional[float] = f(None, "Abstain when the best probability is below this (default: the "
+                                             "run's calibrated threshold, if any).")
 
 
 @dataclass
@@ -204,6 +236,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "Trainer settings."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "Evaluation settings."})
     track: TrackConfig = field(default_factory=TrackConfig, metadata={"doc": "Experiment tracking."})
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig,
+                                           metadata={"doc": "Calibrated probabilities and abstention."})
+    predict: PredictConfig = field(default_factory=PredictConfig, metadata={"doc": "llmcls predict and serve."})
     baseline: BaselineConfig = field(default_factory=BaselineConfig, metadata={"doc": "TF-IDF baseline."})
     export: ExportConfig = field(default_factory=ExportConfig, metadata={"doc": "llmcls export."})
     serve: ServeConfig = field(default_factory=ServeConfig, metadata={"doc": "llmcls serve."})
@@ -390,3 +425,24 @@ def check_launch(cfg: Config, world_size: int = 1, cuda: bool = False) -> None:
     elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
         raise ConfigError("the launcher asks for FSDP (an accelerate FSDP config) but train.fsdp is 'off'; set "
                           "train.fsdp to full_shard or shard_grad_op and launch without the FSDP config")
+
+
+def check_training(cfg: Config) -> None:
+    """Selection and early stopping need a dev set to select on."""
+    has_dev = bool(cfg.data.dev_file) or cfg.data.dev_fraction > 0
+    if not 0 <= cfg.data.dev_fraction < 1:
+        raise ConfigError(f"data.dev_fraction={cfg.data.dev_fraction}: a share of the training rows, in [0, 1)")
+    if cfg.data.dev_file and cfg.data.dev_fraction > 0:
+        raise ConfigError("data.dev_file and data.dev_fraction both name a dev set; choose one")
+    if cfg.train.select_best != "last" and not has_dev:
+        raise ConfigError(f"train.select_best={cfg.train.select_best} selects on a dev set: set data.dev_file or "
+                          "data.dev_fraction")
+    if cfg.train.early_stopping_patience > 0 and cfg.train.select_best == "last":
+        raise ConfigError("train.early_stopping_patience counts evaluations without improvement of "
+                          "train.select_best: set it to macro_f1, accuracy or nll")
+    if cfg.train.early_stopping_patience > 0 and not (cfg.eval.every_steps or cfg.eval.every_epoch):
+        raise ConfigError("train.early_stopping_patience needs dev evaluations during training: set "
+                          "eval.every_steps or eval.every_epoch")
+    tp = cfg.calibration.target_precision
+    if tp is not None and not 0 < tp <= 1:
+        raise ConfigError(f"calibration.target_precision={tp}: a precision in (0, 1]")

@@ -158,3 +158,27 @@ def to_instruction(row: Row, prompt: PromptConfig) -> dict:
     return {"instruction": prompt.system, "input": user_message(row, prompt), "output": row.label,
             "category": row.candidates}
 
+
+
+def split_dev(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
+    """(train, dev): ``fraction`` of each label's rows, drawn with ``seed``, become the dev set, so that every label
+    with two rows or more is represented as in the whole file and rare labels are not left out by chance. A label
+    keeps at least one training row. Written out per label rather than with scikit-learn's stratified splitter,
+    which refuses labels with a single row (real data has them)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    by_label: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_label.setdefault(r.label, []).append(i)
+    dev: set[int] = set()
+    for label in sorted(by_label):
+        idx = by_label[label]
+        k = min(len(idx) - 1, max(1 if len(idx) >= 2 else 0, round(fraction * len(idx))))
+        dev.update(int(i) for i in rng.permutation(idx)[:k])
+    return [r for i, r in enumerate(rows) if i not in dev], [r for i, r in enumerate(rows) if i in dev]
+
+
+def to_raw(row: Row, cfg: DataConfig) -> dict:
+    """A row in the input format it was read from (the configured field names)."""
+    return {cfg.text_field: row.text, cfg.category_field: list(row.candidates), cfg.output_field: row.label}

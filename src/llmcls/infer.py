@@ -28,21 +28,42 @@ from llmcls.model.load import compute_device
 class Prediction:
     index: int
     pred: Optional[str]                     # None: generate produced no valid label
-    probs: Optional[dict[str, float]]       # per candidate (score); None for generate
+    probs: Optional[dict[str, float]]       # per candidate (score), calibrated where the run is; None for generate
     raw: Optional[str] = None               # generated text (generate)
+    logliks: Optional[list[float]] = None   # per candidate (score), as the model gave them
+    raw_probs: Optional[dict[str, float]] = None  # before calibration (only where calibrated)
+    abstain: Optional[bool] = None          # below the abstention threshold (only where one is set)
+
+    @property
+    def confidence(self) -> Optional[float]:
+        return max(self.probs.values()) if self.probs else None
+
+    def top_k(self, k: int) -> list[list]:
+        """The k most probable candidates as [label, probability] pairs, most probable first."""
+        return [[c, p] for c, p in sorted((self.probs or {}).items(), key=lambda x: -x[1])[:k]]
 
 
 def to_probs(logliks: Sequence[float]) -> list[float]:
     return torch.softmax(torch.tensor(logliks, dtype=torch.float64), 0).tolist()
 
 
-def scored_prediction(index: int, candidates: Sequence[str], logliks: Sequence[float]) -> Prediction:
-    """Log-likelihoods of a row's candidates -> probabilities -> the prediction (the most probable candidate)."""
-    probs = dict(zip(candidates, to_probs(logliks)))
-    return Prediction(index, max(probs, key=probs.get), probs)
+def scored_prediction(index: int, candidates: Sequence[str], logliks: Sequence[float], calibration=None,
+                      abstain_below: Optional[float] = None) -> Prediction:
+    """Log-likelihoods of a row's candidates -> probabilities (calibrated by ``calibration``, a
+    :class:`llmcls.calibration.Calibration`, where given) -> the prediction (the most probable candidate) and, with
+    a threshold (``abstain_below``, else the calibration's), whether to abstain."""
+    logliks = [float(x) for x in logliks]
+    raw = dict(zip(candidates, to_probs(logliks)))
+    probs, raw_probs = raw, None
+    if calibration is not None and not calibration.is_identity:
+        probs, raw_probs = dict(zip(candidates, calibration.probs([logliks], [candidates])[0])), raw
+    threshold = abstain_below if abstain_below is not None else getattr(calibration, "threshold", None)
+    best = max(probs, key=probs.get)
+    return Prediction(index, best, probs, logliks=logliks, raw_probs=raw_probs,
+                      abstain=None if threshold is None else bool(probs[best] < threshold))
 
 
-def record(row: Row, p: Prediction, with_truth: bool) -> dict:
+def record(row: Row, p: Prediction, with_truth: bool, top_k: int = 0) -> dict:
     """A prediction as one line of ``predictions.jsonl`` (``with_truth``: eval, with the true label and whether it
     was right) or of ``llmcls predict``'s output."""
     rec: dict = {"index": p.index, "line": row.line}
@@ -52,7 +73,15 @@ def record(row: Row, p: Prediction, with_truth: bool) -> dict:
         rec["label"] = p.pred
     if p.probs is not None:
         rec["probs"] = {k: round(v, 6) for k, v in p.probs.items()}
-        rec["confidence"] = round(max(p.probs.values()), 6)
+        rec["confidence"] = round(p.confidence, 6)
+    if p.abstain is not None:
+        rec["abstain"] = p.abstain
+    if top_k:
+        rec["top_k"] = [[c, round(v, 6)] for c, v in p.top_k(top_k)]
+    if p.raw_probs is not None:
+        rec["raw_probs"] = {k: round(v, 6) for k, v in p.raw_probs.items()}
+    if p.logliks is not None and with_truth:
+        rec["logliks"] = [round(x, 5) for x in p.logliks]
     if p.raw is not None:
         rec["raw"] = p.raw
     return rec
@@ -112,16 +141,21 @@ def _batches(order: list[int], size: int) -> Iterable[list[int]]:
 
 def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "score", batch_size: int = 16,
              max_new_tokens: int = 8, max_length: Optional[int] = None, progress: bool = True,
-             desc: str = "classify", shard: Optional[tuple[int, int]] = None) -> list[Prediction]:
+             desc: str = "classify", shard: Optional[tuple[int, int]] = None, calibration=None,
+             abstain_below: Optional[float] = None, lockstep: bool = False) -> list[Prediction]:
     """Classify rows in batches (longest first, so padding stays small); results come back in input order.
 
     Under torchrun (several processes) each process classifies every world-th batch of the batch plan a single
     process would use, and every process gets all predictions back: a row meets the same batch as in one
     process, so the results are the same, not just close. ``shard=(rank, world)`` classifies only batches rank,
-    rank + world, ... of that plan and leaves the other rows None (what each process does under a launch)."""
+    rank + world, ... of that plan and leaves the other rows None (what each process does under a launch).
+    ``lockstep``: every process runs the same number of forwards (FSDP gathers weights in each one, with every
+    process taking part), the short ones repeating a batch whose results they drop. ``calibration`` and
+    ``abstain_below``: see :func:`scored_prediction`."""
     if shard is None and dist.launched():
         mine = classify(model, builder, rows, method, batch_size, max_new_tokens, max_length,
-                        progress and dist.is_main(), desc, shard=(dist.rank(), dist.world_size()))
+                        progress and dist.is_main(), desc, shard=(dist.rank(), dist.world_size()),
+                        calibration=calibration, abstain_below=abstain_below, lockstep=lockstep)
         merged: list[Optional[Prediction]] = [None] * len(rows)
         for part in dist.all_gather([p for p in mine if p is not None]):
             for p in part:
@@ -136,7 +170,10 @@ def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "
     order = sorted(range(len(rows)), key=lambda i: -lengths[i])
     batches = list(_batches(order, batch_size))
     if shard is not None:
-        batches = batches[shard[0]::shard[1]]
+        rounds, plan = -(-len(batches) // shard[1]), batches
+        batches = plan[shard[0]::shard[1]]
+        if lockstep and len(batches) < rounds:
+            batches.append((batches or plan)[-1])  # a real batch's shapes; its rows are simply scored again
     preds: list[Optional[Prediction]] = [None] * len(rows)
     layout = layout_for(model) if method == "score" else None
     pin = layout is not None and layout.name != "cached" and compute_device(model).type == "cuda"
@@ -148,7 +185,7 @@ def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "
 
     def scored(idx, lls):
         for i, ll in zip(idx, lls):
-            preds[i] = scored_prediction(i, rows[i].candidates, ll)
+            preds[i] = scored_prediction(i, rows[i].candidates, ll, calibration, abstain_below)
         bar.update(len(idx))
 
     with tqdm(total=sum(map(len, batches)), desc=desc, unit="row", disable=not progress) as bar, \

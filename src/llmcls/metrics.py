@@ -29,3 +29,15 @@ def compute_metrics(truth: Sequence[str], pred: Sequence[Optional[str]], labels:
         "confusion_matrix": {"labels": cm_labels,
                              "matrix": confusion_matrix(truth, y_pred, labels=cm_labels).tolist()},
     }
+
+
+def dev_metrics(rows, preds) -> dict:
+    """What a dev evaluation logs and selects on: accuracy, macro-F1 and the mean negative log-probability of the
+    true label (NLL, from the uncalibrated probabilities)."""
+    from llmcls.calibration import nll
+
+    truth = [r.label for r in rows]
+    m = compute_metrics(truth, [p.pred for p in preds], sorted(set(truth)))
+    probs = [[(p.raw_probs or p.probs)[c] for c in r.candidates] for r, p in zip(rows, preds)]
+    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+            "nll": nll(probs, [r.candidates for r in rows], truth)}

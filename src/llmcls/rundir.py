@@ -61,6 +61,11 @@ class DataDir:
     def instructions(self) -> Path:
         return self.path / "train.instruct.jsonl"
 
+    @property
+    def dev(self) -> Path:
+        """The dev rows that ``data.dev_fraction`` took out of the training file, in its format."""
+        return self.path / "dev.jsonl"
+
 
 @dataclass(frozen=True)
 class ResultsDir:
@@ -90,11 +95,17 @@ class RunDir:
     base_model = property(lambda self: self.path / "base-model")
     checkpoints = property(lambda self: self.path / "checkpoints")
     adapter = property(lambda self: self.path / "adapter")
+    best = property(lambda self: self.path / "best")                  # weights of the best dev evaluation so far
+    best_record = property(lambda self: self.path / "best" / "llmcls-selection.json")
+    last = property(lambda self: self.path / "last")                  # train.keep_last
+    calibration = property(lambda self: self.path / "calibration.json")
     model = property(lambda self: self.path / "model")
     tokenizer = property(lambda self: self.path / "tokenizer")
     train_log = property(lambda self: self.path / "train_log.jsonl")
     train_summary = property(lambda self: self.path / "train_summary.json")
     eval = property(lambda self: ResultsDir(self.path / "eval"))
+    eval_last = property(lambda self: ResultsDir(self.path / "eval-last"))
+    zero_shot = property(lambda self: ResultsDir(self.path / "zero-shot"))
     baseline = property(lambda self: ResultsDir(self.path / "baseline"))
     report = property(lambda self: self.path / "report.html")
     swanlog = property(lambda self: self.path / "swanlog")
@@ -103,7 +114,8 @@ class RunDir:
 
     def training_outputs(self) -> list[Path]:
         """What ``train --overwrite`` removes: a new training makes all of it stale."""
-        return [self.checkpoints, self.adapter, self.model, self.train_log, self.train_summary, self.eval.path]
+        return [self.checkpoints, self.adapter, self.model, self.best, self.last, self.calibration, self.train_log,
+                self.train_summary, self.eval.path, self.eval_last.path]
 
     # ---- state
     @property
@@ -132,13 +144,33 @@ class RunDir:
     def method(self) -> str:
         return "lora" if self.adapter.is_dir() else "full"
 
+    def results(self, weights: str = "selected") -> ResultsDir:
+        """Where an evaluation of these weights writes: the run's own (``selected``), the last step's, the base
+        model's (``base``, zero-shot)."""
+        return {"selected": self.eval, "last": self.eval_last, "base": self.zero_shot}[weights]
+
+    def dev_file(self, cfg: Config) -> Optional[Path]:
+        """The dev set: ``data.dev_file``, or the rows ``data.dev_fraction`` took out of training."""
+        if cfg.data.dev_file:
+            return Path(cfg.data.dev_file)
+        return self.data.dev if cfg.data.dev_fraction > 0 else None
+
+    def load_calibration(self):
+        """The run's fitted calibration (``calibration.json``), or None."""
+        from llmcls.calibration import Calibration
+
+        d = read_json(self.calibration)
+        return Calibration.from_dict({k: v for k, v in d.items() if k != "report"}) if d else None
+
 
 def load_trained(run_dir: str | Path, cfg: Optional[Config] = None, device: Optional[str] = None,
-                 dtype=None):
+                 dtype=None, weights: str = "selected"):
     """Load a finished run: (model, tokenizer, config). LoRA runs load the base named in the run's config and apply
-    ``adapter/``; full fine-tunes load ``model/``. ``cfg`` is the run's config with the caller's overrides (default:
-    read from the run), e.g. ``model.device_map: auto`` to evaluate a model trained with FSDP on a single process,
-    or ``model.quantize: none`` (export merges a QLoRA adapter into the unquantised base)."""
+    ``adapter/``; full fine-tunes load ``model/``. ``weights``: the run's own (``selected``), the last step's kept
+    by ``train.keep_last`` (``last``), or the base model alone (``base``: zero-shot, same prompt and tokenizer).
+    ``cfg`` is the run's config with the caller's overrides (default: read from the run), e.g.
+    ``model.device_map: auto`` to evaluate a model trained with FSDP on a single process, or
+    ``model.quantize: none`` (export merges a QLoRA adapter into the unquantised base)."""
     from llmcls import dist
     from llmcls.model.load import load_model, load_tokenizer, resolve_model_path
 
@@ -146,18 +178,40 @@ def load_trained(run_dir: str | Path, cfg: Optional[Config] = None, device: Opti
     cfg = cfg or run.load_config()
     check_model(cfg.model, dist.world_size())
     tok = load_tokenizer(cfg.model, str(run.tokenizer))
-    if run.adapter.is_dir():
+    folder = {"selected": run.path, "last": run.last}[weights] if weights != "base" else None
+    if weights == "base":
+        model = load_model(cfg.model, resolve_model_path(cfg.model), device, dtype)
+    elif (folder / "adapter").is_dir() or (weights == "last" and (folder / "adapter_config.json").is_file()):
         from peft import PeftModel
 
         base = load_model(cfg.model, resolve_model_path(cfg.model), device, dtype)
-        model = PeftModel.from_pretrained(base, run.adapter)
-    elif run.model.is_dir():
+        model = PeftModel.from_pretrained(base, folder / "adapter" if weights == "selected" else folder)
+    elif weights == "selected" and run.model.is_dir():
         model = load_model(cfg.model, str(run.model), device, dtype)
+    elif weights == "last" and (folder / "config.json").is_file():
+        model = load_model(cfg.model, str(folder), device, dtype)
+    elif weights == "last":
+        raise FileNotFoundError(f"{run.last} does not exist: the run kept no separate last-step weights "
+                                "(train.keep_last, and only when select_best chose an earlier step)")
     else:
         raise FileNotFoundError(f"{run.path} holds neither adapter/ nor model/: did training finish? "
                                 "Resume it with 'llmcls train --resume'")
     model.eval()
     return model, tok, cfg
+
+
+def model_for_run(run_dir: str | Path, cfg: Optional[Config] = None, model=None, tokenizer=None,
+                  weights: str = "selected"):
+    """(model, tokenizer, config) for eval and predict: the caller's already-loaded pair, or
+    :func:`load_trained`'s; decoder layers compiled when ``eval.compile`` says so."""
+    cfg = cfg or RunDir(run_dir).load_config()
+    if model is None:
+        model, tokenizer, cfg = load_trained(run_dir, cfg, weights=weights)
+    if cfg.eval.compile:
+        from llmcls.model.load import compile_layers
+
+        compile_layers(model)
+    return model, tokenizer, cfg
 
 
 # ------------------------------------------------------------------------------------------------- export
@@ -187,15 +241,3 @@ def export_config(path: str | Path, overrides: Optional[dict[str, Any]] = None) 
     meta = read_export_meta(path)
     return config_from_dict(meta.get("config") or {}, overrides, str(Path(path) / EXPORT_META))
 
-
-def model_for_run(run_dir: str | Path, cfg: Optional[Config] = None, model=None, tokenizer=None):
-    """(model, tokenizer, config) for eval and predict: the caller's already-loaded pair, or
-    :func:`load_trained`'s; decoder layers compiled when ``eval.compile`` says so."""
-    cfg = cfg or RunDir(run_dir).load_config()
-    if model is None:
-        model, tokenizer, cfg = load_trained(run_dir, cfg)
-    if cfg.eval.compile:
-        from llmcls.model.load import compile_layers
-
-        compile_layers(model)
-    return model, tokenizer, cfg

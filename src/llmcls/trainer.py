@@ -15,7 +15,7 @@ from llmcls import dist
 from llmcls.collate import AnswerCollator, PackedCollator, answer_loss
 from llmcls.config import Config
 from llmcls.model.attention import packed_rows
-from llmcls.model.load import add_lora, compile_layers
+from llmcls.model.load import add_lora, compile_layers, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +123,20 @@ class TokenCounter(TrainerCallback):
     step waits for it; a resumed run starts from the checkpoint's count."""
 
     def __init__(self, model):
-        self.model, self.count, self.base, self.hook = model, None, 0, None
+        self.model, self.count, self.base, self.hook, self.off = model, None, 0, None, False
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Forwards inside are not training (a dev evaluation): not counted."""
+        self.off = True
+        try:
+            yield
+        finally:
+            self.off = False
 
     def _add(self, module, args, kwargs):
+        if self.off:
+            return
         mask, ids = kwargs.get("attention_mask"), kwargs.get("input_ids")
         n = mask.sum() if mask is not None and mask.dim() == 2 else (ids.numel() if ids is not None else 0)
         self.count = n if self.count is None else self.count + n
@@ -165,13 +176,22 @@ class PackedAttention(TrainerCallback):
 
 
 def build_trainer(model, tokenizer, dataset, args: TrainingArguments, callbacks: list | None = None,
-                  packing: bool = False):
+                  packing: bool = False, dev=None):
     """The HF Trainer with llmcls's collator (left padding, or rows packed end to end with attention kept within
-    each row; answer-position logits) and loss."""
+    each row; answer-position logits) and loss. ``dev``: a :class:`llmcls.selection.DevEvaluator`, wired to the
+    token counter (its forwards are not training) and to the Trainer's log."""
     from transformers import Trainer
 
     collator = PackedCollator() if packing else AnswerCollator(pad_id=tokenizer.pad_token_id)
+    counter = TokenCounter(model)
     extra = [PackedAttention(model)] if packing else []
-    return Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                   compute_loss_func=answer_loss, callbacks=[TokenCounter(model), *extra, *(callbacks or [])])
+    if dev is not None:
+        dev.paused = counter.paused
+        dev.attn = dev.attn or unwrap(model).config._attn_implementation  # what scoring expects, not packed
+        extra.append(dev)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                      compute_loss_func=answer_loss, callbacks=[counter, *extra, *(callbacks or [])])
+    if dev is not None:
+        dev.trainer = trainer
+    return trainer
 

@@ -32,12 +32,15 @@ def samples_for_tracker(rows, records: list[dict], n: int) -> list[dict]:
 
 
 def evaluate(run_dir: str | Path, cfg: Optional[Config] = None, model=None, tokenizer=None, progress: bool = True,
-             tracker=None) -> dict:
+             tracker=None, weights: str = "selected") -> dict:
     """Classify ``data.test_file`` (first ``data.max_eval_rows`` rows) as ``eval.*`` says. ``cfg`` is the run's
     config with the caller's overrides (default: the run's own); ``model``/``tokenizer`` an already loaded pair
-    (default: :func:`llmcls.rundir.load_trained`)."""
+    (default: :func:`llmcls.rundir.load_trained`). ``weights``: the run's own (``selected``, calibrated where the
+    run has a calibration; written to RUN/eval), the last step's (``last``, RUN/eval-last) or the base model's
+    (``base``: zero-shot, same prompt; RUN/zero-shot)."""
     run = RunDir(run_dir)
-    model, tokenizer, cfg = model_for_run(run.path, cfg, model, tokenizer)
+    model, tokenizer, cfg = model_for_run(run.path, cfg, model, tokenizer, weights=weights)
+    calibration = run.load_calibration() if weights == "selected" else None
     if not cfg.data.test_file:
         raise ValueError("no test file: set data.test_file in the config or pass --data.test_file FILE")
     method = cfg.eval.method
@@ -50,7 +53,7 @@ def evaluate(run_dir: str | Path, cfg: Optional[Config] = None, model=None, toke
     # Under torchrun every process classifies a share of the rows; each gets all predictions back.
     preds = classify(model, builder, rows, method=method, batch_size=cfg.eval.batch_size,
                      max_new_tokens=cfg.eval.max_new_tokens, max_length=cfg.data.max_length,
-                     progress=progress, desc=f"eval ({method})")
+                     progress=progress, desc=f"eval ({method}, {weights})", calibration=calibration)
     wall = time.perf_counter() - t0
 
     labels = sorted({r.label for r in rows})
@@ -60,20 +63,48 @@ def evaluate(run_dir: str | Path, cfg: Optional[Config] = None, model=None, toke
         "method": method, "test_file": str(cfg.data.test_file), "skipped_invalid_rows": len(invalid),
         "wall_s": round(wall, 3), "rows_per_s": round(len(rows) / wall, 2) if wall > 0 else None,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
-        "processes": dist.world_size(),
+        "processes": dist.world_size(), "weights": weights,
         "environment": environment(),
     })
+    if method == "score":
+        metrics["calibration"] = probability_quality(rows, preds, calibration)
     if not dist.is_main():
         return metrics
-    atomic_write_jsonl(run.eval.predictions, records)
-    atomic_write_json(run.eval.metrics, metrics)
+    out = run.results(weights)
+    atomic_write_jsonl(out.predictions, records)
+    atomic_write_json(out.metrics, metrics)
 
-    if tracker is not None:
+    if tracker is not None and weights == "selected":
         tracker.log({"eval/accuracy": metrics["accuracy"], "eval/macro_f1": metrics["macro_f1"],
-                     "eval/invalid_rate": metrics["invalid_rate"]})
+                     "eval/invalid_rate": metrics["invalid_rate"],
+                     **{f"eval/{k}": v for k, v in (metrics.get("calibration") or {}).get("after", {}).items()
+                        if k in ("ece", "brier", "nll")}})
         tracker.log_samples(samples_for_tracker(rows, records, cfg.eval.log_samples))
         tracker.log_eval_details(metrics)
     return metrics
+
+
+def probability_quality(rows, preds, calibration) -> dict:
+    """How far the probabilities can be trusted, on the test rows: ECE (15 bins), Brier and NLL before and after
+    the run's calibration, the area under the risk-coverage curve, and what abstaining below the run's threshold
+    gives (the share of rows answered and their accuracy)."""
+    from llmcls.calibration import risk_coverage, summary
+
+    cands, truth = [r.candidates for r in rows], [r.label for r in rows]
+    raw = [[(p.raw_probs or p.probs)[c] for c in r.candidates] for r, p in zip(rows, preds)]
+    cal = [[p.probs[c] for c in r.candidates] for r, p in zip(rows, preds)]
+    conf = [p.confidence for p in preds]
+    correct = [p.pred == r.label for r, p in zip(rows, preds)]
+    out = {"method": calibration.method if calibration else "none",
+           "temperature": calibration.temperature if calibration else None,
+           "before": summary(raw, cands, truth), "after": summary(cal, cands, truth),
+           "aurc": risk_coverage(conf, correct).aurc}
+    if calibration is not None and calibration.threshold is not None:
+        answered = [c for c, p in zip(correct, preds) if not p.abstain]
+        out["abstention"] = {"threshold": calibration.threshold, "target_precision": calibration.target_precision,
+                             "answered": len(answered), "coverage": len(answered) / max(len(rows), 1),
+                             "precision": sum(answered) / len(answered) if answered else None}
+    return out
 
 
 def eval_tracker(run_dir: str | Path, cfg: Config):

@@ -117,6 +117,7 @@ def export(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, cf
     model.generation_config = _generation_config(model, tok, cfg, labels)
 
     summary = read_json(run.train_summary) or {}
+    calibration = run.load_calibration()
     metrics = read_json(run.eval.metrics)
     env = environment()
     meta = {
@@ -133,6 +134,9 @@ def export(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, cf
                    "base_quantized_in_training": trained_on,
                    "global_step": summary.get("global_step"), "train_loss": summary.get("train_loss")},
         "eval": {k: metrics[k] for k in ("rows", "accuracy", "macro_f1") if k in metrics} if metrics else None,
+        # probabilities = softmax over the candidates of (loglik + bias[label]) / temperature; abstain below
+        # threshold (see examples/classify_with_transformers.py)
+        "calibration": calibration.to_dict() if calibration is not None else None,
         "config": to_dict(cfg),
         "llmcls_version": env["versions"].get("llmcls"), "git_commit": env["git_commit"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -50,13 +50,25 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, with_baselin
     tracker = eval_tracker(run_dir.path, saved)
     metrics = evaluate(run_dir.path, saved, tracker=tracker)
     tracker.finish()
+    say(metrics_line(metrics))
+    # what fine-tuning bought, and what selecting on the dev set bought: same prompt, same test rows
+    if saved.eval.zero_shot:
+        say("zero-shot (base model): " + metrics_line(evaluate(run_dir.path, saved, weights="base")))
+    if run_dir.last.is_dir():
+        say("last step: " + metrics_line(evaluate(run_dir.path, saved, weights="last")))
     if dist.is_main():
-        say(metrics_line(metrics))
         after_eval(run_dir.path, cfg, with_baseline=with_baseline, echo=say)
         say(f"run directory: {run_dir.path}")
     return metrics
 
 
 def metrics_line(m: dict) -> str:
-    return (f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  invalid {m['invalid_rate']:.2%}  "
+    line = (f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  invalid {m['invalid_rate']:.2%}  "
             f"rows {m['rows']}  {m['rows_per_s']} rows/s")
+    cal = m.get("calibration") or {}
+    if cal.get("method", "none") != "none":
+        line += f"  ECE {cal['before']['ece']:.4f} -> {cal['after']['ece']:.4f}"
+    if cal.get("abstention"):
+        ab = cal["abstention"]
+        line += f"  answered {ab['coverage']:.1%} at precision {ab['precision'] or 0:.4f}"
+    return line

@@ -2,7 +2,9 @@
 
 Each input row needs ``text``; its candidates come from its own ``category`` field or, for every row, from a
 fixed label set (``labels=``, default: the labels the run was trained on). Output: one JSON line per input row,
-in input order, with the label and the probability of each candidate.
+in input order, with the label and the probability of each candidate (calibrated where the run is), its confidence,
+``abstain`` where a threshold is set (the run's calibrated one, or ``predict.abstain_below``) and the
+``predict.top_k`` most probable candidates.
 """
 
 from __future__ import annotations
@@ -47,10 +49,12 @@ def predict(run_dir: str | Path, input_path: Optional[str], output: Optional[str
             Path(input_path).unlink(missing_ok=True)
     preds = classify(model, PromptBuilder(tokenizer, cfg.prompt), rows, method=cfg.eval.method,
                      batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                     max_length=cfg.data.max_length, progress=progress, desc="predict")
+                     max_length=cfg.data.max_length, progress=progress, desc="predict",
+                     calibration=run.load_calibration(), abstain_below=cfg.predict.abstain_below)
     if not dist.is_main():
         return len(preds)
-    lines = [json.dumps(record(r, p, with_truth=False), ensure_ascii=False) for r, p in zip(rows, preds)]
+    lines = [json.dumps(record(r, p, with_truth=False, top_k=cfg.predict.top_k), ensure_ascii=False)
+             for r, p in zip(rows, preds)]
     if output:
         with atomic_open(output) as fh:
             fh.write("\n".join(lines) + "\n")

@@ -16,7 +16,7 @@ from typing import Optional
 from tqdm.auto import tqdm
 
 from llmcls.config import Config
-from llmcls.data import DataError, read_rows, to_instruction
+from llmcls.data import DataError, read_rows, split_dev, to_instruction, to_raw
 from llmcls.encode import PromptBuilder, PromptTooLong, encode_train
 from llmcls.files import atomic_dir, atomic_write_json, atomic_write_jsonl, sha256_file, sha256_json
 from llmcls.rundir import DataDir
@@ -56,6 +56,13 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
             return cached
 
     rows, invalid = read_rows(train_file, cfg.data, limit=cfg.data.max_train_rows)
+    dev_info = None
+    if cfg.data.dev_fraction > 0:  # the dev rows leave training before anything is encoded
+        rows, dev = split_dev(rows, cfg.data.dev_fraction, cfg.data.split_seed)
+        atomic_write_jsonl(out.dev, (to_raw(r, cfg.data) for r in dev))
+        dev_info = {"file": str(out.dev), "rows": len(dev), "fraction": cfg.data.dev_fraction,
+                    "seed": cfg.data.split_seed, "labels": dict(Counter(r.label for r in dev).most_common()),
+                    "lines": [r.line for r in dev]}  # lines of the training file: the split can be checked
     builder = PromptBuilder(tokenizer, cfg.prompt)
     cols: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
     full_lengths, shortened, kept, tutorial_kept = [], 0, 0, 0
@@ -99,7 +106,7 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
         "max_length": cfg.data.max_length, "truncation": cfg.data.truncation,
         "token_lengths": _percentiles(full_lengths), "trained_tokens": sum(cols["length"]),
         "shortened": shortened, "answer_kept": kept, "tutorial_answer_kept": tutorial_kept,
-        "cache_key": key, "cached": False,
+        "dev": dev_info, "cache_key": key, "cached": False,
     }
     atomic_write_json(summary_path, summary)
     return summary
@@ -121,4 +128,7 @@ def summary_lines(summary: dict) -> list[str]:
                  f"{summary['answer_kept']}/{summary['rows']} (the tutorial's right cut keeps an answer token in "
                  f"{summary['tutorial_answer_kept']})")
     lines += [f"  skipped: {e}" for e in summary["invalid_examples"]]
+    if summary.get("dev"):
+        d = summary["dev"]
+        lines.append(f"dev set: {d['rows']} rows ({d['fraction']:.0%} of each label, seed {d['seed']}) in {d['file']}")
     return lines

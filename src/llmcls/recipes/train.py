@@ -21,14 +21,17 @@ from pathlib import Path
 import torch
 
 from llmcls import dist
-from llmcls.config import Config, check_launch, save_config, to_dict
+from llmcls.config import Config, check_launch, check_training, save_config, to_dict
+from llmcls.data import read_rows
 from llmcls.env import environment
 from llmcls.files import atomic_dir, atomic_write_json
 from llmcls.model.load import load_model, load_tokenizer, resolve_dtype, resolve_model_path, trainable_summary
 from llmcls.model.tiny import TINY, build_tiny
+from llmcls.recipes.calibrate import fit_and_save
 from llmcls.recipes.prepare import load_encoded, prepare
 from llmcls.reporting.track import JsonlLogCallback, Tracker
 from llmcls.rundir import RunDir
+from llmcls.selection import DevEvaluator
 from llmcls.trainer import build_trainer, fsdp_loading, full_state_dict, prepare_for_training, training_arguments
 
 log = logging.getLogger(__name__)
@@ -79,6 +82,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
     from transformers import set_seed
 
     check_launch(cfg, dist.world_size(), torch.cuda.is_available())
+    check_training(cfg)
     run = RunDir(cfg.train.output_dir)
     if run.started and not resume and not overwrite:
         raise RunExists(f"{run.path} already holds a run; pass --resume to continue it, --overwrite to start over, "
@@ -124,13 +128,28 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
     params = trainable_summary(model)
     log.info("trainable parameters: %s", params)
 
-    # 3. Train --------------------------------------------------------------------------------------------
+    # 3. Train, scoring the dev set as it goes (selection.py) ----------------------------------------------------
     tracker = Tracker(cfg.track, run.path, {**to_dict(cfg), "data_summary": {k: v for k, v in summary.items()
-                                                                         if k != "invalid_examples"}},
+                                                                         if k not in ("invalid_examples", "dev")}},
                       is_main=dist.is_main())
+    trainer = None
+
+    def save_weights(folder):  # every process calls it: under FSDP each holds a shard of every weight
+        state_dict = (full_state_dict(trainer.model, trainable_only=cfg.lora.method != "full")
+                      if trainer.is_fsdp_enabled else None)
+        if folder is not None:
+            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(folder, state_dict=state_dict,
+                                                                           safe_serialization=True)
+
+    dev_file = run.dev_file(cfg)
+    dev = None
+    if dev_file is not None:
+        dev_rows, _ = read_rows(dev_file, cfg.data, limit=cfg.data.max_eval_rows)
+        dev = DevEvaluator(model, tokenizer, dev_rows, cfg, run, save_weights)
+        log.info("dev set: %d rows from %s, selecting on %s", len(dev_rows), dev_file, cfg.train.select_best)
     trainer = build_trainer(model, tokenizer, dataset, args, callbacks=[
         JsonlLogCallback(run.train_log, echo=dist.is_main()), *tracker.callbacks,
-        *(callbacks or [])], packing=cfg.train.packing)
+        *(callbacks or [])], packing=cfg.train.packing, dev=dev)
     checkpoint = _last_checkpoint(run.checkpoints) if resume else None
     if resume and checkpoint is None:
         log.warning("no checkpoint in %s; starting from the beginning", run.checkpoints)
@@ -154,17 +173,32 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
     }
     if args.world_size > 1:
         out["peak_mem_gib_per_process"] = dist.all_gather(out["peak_mem_gib"])
-    # Under FSDP each process holds a shard of every weight: all of them take part in gathering the weights.
-    state_dict = (full_state_dict(trainer.model, trainable_only=cfg.lora.method != "full")
-                  if trainer.is_fsdp_enabled else None)
-    if trainer.is_world_process_zero():
-        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-        with atomic_dir(run.model if cfg.lora.method == "full" else run.adapter, exists="replace") as tmp:
-            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    selection = dev.selection(trainer.state.global_step) if dev is not None else None
+    out["selection"] = selection
+    target = run.model if cfg.lora.method == "full" else run.adapter
+    from_best = selection is not None and selection["source"] == "best"
+    if dist.is_main():
+        with atomic_dir(target, exists="replace") as tmp:
+            if from_best:  # the run's weights are the best dev evaluation's
+                shutil.copytree(run.best, tmp, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns(run.best_record.name))
+            else:
+                save_weights(tmp)
+        if from_best and cfg.train.keep_last:
+            with atomic_dir(run.last, exists="replace") as tmp:
+                save_weights(tmp)
         with atomic_dir(run.tokenizer, exists="replace") as tmp:
             tokenizer.save_pretrained(tmp)
+    elif not from_best or cfg.train.keep_last:
+        save_weights(None)  # FSDP: the shards of the other processes take part in gathering the weights
+    if dev is not None and dist.is_main():
+        out["calibration"] = fit_and_save(run, cfg, dev.rows, dev.best_preds if from_best else dev.last_preds)
+    if dist.is_main():
         atomic_write_json(run.train_summary, out)
         tracker.log({"train/final_loss": out["train_loss"]}, step=trainer.state.global_step)
+        if selection is not None:
+            log.info("selected: step %d of %d (%s)", selection["step"], trainer.state.global_step,
+                     selection["source"])
     tracker.finish()
     dist.barrier()  # nobody goes on (llmcls run evaluates next) before rank 0 has written the model
     return out

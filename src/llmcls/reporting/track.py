@@ -222,7 +222,7 @@ class JsonlLogCallback(TrainerCallback):
         rec: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs}
         seen = state.num_input_tokens_seen
         # The Trainer's closing log (train_runtime...) comes with no new tokens: no rate rather than a false 0.
-        if self._t is not None and seen and seen > self._tokens:
+        if self._t is not None and seen and seen > self._tokens and "dev_accuracy" not in logs:
             dt = now - self._t
             if dt > 0:
                 rec["tokens_per_s"] = round((seen - self._tokens) / dt, 1)

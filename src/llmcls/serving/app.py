@@ -3,7 +3,10 @@
 
     POST /classify   {"text": "...", "candidates": ["A", "B"]}            one text (candidates optional)
                      {"inputs": [{"text": "..."}, ...], "candidates": [...]}  many texts
-                  -> {"results": [{"label": "A", "probs": {"A": 0.93, "B": 0.07}}, ...]}
+                     optional "top_k": 3 (both shapes)
+                  -> {"results": [{"label": "A", "probs": {"A": 0.93, "B": 0.07}, "confidence": 0.93,
+                                   "abstain": false, "top_k": [["A", 0.93], ...]}, ...]}
+                     (abstain only where the model has a threshold, top_k only when asked)
     GET  /labels     the label set (the default candidates)
     GET  /health     liveness, model, batching counters (never needs the token)
     GET  /openapi.json, /docs
@@ -151,6 +154,9 @@ def build_schemas(labels: Optional[list[str]], max_texts: int, max_text_chars: i
     else:  # no label set known: every text must bring its candidates
         OptCandidates, cand_default = Candidates, ...
 
+    TopK = Annotated[int, Field(ge=0, le=len(labels) if labels else 256,
+                                description="Also return the k most probable candidates (0: not asked).")]
+
     class TextItem(BaseModel):
         model_config = ConfigDict(extra="forbid", title="TextItem")
         text: Text
@@ -160,6 +166,7 @@ def build_schemas(labels: Optional[list[str]], max_texts: int, max_text_chars: i
         model_config = ConfigDict(extra="forbid", title="OneText",
                                   json_schema_extra={"examples": [{"text": "The match ended 2-1.",
                                                                    "candidates": (labels or ["A", "B"])[:2]}]})
+        top_k: TopK = 0
 
     class ManyTexts(BaseModel):
         model_config = ConfigDict(extra="forbid", title="ManyTexts")
@@ -167,6 +174,7 @@ def build_schemas(labels: Optional[list[str]], max_texts: int, max_text_chars: i
                                                 description=f"Up to {max_texts} texts.")]
         candidates: Optional[Candidates] = Field(  # type: ignore[valid-type]
             None, description="Default candidates for inputs that bring none.")
+        top_k: TopK = 0
 
     # Told apart by the presence of "inputs", so a bad request is reported against the shape it meant, not both.
     ClassifyRequest = Annotated[Union[Annotated[OneText, Tag("one")], Annotated[ManyTexts, Tag("many")]],
@@ -174,7 +182,14 @@ def build_schemas(labels: Optional[list[str]], max_texts: int, max_text_chars: i
 
     class Result(BaseModel):
         label: str = Field(description="The most probable candidate.")
-        probs: dict[str, float] = Field(description="Probability of each candidate (they sum to 1).")
+        probs: dict[str, float] = Field(description="Probability of each candidate (they sum to 1), calibrated "
+                                                    "where the model has a calibration.")
+        confidence: float = Field(description="The label's probability.")
+        abstain: Optional[bool] = Field(None, description="True when the confidence is below the model's "
+                                                          "abstention threshold: send the text to a person. "
+                                                          "Present when the model has a threshold.")
+        top_k: Optional[list[tuple[str, float]]] = Field(
+            None, description="The top_k most probable candidates, most probable first (when asked).")
 
     class ClassifyResponse(BaseModel):
         results: list[Result]
@@ -186,6 +201,16 @@ def build_schemas(labels: Optional[list[str]], max_texts: int, max_text_chars: i
         labels: list[str]
 
     return Schemas(OneText, ManyTexts, ClassifyRequest, ClassifyResponse, LabelsResponse, Error)
+
+
+def result(p, top_k: int) -> dict:
+    """One ``Result``: the fields old clients read (label, probs) and the newer ones beside them."""
+    out = {"label": p.pred, "probs": p.probs, "confidence": p.confidence}
+    if p.abstain is not None:
+        out["abstain"] = p.abstain
+    if top_k:
+        out["top_k"] = p.top_k(top_k)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- app
@@ -273,7 +298,7 @@ def create_app(clf: Classifier, token: Optional[str] = None, cfg: Optional[Serve
                                 status_code=422)
         # Built as plain JSON: the response model above documents it, and validating our own output again on
         # the event loop would cost every request CPU time that the batching needs.
-        return JSONResponse({"results": [{"label": p.pred, "probs": p.probs} for p in preds]})
+        return JSONResponse({"results": [result(p, req.top_k) for p in preds]})
 
     @app.get("/labels", response_model=s.LabelsResponse, dependencies=auth, responses={
         k: v for k, v in errors.items() if k == 401}, summary="The label set (default candidates)")
@@ -282,8 +307,11 @@ def create_app(clf: Classifier, token: Optional[str] = None, cfg: Optional[Serve
 
     @app.get("/health", summary="Liveness, model and batching counters (no token needed)")
     async def health() -> dict:
+        cal = clf.calibration
         return {"status": "ok", "model": clf.name, "source": clf.kind, "device": clf.device, "dtype": clf.dtype,
-                "labels": len(labels or []), "max_length": clf.max_length, "batcher": batcher.snapshot()}
+                "labels": len(labels or []), "max_length": clf.max_length, "batcher": batcher.snapshot(),
+                "calibration": None if cal is None else {"method": cal.method, "temperature": cal.temperature,
+                                                         "threshold": cal.threshold}}
 
     app.state.batcher = batcher
     app.state.classifier = clf

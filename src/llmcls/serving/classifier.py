@@ -23,6 +23,7 @@ class Classifier:
     max_length: Optional[int]
     name: str
     kind: str                      # "run" or "export"
+    calibration: Any = None        # llmcls.calibration.Calibration: calibrated probabilities, abstention threshold
     builder: Any = field(init=False)
 
     def __post_init__(self):
@@ -66,7 +67,8 @@ class Classifier:
 
         rows = [r for r, _ in prepared]
         logliks = score_batch(self.model, self.builder, rows, prompts=[p for _, p in prepared])
-        return [scored_prediction(i, r.candidates, ll) for i, (r, ll) in enumerate(zip(rows, logliks))]
+        return [scored_prediction(i, r.candidates, ll, self.calibration)
+                for i, (r, ll) in enumerate(zip(rows, logliks))]
 
     def classify(self, rows: Sequence[Row]) -> list:
         """The library's own path (:func:`llmcls.infer.classify`), for comparisons: the server uses
@@ -74,7 +76,7 @@ class Classifier:
         from llmcls.infer import classify
 
         return classify(self.model, self.builder, rows, method="score", batch_size=max(1, len(rows)),
-                        max_length=self.max_length, progress=False)
+                        max_length=self.max_length, progress=False, calibration=self.calibration)
 
 
 def load_classifier(path: str | Path, device: Optional[str] = None, dtype=None, compile: bool = False) -> Classifier:
@@ -103,12 +105,16 @@ def _load_classifier(path, device, dtype) -> Classifier:
         tok = AutoTokenizer.from_pretrained(p)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
+        from llmcls.calibration import Calibration
+
+        cal = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
         return Classifier(model, tok, PromptConfig(**meta["prompt"]), list(meta["labels"]), meta["max_length"],
-                          p.resolve().name, "export")
+                          p.resolve().name, "export", cal)
     run = RunDir(p)
     if run.config_file.is_file():
         model, tok, cfg = load_trained(p, device=device, dtype=dtype)
-        return Classifier(model, tok, cfg.prompt, run.labels(), cfg.data.max_length, p.resolve().name, "run")
+        return Classifier(model, tok, cfg.prompt, run.labels(), cfg.data.max_length, p.resolve().name, "run",
+                          run.load_calibration())
     raise FileNotFoundError(f"{p} is neither a run directory (config.yaml) nor an export ({EXPORT_META})")
 
 

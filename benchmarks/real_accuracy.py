@@ -1,0 +1,197 @@
+"""What llmcls's classifier is worth on a real pretrained chat model: zero-shot, last step, best step by dev macro-F1,
+calibrated, beside the TF-IDF baseline, on the same test rows (issue 14's numbers).
+
+On the GPU machine (the model from ``../shared/tools/real-qwen.sh hf``, the Fudan development data)::
+
+    python benchmarks/real_accuracy.py run --model DIR --data DIR --out OUT [--config configs/...-fast.yaml]
+
+trains with the config (default: the fast one) plus the settings of a trusted classifier (a stratified 10% dev
+split, dev scoring every 50 steps, best weights by dev macro-F1, the last step kept for comparison, temperature
+scaling, an abstention threshold for 99.5% precision), evaluates the selected, last and base weights on the test
+file, scores the dev set once more with the selected weights (so that other calibrations can be fitted from the
+stored log-likelihoods without a GPU), and writes ``OUT/real_accuracy.json`` and ``OUT/run-files.tar.gz``.
+
+Here, without a GPU::
+
+    python benchmarks/real_accuracy.py table OUT/real_accuracy.json [--files OUT/run-files.tar.gz]
+        [--baseline DIR] > docs/ACCURACY.md-part
+
+prints the table: accuracy, macro-F1, ECE, Brier, NLL, coverage at 99.5% precision, for each set of weights, with
+vector scaling fitted from the stored dev log-likelihoods beside temperature scaling, and the baseline's figures
+(``llmcls baseline --out DIR`` on the same files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from llmcls.config import load_config
+from llmcls.env import environment
+from llmcls.files import atomic_write_json
+from llmcls.rundir import RunDir
+
+ROOT = Path(__file__).resolve().parents[1]
+TRUSTED = {  # what a classifier one can trust adds to the speed config; each is an issue-14 setting
+    "data.dev_fraction": 0.1, "data.split_seed": 0, "eval.every_steps": 50, "train.select_best": "macro_f1",
+    "train.keep_last": True, "eval.zero_shot": True, "calibration.method": "temperature",
+    "calibration.target_precision": 0.995,
+    "track.tracker": "none",  # no tracker on the GPU machine (no swanlab there)
+}
+
+
+def run(a) -> None:
+    from llmcls.encode import PromptBuilder
+    from llmcls.data import read_rows
+    from llmcls.infer import classify
+    from llmcls.recipes.pipeline import run as run_pipeline
+    from llmcls.rundir import load_trained
+
+    data, out = Path(a.data), Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(a.workdir)
+    overrides = {**TRUSTED, "model.name_or_path": a.model, "model.source": "local",
+                 "data.train_file": str(data / "train.jsonl"), "data.test_file": str(data / "test.jsonl"),
+                 "train.output_dir": str(work / "run"), **dict(kv.split("=", 1) for kv in a.set)}
+    cfg = load_config(a.config, overrides)
+    t0 = time.perf_counter()
+    run_pipeline(cfg, overwrite=True, with_baseline=False)
+    wall = time.perf_counter() - t0
+    rd = RunDir(cfg.train.output_dir)
+
+    # the dev set once more with the selected weights: its log-likelihoods let any calibration be fitted later
+    saved = rd.load_config()
+    model, tok, saved = load_trained(rd.path, saved)
+    rows, _ = read_rows(rd.dev_file(saved), saved.data)
+    preds = classify(model, PromptBuilder(tok, saved.prompt), rows, batch_size=saved.eval.batch_size,
+                     max_length=saved.data.max_length, desc="dev")
+    with open(rd.path / "dev-logliks.jsonl", "w", encoding="utf-8") as fh:
+        for r, p in zip(rows, preds):
+            fh.write(json.dumps({"line": r.line, "truth": r.label, "candidates": r.candidates,
+                                 "logliks": p.logliks}, ensure_ascii=False) + "\n")
+
+    def metrics(results):
+        m = json.loads(results.metrics.read_text())
+        return {k: m.get(k) for k in ("rows", "accuracy", "macro_f1", "calibration", "rows_per_s", "weights")}
+
+    summary = json.loads(rd.train_summary.read_text())
+    result = {
+        "config": a.config, "overrides": overrides, "wall_s": round(wall, 1),
+        "train": {k: summary.get(k) for k in ("global_step", "wall_s", "tokens_per_s", "peak_mem_gib", "rows")},
+        "selection": summary.get("selection"), "calibration": summary.get("calibration"),
+        "test": {"zero_shot": metrics(rd.zero_shot), "last": metrics(rd.eval_last),
+                 "selected": metrics(rd.eval)},
+        "environment": environment(),
+    }
+    atomic_write_json(out / "real_accuracy.json", result)
+    with tarfile.open(out / "run-files.tar.gz", "w:gz") as tar:  # what the table needs, small enough to return
+        for p in [rd.train_log, rd.train_summary, rd.calibration, rd.data.summary, rd.path / "dev-logliks.jsonl",
+                  rd.eval.predictions, rd.eval.metrics, rd.eval_last.predictions, rd.eval_last.metrics,
+                  rd.zero_shot.metrics, rd.config_file]:
+            if p.is_file():
+                tar.add(p, arcname=str(p.relative_to(rd.path)))
+    print(json.dumps({k: result[k] for k in ("wall_s", "train", "test")}, indent=1))
+
+
+# -------------------------------------------------------------------------------------------------- table
+def _quality(preds: list[dict], probs_key: str = "probs") -> dict:
+    """Accuracy, ECE, Brier, NLL and coverage at 99.5% precision (chosen on these very rows: the best any
+    threshold can do) from predictions.jsonl records."""
+    from llmcls.calibration import UnreachablePrecision, summary, threshold_for_precision
+
+    cands = [list(p["probs"]) for p in preds]
+    probs = [[p[probs_key][c] for c in cs] for p, cs in zip(preds, cands)]
+    truth = [p["truth"] for p in preds]
+    s = summary(probs, cands, truth)
+    conf = [max(ps) for ps in probs]
+    correct = [cs[max(range(len(ps)), key=ps.__getitem__)] == t for ps, cs, t in zip(probs, cands, truth)]
+    try:
+        s["oracle_coverage_995"] = threshold_for_precision(conf, correct, 0.995)[1]
+    except UnreachablePrecision:
+        s["oracle_coverage_995"] = 0.0
+    return s
+
+
+def table(a) -> None:
+    from llmcls.calibration import Calibration, fit_vector_scaling
+
+    res = json.loads(Path(a.result).read_text())
+    files = {}
+    if a.files:
+        with tarfile.open(a.files) as tar:
+            for m in tar.getmembers():
+                if m.isfile():
+                    files[m.name] = tar.extractfile(m).read().decode("utf-8")
+    jl = lambda name: [json.loads(l) for l in files.get(name, "").splitlines() if l.strip()]  # noqa: E731
+    sel, last = jl("eval/predictions.jsonl"), jl("eval-last/predictions.jsonl")
+    t = res["test"]
+    rows = []
+
+    def row(name, m, q=None, note=""):
+        q = q or {}
+        rows.append(f"| {name} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | "
+                    + " | ".join(f"{q[k]:.4f}" if k in q else "" for k in ("ece", "brier", "nll"))
+                    + f" | {note} |")
+
+    row("zero-shot (base model, same prompt)", t["zero_shot"], (t["zero_shot"]["calibration"] or {}).get("before"))
+    row(f"last step ({res['train']['global_step']})", t["last"], _quality(last, "probs") if last else None)
+    s = res["selection"]
+    row(f"best by dev macro-F1 (step {s['step']})", t["selected"], _quality(sel, "raw_probs") if sel else None)
+    cal = t["selected"]["calibration"]
+    ab = cal.get("abstention") or {}
+    row(f"best + temperature scaling (T = {cal['temperature']:.3f})", t["selected"], cal["after"],
+        f"abstain below {ab.get('threshold', float('nan')):.4f} (dev target 0.995): answered "
+        f"{ab.get('coverage', 0):.1%} of test rows at precision {ab.get('precision') or 0:.4f}")
+    dev = jl("dev-logliks.jsonl")
+    if dev and sel:
+        labels = sorted({d["truth"] for d in dev})
+        vec = fit_vector_scaling([d["logliks"] for d in dev], [d["candidates"] for d in dev],
+                                 [d["truth"] for d in dev], labels)
+        probs = vec.probs([p["logliks"] for p in sel], [list(p["probs"]) for p in sel])
+        recs = [{**p, "vprobs": dict(zip(p["probs"], pr))} for p, pr in zip(sel, probs)]
+        q = _quality(recs, "vprobs")
+        acc = q.pop("accuracy")
+        row(f"best + vector scaling (T = {vec.temperature:.3f}, {sum(1 for v in vec.bias.values() if v)} biases)",
+            {"accuracy": acc, "macro_f1": float("nan")}, q, "macro-F1 not recomputed")
+    if a.baseline:
+        b = json.loads((Path(a.baseline) / "metrics.json").read_text())
+        for key, name in (("candidates", "TF-IDF + SVM, restricted to the candidates"),
+                          ("all_labels", "TF-IDF + SVM, all labels")):
+            row(name, b[key])
+    print("| weights | accuracy | macro-F1 | ECE | Brier | NLL | |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n".join(rows))
+    if sel:
+        raw, calq = _quality(sel, "raw_probs"), _quality(sel, "probs")
+        print(f"\nCoverage at 99.5% precision with the threshold chosen on the test rows themselves (the best any "
+              f"threshold can do): {raw['oracle_coverage_995']:.1%} uncalibrated, {calq['oracle_coverage_995']:.1%} "
+              "calibrated (the ranking is the same, so these agree).")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="Train, evaluate and calibrate on the GPU machine.")
+    r.add_argument("--model", required=True, help="Hugging Face folder of the pretrained chat model.")
+    r.add_argument("--data", required=True, help="Folder with train.jsonl and test.jsonl (Fudan dev data).")
+    r.add_argument("--out", required=True, help="Where real_accuracy.json and run-files.tar.gz go.")
+    r.add_argument("--config", default=str(ROOT / "configs" / "qwen1.5-7b-chat-fudan-fast.yaml"))
+    r.add_argument("--workdir", default="/tmp/llmcls-real", help="Run directory parent (default: %(default)s).")
+    r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="More config overrides.")
+    r.set_defaults(func=run)
+    t = sub.add_parser("table", help="The markdown table from a result (no GPU needed).")
+    t.add_argument("result")
+    t.add_argument("--files", help="run-files.tar.gz from the same run.")
+    t.add_argument("--baseline", help="Folder of 'llmcls baseline --out' on the same train/test files.")
+    t.set_defaults(func=table)
+    a = p.parse_args(argv)
+    a.func(a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

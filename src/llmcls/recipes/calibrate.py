@@ -1,0 +1,106 @@
+"""Recipe — ``llmcls calibrate``: probabilities that mean what they say, and a threshold to abstain.
+
+Fits temperature scaling (or vector scaling) on the dev set's candidate log-likelihoods, by minimising the
+negative log-likelihood of the true labels (``llmcls.calibration``, L-BFGS), and, given a target precision, the
+lowest confidence threshold whose answered dev rows reach it. Writes ``RUN/calibration.json``; eval, predict, serve
+and export use it from then on. Training calls :func:`fit_and_save` with the dev predictions it already has;
+``llmcls calibrate RUN`` scores the dev set again with the run's weights (to change the method or the target).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+from llmcls.calibration import (Calibration, UnreachablePrecision, confidences, fit_temperature,
+                                fit_vector_scaling, summary)
+from llmcls.config import Config, ConfigError
+from llmcls.data import Row, read_rows
+from llmcls.files import atomic_write_json
+from llmcls.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def fit(cfg: Config, rows: Sequence[Row], logliks: Sequence[Sequence[float]]) -> tuple[Calibration, dict]:
+    """The calibration ``calibration.*`` asks for, fitted on ``rows`` and their candidates' log-likelihoods, and
+    the dev figures before and after (accuracy, NLL, Brier, ECE)."""
+    cands, truth = [r.candidates for r in rows], [r.label for r in rows]
+    method = cfg.calibration.method
+    if method == "none":
+        cal = Calibration()
+    elif method == "vector":
+        cal = fit_vector_scaling(logliks, cands, truth, sorted(set(truth)),
+                                 min_rows_per_label=cfg.calibration.min_rows_per_label)
+    else:
+        cal = fit_temperature(logliks, cands, truth)
+    raw = Calibration().probs(logliks, cands)
+    probs = cal.probs(logliks, cands)
+    report = {"dev_rows": len(rows), "before": summary(raw, cands, truth), "after": summary(probs, cands, truth)}
+    target = cfg.calibration.target_precision
+    if target is not None:
+        conf, correct = confidences(probs, cands, truth)
+        try:
+            cal = cal.with_threshold(conf, correct, target)
+        except UnreachablePrecision as e:
+            log.warning("no abstention threshold: %s", e)
+            report["threshold_error"] = str(e)
+    return cal, report
+
+
+def fit_and_save(run: RunDir, cfg: Config, rows: Sequence[Row], preds: Optional[list]) -> Optional[dict]:
+    """Fit on dev predictions (:class:`llmcls.infer.Prediction`, with their log-likelihoods) and write
+    ``RUN/calibration.json``; returns what was written (None when there was nothing to fit on)."""
+    if preds is None or cfg.calibration.method == "none":
+        if preds is None:
+            log.warning("no dev predictions of the selected weights in memory (a resumed run): run "
+                        "'llmcls calibrate %s' to fit the calibration", run.path)
+        return None
+    cal, report = fit(cfg, rows, [p.logliks for p in preds])
+    out = {**cal.to_dict(), "report": report}
+    atomic_write_json(run.calibration, out)
+    b, a = report["before"], report["after"]
+    log.info("calibration (%s, T=%.3f) on %d dev rows: ECE %.4f -> %.4f, NLL %.4f -> %.4f%s", cal.method,
+             cal.temperature, len(rows), b["ece"], a["ece"], b["nll"], a["nll"],
+             f", abstain below {cal.threshold:.4f} (dev coverage {cal.coverage:.1%})" if cal.threshold else "")
+    return out
+
+
+def calibrate(run_dir: str | Path, cfg: Optional[Config] = None, model=None, tokenizer=None,
+              progress: bool = True) -> dict:
+    """Score the run's dev set with its weights, fit ``calibration.*`` and write ``RUN/calibration.json``."""
+    from llmcls.encode import PromptBuilder
+    from llmcls.infer import classify
+    from llmcls.rundir import model_for_run
+
+    run = RunDir(run_dir)
+    cfg = cfg or run.load_config()
+    dev_file = run.dev_file(cfg)
+    if dev_file is None or not Path(dev_file).is_file():
+        raise FileNotFoundError(f"{run.path}: no dev set to calibrate on (data.dev_file, or data.dev_fraction at "
+                                "training time)")
+    if cfg.calibration.method == "none":
+        raise ConfigError("calibration.method=none: nothing to fit")
+    model, tokenizer, cfg = model_for_run(run.path, cfg, model, tokenizer)
+    rows, _ = read_rows(dev_file, cfg.data)
+    preds = classify(model, PromptBuilder(tokenizer, cfg.prompt), rows, batch_size=cfg.eval.batch_size,
+                     max_length=cfg.data.max_length, progress=progress, desc="dev")
+    return fit_and_save(run, cfg, rows, preds)
+
+
+def summary_lines(out: dict) -> list[str]:
+    """``llmcls calibrate``'s answer: what was fitted and what it gives on the dev rows."""
+    r = out["report"]
+    b, a = r["before"], r["after"]
+    lines = [f"{out['method']} scaling on {r['dev_rows']} dev rows: T = {out['temperature']:.4f}"
+             + (f", {sum(1 for v in out['bias'].values() if v)} label biases" if out.get("bias") else ""),
+             f"  ECE   {b['ece']:.4f} -> {a['ece']:.4f}",
+             f"  NLL   {b['nll']:.4f} -> {a['nll']:.4f}",
+             f"  Brier {b['brier']:.4f} -> {a['brier']:.4f}"]
+    if out.get("threshold") is not None:
+        lines.append(f"abstain below {out['threshold']:.4f}: dev precision {out['precision']:.4f} "
+                     f"(target {out['target_precision']}) at coverage {out['coverage']:.1%}")
+    elif r.get("threshold_error"):
+        lines.append(f"no threshold: {r['threshold_error']}")
+    return lines
