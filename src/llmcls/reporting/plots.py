@@ -110,3 +110,64 @@ def plot_confusion(labels: list[str], matrix: list[list[int]], title: str = "Con
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="share of the true class")
     fig.tight_layout()
     return fig
+
+
+def plot_dev_curve(steps: list[int], series: dict[str, list[float]], selected: int | None):
+    """Dev metrics over the optimizer steps, the step whose weights the run kept marked."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.6, 3.1))
+    for i, (name, ys) in enumerate(series.items()):
+        ax.plot(steps, ys, marker="o", ms=3, lw=1.6, color=PALETTE[i % len(PALETTE)], label=name)
+    if selected is not None:
+        ax.axvline(selected, color="#444", ls="--", lw=1, label=f"kept: step {selected}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("dev score")
+    ax.set_title("Dev set during training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_reliability(series: Sequence[tuple[str, dict]]):
+    """Reliability diagram: per confidence bin, the accuracy against the mean confidence (on the diagonal: the
+    probabilities mean what they say); marker area follows the bin's row count."""
+    import numpy as np
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.4, 4.0))
+    ax.plot([0, 1], [0, 1], color="#999", lw=1, ls=":", label="perfect calibration")
+    for i, (name, bins) in enumerate(series):
+        count = np.asarray(bins["count"], dtype=float)
+        keep = count > 0
+        conf, acc = np.asarray(bins["confidence"])[keep], np.asarray(bins["accuracy"])[keep]
+        ax.plot(conf, acc, lw=1.4, color=PALETTE[i % len(PALETTE)], label=name)
+        ax.scatter(conf, acc, s=8 + 120 * count[keep] / max(count.sum(), 1), color=PALETTE[i % len(PALETTE)])
+    ax.set_xlim(0, 1.01)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("confidence (mean of the bin)")
+    ax.set_ylabel("accuracy of the bin")
+    ax.set_title("Reliability (15 bins)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_risk_coverage(series: Sequence[tuple[str, list[float], list[float]]], threshold_point=None):
+    """Accuracy of the rows answered against the share answered, answering the most confident first; the run's
+    abstention threshold marked where it has one."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    for i, (name, cov, acc) in enumerate(series):
+        ax.plot(cov, acc, lw=1.6, color=PALETTE[i % len(PALETTE)], label=name)
+    if threshold_point is not None:
+        ax.scatter([threshold_point[0]], [threshold_point[1]], color="#d62728", zorder=3,
+                   label=f"threshold: {threshold_point[0]:.1%} answered")
+    ax.set_xlabel("coverage (share of rows answered)")
+    ax.set_ylabel("accuracy of the rows answered")
+    ax.set_title("Risk-coverage")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    return fig

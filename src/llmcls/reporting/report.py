@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 from llmcls.files import atomic_write_text, refuse_overwrite
 from llmcls.metrics import INVALID
 from llmcls.reporting.plots import (BASELINE_COLOR, PALETTE, fig_to_data_url, plot_confusion, plot_curves,
-                                    plot_f1_bars)
+                                    plot_dev_curve, plot_f1_bars, plot_reliability, plot_risk_coverage)
 from llmcls.rundir import ResultsDir, RunDir
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,9 @@ class RunData:
     baseline_dir: Optional[Path] = None
     texts: dict[int, str] = field(default_factory=dict)   # test-file line -> text, for the mistakes table
     notes: list[str] = field(default_factory=list)
+    zero_shot: Optional[dict] = None                      # the base model's metrics (llmcls eval --zero-shot)
+    last: Optional[dict] = None                           # the last step's (train.keep_last)
+    calibration: Optional[dict] = None                    # RUN/calibration.json
 
 
 def _find_file(name: str, run: Path) -> Optional[Path]:
@@ -115,6 +118,8 @@ def load_run(run_dir: str | Path, baseline_dir: Optional[str | Path] = None, top
     d.prepare = _read_json(rd.data.summary)
     d.metrics = _read_json(rd.eval.metrics)
     d.predictions = _read_jsonl(rd.eval.predictions)
+    d.zero_shot, d.last = _read_json(rd.zero_shot.metrics), _read_json(rd.eval_last.metrics)
+    d.calibration = _read_json(rd.calibration)
     bdir = Path(baseline_dir) if baseline_dir else rd.baseline.path
     d.baseline = _read_json(ResultsDir(bdir).metrics)
     if d.baseline is not None:
@@ -293,11 +298,25 @@ def _training(runs: Sequence[RunData]) -> tuple[str, list[str]]:
         plots.append("lr")
     else:
         parts.append(_missing("No learning-rate values logged."))
+    d0 = runs[0]
+    dev = [r for r in d0.train_log if "dev_macro_f1" in r]
+    if dev:  # the dev set as training went, and which step the run kept (train.select_best)
+        sel = ((d0.train_summary or {}).get("selection") or {}).get("step")
+        fig = plot_dev_curve([r["step"] for r in dev], {"dev macro-F1": [r["dev_macro_f1"] for r in dev],
+                                                        "dev accuracy": [r["dev_accuracy"] for r in dev]}, sel)
+        parts.append(_img(fig_to_data_url(fig), "dev", "dev metrics during training"))
+        plots.append("dev")
     return f'<div class="grid">{"".join(parts)}</div>', plots
 
 
 def _metric_columns(runs: Sequence[RunData]) -> list[tuple[str, dict]]:
     cols = [(f"{d.name}" if len(runs) > 1 else "LLM (fine-tuned)", d.metrics) for d in runs if d.metrics]
+    if len(runs) == 1:  # what fine-tuning bought (zero-shot) and what selecting on the dev set bought (last step)
+        d = runs[0]
+        if d.last:
+            cols.append(("LLM, last step", d.last))
+        if d.zero_shot:
+            cols.append(("zero-shot (base model)", d.zero_shot))
     seen = set()
     for d in runs:  # one baseline column pair per distinct baseline
         if d.baseline and str(d.baseline_dir) not in seen:
@@ -306,6 +325,41 @@ def _metric_columns(runs: Sequence[RunData]) -> list[tuple[str, dict]]:
             cols.append((f"baseline, candidates{tag}", d.baseline["candidates"]))
             cols.append((f"baseline, all labels{tag}", d.baseline["all_labels"]))
     return cols
+
+
+def _calibration(runs: Sequence[RunData]) -> tuple[str, list[str]]:
+    """Runs with a calibration: ECE / Brier / NLL before and after on the test rows, the abstention threshold and
+    what it gives, the reliability diagram and the risk-coverage curve (from predictions.jsonl)."""
+    from llmcls.calibration import reliability_bins, risk_coverage
+
+    d = next((d for d in runs if d.calibration and d.metrics and d.metrics.get("calibration")), None)
+    if d is None:
+        return "", []
+    q = d.metrics["calibration"]
+    rows = [[esc(k.upper() if k != "brier" else "Brier"), f'<span class="num">{_fmt(q["before"][k], "f3")}</span>',
+             f'<span class="num">{_fmt(q["after"][k], "f3")}</span>'] for k in ("ece", "brier", "nll")]
+    parts = [_table(["on the test rows", "uncalibrated", f"{q['method']} scaling (T = {q['temperature']:.3f})"],
+                     rows, "metrics")]
+    ab = q.get("abstention")
+    if ab:
+        parts.append(f'<p>Abstaining below a confidence of {ab["threshold"]:.4f} (chosen on the dev set for '
+                     f'{ab["target_precision"]} precision) answers {ab["coverage"]:.1%} of the test rows at '
+                     f'{_fmt(ab["precision"], "pct")} accuracy; the rest go to a person.</p>')
+    preds = [p for p in d.predictions if p.get("probs")]
+    plots = []
+    if preds:
+        correct = [bool(p["correct"]) for p in preds]
+        after = [p["confidence"] for p in preds]
+        before = [max((p.get("raw_probs") or p["probs"]).values()) for p in preds]
+        rel = plot_reliability([("uncalibrated", reliability_bins(before, correct)),
+                                ("calibrated", reliability_bins(after, correct))])
+        rc = risk_coverage(after, correct)
+        point = (ab["coverage"], ab["precision"]) if ab and ab.get("precision") is not None else None
+        risk = plot_risk_coverage([("calibrated confidence", list(rc.coverage), list(rc.accuracy))], point)
+        parts.append('<div class="grid">' + _img(fig_to_data_url(rel), "reliability", "reliability diagram")
+                     + _img(fig_to_data_url(risk), "risk_coverage", "risk-coverage curve") + "</div>")
+        plots += ["reliability", "risk_coverage"]
+    return "".join(parts), plots
 
 
 def _evaluation(runs: Sequence[RunData]) -> tuple[str, list[str]]:
@@ -504,12 +558,14 @@ def render_html(runs: Sequence[RunData], top_mistakes: int = 10) -> tuple[str, l
     train_html, p1 = _training(runs)
     eval_html, p2 = _evaluation(runs)
     cm_html, p3 = _confusion(runs)
+    cal_html, p4 = _calibration(runs)
     names = ", ".join(d.name for d in runs)
     title = f"llmcls report: {names}" if len(runs) == 1 else f"llmcls comparison: {names}"
     sections = [
         ("summary", "At a glance", _summary(runs)),
         ("training", "Training curves", train_html),
         ("evaluation", "Evaluation" + (" (LLM vs baseline)" if any(d.baseline for d in runs) else ""), eval_html),
+        *([("calibration", "Calibration and abstention", cal_html)] if cal_html else []),
         ("confusion", "Confusion matrix", cm_html),
         ("mistakes", "Most confident mistakes", _mistakes(runs, top_mistakes)),
         ("data", "Data and truncation (prepare)", _data(runs)),
@@ -525,7 +581,7 @@ def render_html(runs: Sequence[RunData], top_mistakes: int = 10) -> tuple[str, l
             f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
             f"<header><h1>{esc(title)}</h1><p>{runs_line} · generated {stamp} by llmcls {esc(_version())}</p>"
             f"</header><main>{body}</main></body></html>\n")
-    return page, p1 + p2 + p3
+    return page, p1 + p2 + p3 + p4
 
 
 def default_output(run_dirs: Sequence[str | Path]) -> Path:
