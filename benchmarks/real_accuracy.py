@@ -98,26 +98,20 @@ def run(a) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- table
-def _quality(preds: list[dict], probs_key: str = "probs") -> dict:
-    """Accuracy, ECE, Brier, NLL and coverage at 99.5% precision (chosen on these very rows: the best any
-    threshold can do) from predictions.jsonl records."""
-    from llmcls.calibration import UnreachablePrecision, summary, threshold_for_precision
+def _oracle_coverage(probs: list[list[float]], cands: list[list[str]], truth: list[str], target: float = 0.995):
+    """Coverage at ``target`` precision with the threshold chosen on these very rows (the best any threshold can
+    do on them), and whether ``target`` is reachable at all."""
+    from llmcls.calibration import UnreachablePrecision, confidences, threshold_for_precision
 
-    cands = [list(p["probs"]) for p in preds]
-    probs = [[p[probs_key][c] for c in cs] for p, cs in zip(preds, cands)]
-    truth = [p["truth"] for p in preds]
-    s = summary(probs, cands, truth)
-    conf = [max(ps) for ps in probs]
-    correct = [cs[max(range(len(ps)), key=ps.__getitem__)] == t for ps, cs, t in zip(probs, cands, truth)]
+    conf, correct = confidences(probs, cands, truth)
     try:
-        s["oracle_coverage_995"] = threshold_for_precision(conf, correct, 0.995)[1]
+        return threshold_for_precision(conf, correct, target)[1]
     except UnreachablePrecision:
-        s["oracle_coverage_995"] = 0.0
-    return s
+        return 0.0
 
 
 def table(a) -> None:
-    from llmcls.calibration import Calibration, fit_vector_scaling
+    from llmcls.calibration import Calibration, fit_vector_scaling, summary
 
     res = json.loads(Path(a.result).read_text())
     files = {}
@@ -127,49 +121,53 @@ def table(a) -> None:
                 if m.isfile():
                     files[m.name] = tar.extractfile(m).read().decode("utf-8")
     jl = lambda name: [json.loads(l) for l in files.get(name, "").splitlines() if l.strip()]  # noqa: E731
-    sel, last = jl("eval/predictions.jsonl"), jl("eval-last/predictions.jsonl")
-    t = res["test"]
+    sel, dev = jl("eval/predictions.jsonl"), jl("dev-logliks.jsonl")
+    t, s = res["test"], res["selection"]
+    cal = t["selected"]["calibration"]
     rows = []
 
     def row(name, m, q=None, note=""):
         q = q or {}
-        rows.append(f"| {name} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | "
-                    + " | ".join(f"{q[k]:.4f}" if k in q else "" for k in ("ece", "brier", "nll"))
+        rows.append(f"| {name} | {m['accuracy']:.4f} | " + (f"{m['macro_f1']:.4f}" if m.get("macro_f1") else "")
+                    + " | " + " | ".join(f"{q[k]:.4f}" if k in q else "" for k in ("ece", "brier", "nll"))
                     + f" | {note} |")
 
-    row("zero-shot (base model, same prompt)", t["zero_shot"], (t["zero_shot"]["calibration"] or {}).get("before"))
-    row(f"last step ({res['train']['global_step']})", t["last"], _quality(last, "probs") if last else None)
-    s = res["selection"]
-    row(f"best by dev macro-F1 (step {s['step']})", t["selected"], _quality(sel, "raw_probs") if sel else None)
-    cal = t["selected"]["calibration"]
+    # the eval's own before/after figures: computed from unrounded probabilities (predictions.jsonl rounds them)
+    row("zero-shot (base model, same prompt)", t["zero_shot"], t["zero_shot"]["calibration"]["before"])
+    row(f"last step ({res['train']['global_step']})", t["last"], t["last"]["calibration"]["before"])
+    row(f"best by dev macro-F1 (step {s['step']})", t["selected"], cal["before"])
     ab = cal.get("abstention") or {}
     row(f"best + temperature scaling (T = {cal['temperature']:.3f})", t["selected"], cal["after"],
-        f"abstain below {ab.get('threshold', float('nan')):.4f} (dev target 0.995): answered "
-        f"{ab.get('coverage', 0):.1%} of test rows at precision {ab.get('precision') or 0:.4f}")
-    dev = jl("dev-logliks.jsonl")
-    if dev and sel:
-        labels = sorted({d["truth"] for d in dev})
-        vec = fit_vector_scaling([d["logliks"] for d in dev], [d["candidates"] for d in dev],
-                                 [d["truth"] for d in dev], labels)
-        probs = vec.probs([p["logliks"] for p in sel], [list(p["probs"]) for p in sel])
-        recs = [{**p, "vprobs": dict(zip(p["probs"], pr))} for p, pr in zip(sel, probs)]
-        q = _quality(recs, "vprobs")
-        acc = q.pop("accuracy")
-        row(f"best + vector scaling (T = {vec.temperature:.3f}, {sum(1 for v in vec.bias.values() if v)} biases)",
-            {"accuracy": acc, "macro_f1": float("nan")}, q, "macro-F1 not recomputed")
+        f"threshold from the dev set ({ab.get('target_precision')}): {ab.get('coverage', 0):.1%} of test rows "
+        f"answered at precision {ab.get('precision') or 0:.4f}")
+    lines = []
+    if sel:
+        cands, truth = [list(p["probs"]) for p in sel], [p["truth"] for p in sel]
+        logliks = [p["logliks"] for p in sel]
+        raw = Calibration().probs(logliks, cands)
+        temp = Calibration(temperature=cal["temperature"]).probs(logliks, cands)
+        lines.append(f"Coverage at 99.5% precision with the threshold chosen on the test rows themselves (the best "
+                     f"any threshold can do): {_oracle_coverage(raw, cands, truth):.1%} uncalibrated, "
+                     f"{_oracle_coverage(temp, cands, truth):.1%} with temperature scaling.")
+        if dev:
+            vec = fit_vector_scaling([d["logliks"] for d in dev], [d["candidates"] for d in dev],
+                                     [d["truth"] for d in dev], sorted({d["truth"] for d in dev}))
+            q = summary(vec.probs(logliks, cands), cands, truth)
+            row(f"best + vector scaling (T = {vec.temperature:.3f}, {sum(1 for v in vec.bias.values() if v)} "
+                "label biases; fitted here from the stored dev log-likelihoods)", {"accuracy": q["accuracy"]}, q)
+            dev_err = sum(1 for d in dev if d["candidates"][max(range(len(d["logliks"])),
+                                                                 key=d["logliks"].__getitem__)] != d["truth"])
+            lines.append(f"Dev set: {len(dev)} rows, {dev_err} wrong with the selected weights; test: {len(sel)} "
+                         f"rows, {sum(1 for p in sel if not p['correct'])} wrong.")
     if a.baseline:
         b = json.loads((Path(a.baseline) / "metrics.json").read_text())
-        for key, name in (("candidates", "TF-IDF + SVM, restricted to the candidates"),
-                          ("all_labels", "TF-IDF + SVM, all labels")):
-            row(name, b[key])
+        row("TF-IDF + linear SVM, restricted to each row's candidates", b["candidates"])
+        row("TF-IDF + linear SVM, all labels", b["all_labels"])
     print("| weights | accuracy | macro-F1 | ECE | Brier | NLL | |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
-    if sel:
-        raw, calq = _quality(sel, "raw_probs"), _quality(sel, "probs")
-        print(f"\nCoverage at 99.5% precision with the threshold chosen on the test rows themselves (the best any "
-              f"threshold can do): {raw['oracle_coverage_995']:.1%} uncalibrated, {calq['oracle_coverage_995']:.1%} "
-              "calibrated (the ranking is the same, so these agree).")
+    if lines:
+        print("\n" + "\n\n".join(lines))
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,7 @@ import yaml
 from conftest import FUDAN, ROOT, SHARED
 
 
+@pytest.mark.slow  # a CPU run of a GPU benchmark: the second test tier (scripts/test.sh -m slow)
 @pytest.mark.skipif(not (FUDAN / "train.jsonl").is_file() or not (SHARED / "qwen-tokenizer").is_dir(),
                     reason="../shared (Fudan rows, Qwen tokenizer) is absent")
 def test_gpu_speed_runs_every_part_and_compares_like_with_like(tmp_path):
@@ -71,6 +72,7 @@ def test_gpu_gaps_counts_idle_time_between_kernels(tmp_path):
     assert [x["gap_us"] for x in g["longest"]] == [250, 50]
 
 
+@pytest.mark.slow  # a CPU run of a GPU benchmark: the second test tier (scripts/test.sh -m slow)
 @pytest.mark.skipif(not (FUDAN / "test.jsonl").is_file() or not (SHARED / "qwen-tokenizer").is_dir(),
                     reason="../shared (Fudan rows, Qwen tokenizer) is absent")
 def test_score_shapes_runs_on_a_cpu(tmp_path):
@@ -139,6 +141,7 @@ def test_multi_gpu_dry_run_prints_the_fast_config_commands(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()  # nothing built, nothing run
 
 
+@pytest.mark.slow  # a CPU run of a GPU benchmark: the second test tier (scripts/test.sh -m slow)
 @pytest.mark.skipif(not (FUDAN / "train.jsonl").is_file() or not (SHARED / "qwen-tokenizer").is_dir(),
                     reason="../shared (Fudan rows, Qwen tokenizer) is absent")
 def test_multi_gpu_runs_one_process_and_ddp_on_a_cpu(tmp_path):

@@ -288,3 +288,28 @@ def test_device_map_loads_over_available_devices(tmp_path, model_factory):
     assert torch.allclose(got, want, atol=2e-2)
     if torch.cuda.is_available():
         assert set(model.hf_device_map.values()) <= set(range(torch.cuda.device_count())) | {"cpu"}
+
+
+@pytest.mark.slow  # two processes training twice as long: the second test tier
+def test_dev_selection_under_ddp_scores_sharded_and_keeps_the_logged_best(tokenizer_dir, dist_data, tmp_path):
+    """Two processes: the dev set is scored sharded over both (on the model being trained), logged once, and the
+    weights kept are those whose dev macro-F1 was logged: re-scoring them in one process gives the same number."""
+    from llmcls.recipes.evaluate import evaluate
+    from llmcls.rundir import RunDir
+
+    out = tmp_path / "run"
+    torchrun("train", *_opts(dist_data, out, batch=4), "--data.dev_fraction", "0.25", "--eval.every_steps", "2",
+             "--train.select_best", "macro_f1", "--train.epochs", "2")
+    logs = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
+    dev = [l for l in logs if "dev_macro_f1" in l]
+    steps = [d["step"] for d in dev]
+    assert steps == sorted(set(steps)) and len(steps) >= 3  # once per evaluation, not once per process
+    summary = json.loads((out / "train_summary.json").read_text())
+    sel = summary["selection"]
+    best = max(dev, key=lambda d: (d["dev_macro_f1"], -d["step"]))
+    assert sel["step"] == best["step"] and summary["world_size"] == 2
+    rd = RunDir(out)
+    cfg = rd.load_config({"data.test_file": str(rd.data.dev)})
+    m = evaluate(out, cfg, progress=False)
+    assert m["macro_f1"] == pytest.approx(best["dev_macro_f1"], abs=1e-9)
+    assert m["accuracy"] == pytest.approx(best["dev_accuracy"], abs=1e-9)

@@ -2,7 +2,11 @@
 
 Every field carries a one-line doc (``doc=``) that the CLI turns into ``--help`` text, so the YAML keys, the
 command-line options and the documentation cannot drift apart. Unknown or ill-typed keys fail here, before any
-model is loaded, with the offending key named.
+model is loaded, with the offending key named. Every rule that relates two settings (or a setting and the launch)
+is at the end of this file.
+
+Longer than most modules (~450 lines) on purpose: it is the one reference of every setting of every command, a
+section per dataclass, read top to bottom; the README's table is generated from it.
 """
 
 from __future__ import annotations

@@ -4,15 +4,20 @@ path (``RunDir(path).adapter``), a run's config, labels or weights, so a file na
 Run directory (``train.output_dir``)::
 
     RUN/config.yaml          resolved configuration (what was actually run)
-    RUN/data/                prepare's outputs: train.instruct.jsonl, encoded/, prepare.json (summary, labels)
+    RUN/data/                prepare's outputs: train.instruct.jsonl, encoded/, prepare.json (summary, labels),
+                             dev.jsonl (the rows data.dev_fraction took out of training)
     RUN/base-model/          the tiny preset's random-init base (tiny runs only)
     RUN/checkpoints/         Trainer checkpoints (resume from the last one)
     RUN/adapter/             LoRA adapter, PEFT format, safetensors      (lora.method: lora)
     RUN/model/               fine-tuned weights, safetensors              (lora.method: full)
+    RUN/best/                the best dev evaluation's weights so far (train.select_best), its step and scores
+    RUN/last/                the last step's weights when select_best kept an earlier one (train.keep_last)
+    RUN/calibration.json     temperature / label biases, abstention threshold, dev figures before and after
     RUN/tokenizer/           tokenizer used for training
     RUN/train_log.jsonl      one line per logging step
     RUN/train_summary.json   steps, loss, throughput, memory, versions
     RUN/eval/                metrics.json, predictions.jsonl             (llmcls eval)
+    RUN/eval-last/, RUN/zero-shot/   the same for the last step's and the base model's weights
     RUN/baseline/            the TF-IDF baseline's metrics.json, predictions.jsonl
     RUN/report.html          llmcls report
     RUN/swanlog/, RUN/tensorboard/   tracker files

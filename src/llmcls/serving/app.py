@@ -131,6 +131,13 @@ def _distinct(cands: list) -> list:
     return cands
 
 
+def _not_bool(v: Any) -> Any:
+    # JSON Schema's integer admits 3.0 but not false; pydantic's lax mode would take false as 0
+    if isinstance(v, bool):
+        raise ValueError("an integer, not true or false")
+    return v
+
+
 def _shape(v: Any) -> str:
     return "many" if isinstance(v, dict) and "inputs" in v else "one"
 
@@ -138,7 +145,7 @@ def _shape(v: Any) -> str:
 def build_schemas(labels: Optional[list[str]], max_texts: int, max_text_chars: int) -> Schemas:
     from typing import Annotated, Literal, Union
 
-    from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag
+    from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
 
     Label = Literal[tuple(labels)] if labels else Annotated[str, Field(min_length=1, max_length=200)]
     Text = Annotated[str, Field(min_length=1, max_length=max_text_chars, pattern=r"\S",
@@ -155,7 +162,8 @@ def build_schemas(labels: Optional[list[str]], max_texts: int, max_text_chars: i
         OptCandidates, cand_default = Candidates, ...
 
     TopK = Annotated[int, Field(ge=0, le=len(labels) if labels else 256,
-                                description="Also return the k most probable candidates (0: not asked).")]
+                                description="Also return the k most probable candidates (0: not asked)."),
+                     BeforeValidator(_not_bool)]
 
     class TextItem(BaseModel):
         model_config = ConfigDict(extra="forbid", title="TextItem")
