@@ -112,6 +112,16 @@ def plot_confusion(labels: list[str], matrix: list[list[int]], title: str = "Con
     return fig
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, legend_loc: str):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc=legend_loc)
+    fig.tight_layout()
+    return fig
+
+
 def plot_dev_curve(steps: list[int], series: dict[str, list[float]], selected: int | None):
     """Dev metrics over the optimizer steps, the step whose weights the run kept marked."""
     plt = _plt()
@@ -120,13 +130,7 @@ def plot_dev_curve(steps: list[int], series: dict[str, list[float]], selected: i
         ax.plot(steps, ys, marker="o", ms=3, lw=1.6, color=PALETTE[i % len(PALETTE)], label=name)
     if selected is not None:
         ax.axvline(selected, color="#444", ls="--", lw=1, label=f"kept: step {selected}")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("dev score")
-    ax.set_title("Dev set during training")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "optimizer step", "dev score", "Dev set during training", "best")
 
 
 def plot_reliability(series: Sequence[tuple[str, dict]]):
@@ -145,13 +149,8 @@ def plot_reliability(series: Sequence[tuple[str, dict]]):
         ax.scatter(conf, acc, s=8 + 120 * count[keep] / max(count.sum(), 1), color=PALETTE[i % len(PALETTE)])
     ax.set_xlim(0, 1.01)
     ax.set_ylim(0, 1.01)
-    ax.set_xlabel("confidence (mean of the bin)")
-    ax.set_ylabel("accuracy of the bin")
-    ax.set_title("Reliability (15 bins)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "confidence (mean of the bin)", "accuracy of the bin", "Reliability (15 bins)",
+                   "upper left")
 
 
 def plot_risk_coverage(series: Sequence[tuple[str, list[float], list[float]]], threshold_point=None):
@@ -164,10 +163,5 @@ def plot_risk_coverage(series: Sequence[tuple[str, list[float], list[float]]], t
     if threshold_point is not None:
         ax.scatter([threshold_point[0]], [threshold_point[1]], color="#d62728", zorder=3,
                    label=f"threshold: {threshold_point[0]:.1%} answered")
-    ax.set_xlabel("coverage (share of rows answered)")
-    ax.set_ylabel("accuracy of the rows answered")
-    ax.set_title("Risk-coverage")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "coverage (share of rows answered)", "accuracy of the rows answered", "Risk-coverage",
+                   "lower left")
