@@ -258,3 +258,37 @@ def test_zero_shot_scores_the_base_model_with_the_same_prompt(selected_run, caps
     assert m["weights"] == "base" and (run / "zero-shot" / "metrics.json").is_file()
     fine = json.loads((run / "eval" / "metrics.json").read_text())
     assert m["rows"] == fine["rows"] and m["accuracy"] < fine["accuracy"]  # a random-init base knows nothing
+
+
+class Crash(TrainerCallback):
+    """Planted: the process dies at step ``at`` (after the checkpoint before it was written)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt("planted crash")
+
+
+@pytest.mark.slow  # two trainings: the second test tier
+def test_a_resumed_run_selects_what_an_uninterrupted_one_does(tmp_path, tokenizer_dir, learnable_data):
+    """Crash after the checkpoint at step 16, resume: the dev history, the kept step and its weights are those of
+    the run that never stopped (training here is deterministic)."""
+    from llmcls.recipes.train import train
+
+    extra = {"train.max_steps": 28, "train.save_steps": 8, "eval.every_steps": 4, "train.select_best": "nll",
+             "train.early_stopping_patience": 3}
+    whole = train(_cfg(learnable_data, tmp_path / "whole", **extra), progress=False, callbacks=[Scramble(at=20)])
+    cfg = _cfg(learnable_data, tmp_path / "crashed", **extra)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False, callbacks=[Scramble(at=20), Crash(at=18)])
+    resumed = train(cfg, resume=True, progress=False, callbacks=[Scramble(at=20)])
+    assert resumed["resumed_from"].endswith("checkpoint-16")
+    hist = lambda s: [(h["step"], round(h["nll"], 6)) for h in s["selection"]["history"]]  # noqa: E731
+    assert hist(resumed) == hist(whole)
+    assert resumed["selection"]["step"] == whole["selection"]["step"] <= 20
+    assert resumed["global_step"] == whole["global_step"]  # early stopping counted the same evaluations
+    a = (tmp_path / "whole" / "model" / "model.safetensors").read_bytes()
+    b = (tmp_path / "crashed" / "model" / "model.safetensors").read_bytes()
+    assert a == b
