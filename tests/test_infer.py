@@ -223,3 +223,17 @@ def test_compiled_layers_score_the_same(tokenizer, model_factory):
     compiled = score_batch(model, b, ROWS) + score_batch(model, b, ROWS[:2])
     for x, y in zip(eager + eager[:2], compiled):
         assert max(abs(p - q) for p, q in zip(x, y)) < 1e-4
+
+
+def test_macro_f1_has_one_definition_and_the_matrix_counts_every_row():
+    """Macro-F1 averages over the labels present in the truth, for the LLM and the baseline alike; a label only
+    predicted (or only in the label set) is listed per class and in the matrix but not averaged."""
+    truth = ["A", "A", "B", "B"]
+    pred = ["A", "C", "B", "B"]
+    m = compute_metrics(truth, pred, ["A", "B", "C", "D"])
+    f1_a, f1_b = 2 * 1 * 0.5 / 1.5, 1.0
+    assert m["macro_f1"] == pytest.approx((f1_a + f1_b) / 2, abs=1e-12)
+    assert set(m["per_class"]) == {"A", "B", "C", "D"} and m["per_class"]["C"]["support"] == 0
+    assert m["confusion_matrix"]["labels"] == ["A", "B", "C", "D"]
+    assert sum(map(sum, m["confusion_matrix"]["matrix"])) == 4
+    assert compute_metrics(truth, pred)["macro_f1"] == m["macro_f1"]  # the label list does not change it

@@ -9,19 +9,24 @@ INVALID = "<invalid>"  # the column of the confusion matrix for a reply that map
 
 
 def compute_metrics(truth: Sequence[str], pred: Sequence[Optional[str]], labels: Optional[list[str]] = None) -> dict:
-    """Accuracy, macro-F1 over the true classes, per-class P/R/F1 and the confusion matrix (scikit-learn).
-    An invalid prediction (None) counts as wrong and gets its own confusion-matrix column."""
+    """Accuracy, macro-F1, per-class P/R/F1 and the confusion matrix (scikit-learn), one definition for the LLM
+    and the baseline: **macro-F1 (and weighted-F1) average over the labels present among the true labels**; the
+    per-class figures and the confusion matrix cover every label given in ``labels``, seen in the truth or
+    predicted, so that the matrix accounts for every row. An invalid prediction (None) counts as wrong and gets
+    its own confusion-matrix column."""
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
     y_pred = [p if p is not None else INVALID for p in pred]
-    classes = labels or sorted(set(truth) | {p for p in y_pred if p != INVALID})
+    present = sorted(set(truth))
+    classes = sorted(set(labels or []) | set(truth) | {p for p in y_pred if p != INVALID})
     p, r, f, s = precision_recall_fscore_support(truth, y_pred, labels=classes, zero_division=0)
     cm_labels = classes + ([INVALID] if INVALID in y_pred else [])
     return {
         "rows": len(truth),
         "accuracy": float(accuracy_score(truth, y_pred)),
-        "macro_f1": float(f1_score(truth, y_pred, labels=classes, average="macro", zero_division=0)),
-        "weighted_f1": float(f1_score(truth, y_pred, labels=classes, average="weighted", zero_division=0)),
+        "macro_f1": float(f1_score(truth, y_pred, labels=present, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(truth, y_pred, labels=present, average="weighted", zero_division=0)),
+        "f1_averaged_over": "labels present in the true labels",
         "invalid": sum(x == INVALID for x in y_pred),
         "invalid_rate": sum(x == INVALID for x in y_pred) / max(len(y_pred), 1),
         "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}

@@ -373,7 +373,8 @@ def _evaluation(runs: Sequence[RunData]) -> tuple[str, list[str]]:
         rows.append([esc(label)] + [f'<span class="num">{_fmt(m.get(key), kind)}</span>' for _, m in cols])
     parts = [_table(["metric"] + [c for c, _ in cols], rows, "metrics")]
     parts.append('<p class="k">The LLM picks among each row\'s candidates; "baseline, candidates" does the same '
-                 'with the SVM\'s decision values, "baseline, all labels" picks among every label.</p>')
+                 'with the SVM\'s decision values, "baseline, all labels" picks among every label. Macro-F1 '
+                 'averages over the labels present among the test rows\' true labels, for every column.</p>')
     plots = []
     labels: list[str] = []
     for _, m in cols:
