@@ -270,6 +270,10 @@ def _sub(sub, name: str, func, help: str, description: str | None = None, config
     return s
 
 
+def _run_dir(s) -> None:
+    s.add_argument("run_dir", metavar="RUN_DIR", help="Run directory written by 'llmcls train'.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from llmcls.serving.app import TOKEN_ENV
 
@@ -301,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
              "Classify every row of the test file with a trained run; write RUN/eval/metrics.json and "
              "RUN/eval/predictions.jsonl. Settings come from the run's config; options override them for this "
              "evaluation only.")
-    s.add_argument("run_dir", metavar="RUN_DIR", help="Run directory written by 'llmcls train'.")
+    _run_dir(s)
     s.add_argument("--json", action="store_true", help="Print metrics as one JSON object.")
     s.add_argument("--weights", choices=["selected", "last", "base"], default="selected",
                    help="The run's own weights (default; RUN/eval), the last step's kept by train.keep_last "
@@ -312,13 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
              "dev set.", "Score the run's dev set with its weights, fit temperature (or vector) scaling, pick the "
              "threshold that reaches calibration.target_precision on the dev rows, write RUN/calibration.json "
              "(eval, predict, serve and export use it).")
-    s.add_argument("run_dir", metavar="RUN_DIR", help="Run directory written by 'llmcls train'.")
+    _run_dir(s)
     s.add_argument("--json", action="store_true", help="Print the calibration as one JSON object.")
 
     s = _sub(sub, "predict", cmd_predict, "Classify new rows with a trained run.",
              "Read jsonl rows with 'text' (and optionally 'category' candidates) from a file or stdin; write one "
              "JSON line per row with the label and probabilities.")
-    s.add_argument("run_dir", metavar="RUN_DIR", help="Run directory written by 'llmcls train'.")
+    _run_dir(s)
     s.add_argument("--input", "-i", metavar="FILE", default="-", help="Input jsonl, '-' for stdin (default).")
     s.add_argument("--output", "-o", metavar="FILE", help="Output jsonl (default: stdout).")
     s.add_argument("--labels", metavar="A,B,...",
@@ -356,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = _sub(sub, "export", cmd_export, "Merge LoRA into the base; write a plain Hugging Face model folder.",
              "Write OUT_DIR: the merged model (safetensors), tokenizer, generation config and llmcls.json (labels, "
              "prompt, config). Plain transformers loads it; no peft needed.")
-    s.add_argument("run_dir", metavar="RUN_DIR", help="Run directory written by 'llmcls train'.")
+    _run_dir(s)
     s.add_argument("out_dir", metavar="OUT_DIR", help="Folder to create.")
     s.add_argument("--overwrite", action="store_true", help="Replace OUT_DIR if it exists.")
 

@@ -144,6 +144,8 @@ class TrainConfig:
                              "it falls back to a dense mask and is slower than padding.")
     compile: bool = f(False, "torch.compile each decoder layer: fused kernels, far fewer launches (GPU; "
                              "the first steps pay the compile time).")
+    class_weights: str = f("none", "Weigh each row's answer tokens by its label: 'none', 'balanced' (rows / (labels x "
+                                   "rows of the label)), or a JSON file {label: weight}.")
     select_best: Literal["last", "macro_f1", "accuracy", "nll"] = f(
         "last", "Which weights the run keeps: the last step's, or those of the dev evaluation with the best dev "
         "macro-F1, accuracy or NLL (needs a dev set).")
@@ -447,6 +449,10 @@ def check_training(cfg: Config) -> None:
     if cfg.train.early_stopping_patience > 0 and not (cfg.eval.every_steps or cfg.eval.every_epoch):
         raise ConfigError("train.early_stopping_patience needs dev evaluations during training: set "
                           "eval.every_steps or eval.every_epoch")
+    cw = cfg.train.class_weights
+    if cw not in ("none", "balanced") and not Path(cw).is_file():
+        raise ConfigError(f"train.class_weights={cw!r}: 'none', 'balanced', or a JSON file of label weights "
+                          "(file not found)")
     tp = cfg.calibration.target_precision
     if tp is not None and not 0 < tp <= 1:
         raise ConfigError(f"calibration.target_precision={tp}: a precision in (0, 1]")

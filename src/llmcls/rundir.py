@@ -48,28 +48,20 @@ def read_json(path: Path) -> Optional[dict]:
         return None
 
 
+def _file(name: str) -> property:
+    """A path of the folder, as a read-only attribute."""
+    return property(lambda self: self.path / name)
+
+
 @dataclass(frozen=True)
 class DataDir:
     """``llmcls prepare``'s outputs (``RUN/data`` or the folder given with ``--out``)."""
 
     path: Path
-
-    @property
-    def summary(self) -> Path:
-        return self.path / "prepare.json"
-
-    @property
-    def encoded(self) -> Path:
-        return self.path / "encoded"
-
-    @property
-    def instructions(self) -> Path:
-        return self.path / "train.instruct.jsonl"
-
-    @property
-    def dev(self) -> Path:
-        """The dev rows that ``data.dev_fraction`` took out of the training file, in its format."""
-        return self.path / "dev.jsonl"
+    summary = _file("prepare.json")
+    encoded = _file("encoded")
+    instructions = _file("train.instruct.jsonl")
+    dev = _file("dev.jsonl")  # the rows data.dev_fraction took out of the training file, in its format
 
 
 @dataclass(frozen=True)
@@ -77,14 +69,8 @@ class ResultsDir:
     """Where an evaluation writes (``RUN/eval``, ``RUN/baseline`` or a folder the user names)."""
 
     path: Path
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / "metrics.json"
-
-    @property
-    def predictions(self) -> Path:
-        return self.path / "predictions.jsonl"
+    metrics = _file("metrics.json")
+    predictions = _file("predictions.jsonl")
 
 
 @dataclass(frozen=True)
@@ -95,27 +81,27 @@ class RunDir:
         object.__setattr__(self, "path", Path(path))
 
     # ---- layout
-    config_file = property(lambda self: self.path / "config.yaml")
+    config_file = _file("config.yaml")
     data = property(lambda self: DataDir(self.path / "data"))
-    base_model = property(lambda self: self.path / "base-model")
-    checkpoints = property(lambda self: self.path / "checkpoints")
-    adapter = property(lambda self: self.path / "adapter")
-    best = property(lambda self: self.path / "best")                  # weights of the best dev evaluation so far
-    best_record = property(lambda self: self.path / "best" / "llmcls-selection.json")
-    last = property(lambda self: self.path / "last")                  # train.keep_last
-    calibration = property(lambda self: self.path / "calibration.json")
-    model = property(lambda self: self.path / "model")
-    tokenizer = property(lambda self: self.path / "tokenizer")
-    train_log = property(lambda self: self.path / "train_log.jsonl")
-    train_summary = property(lambda self: self.path / "train_summary.json")
+    base_model = _file("base-model")
+    checkpoints = _file("checkpoints")
+    adapter = _file("adapter")
+    best = _file("best")                      # weights of the best dev evaluation so far
+    best_record = _file("best/llmcls-selection.json")
+    last = _file("last")                      # train.keep_last
+    calibration = _file("calibration.json")
+    model = _file("model")
+    tokenizer = _file("tokenizer")
+    train_log = _file("train_log.jsonl")
+    train_summary = _file("train_summary.json")
     eval = property(lambda self: ResultsDir(self.path / "eval"))
     eval_last = property(lambda self: ResultsDir(self.path / "eval-last"))
     zero_shot = property(lambda self: ResultsDir(self.path / "zero-shot"))
     baseline = property(lambda self: ResultsDir(self.path / "baseline"))
-    report = property(lambda self: self.path / "report.html")
-    swanlog = property(lambda self: self.path / "swanlog")
-    swanlab_record = property(lambda self: self.path / "swanlog" / "llmcls-run.json")  # the run id eval resumes
-    tensorboard = property(lambda self: self.path / "tensorboard")
+    report = _file("report.html")
+    swanlog = _file("swanlog")
+    swanlab_record = _file("swanlog/llmcls-run.json")  # the SwanLab run id that a later eval resumes
+    tensorboard = _file("tensorboard")
 
     def training_outputs(self) -> list[Path]:
         """What ``train --overwrite`` removes: a new training makes all of it stale."""

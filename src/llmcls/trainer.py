@@ -7,12 +7,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
+from typing import Optional
 
 import torch
-from transformers import TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from llmcls import dist
-from llmcls.collate import AnswerCollator, PackedCollator, answer_loss
+from llmcls.collate import AnswerCollator, AnswerLoss, PackedCollator
 from llmcls.config import Config
 from llmcls.model.attention import packed_rows
 from llmcls.model.load import add_lora, compile_layers, unwrap
@@ -175,13 +176,48 @@ class PackedAttention(TrainerCallback):
         self.stack.close()
 
 
+class WeightedTrainer(Trainer):
+    """The HF Trainer and one thing more: a batch's ``answer_weights`` (``train.class_weights``) go to the loss
+    (:class:`llmcls.collate.AnswerLoss`) instead of the model, whose forward would refuse them."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        self.compute_loss_func.weights = inputs.pop("answer_weights", None)
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+def class_weights(spec: str, labels: list[str]) -> Optional[dict[str, float]]:
+    """``train.class_weights``: none; ``balanced``, scikit-learn's n_rows / (n_labels x rows of the label), which
+    averages 1 over the rows; or a JSON file of {label: weight} naming every training label."""
+    if spec == "none":
+        return None
+    if spec == "balanced":
+        import numpy as np
+        from sklearn.utils.class_weight import compute_class_weight
+
+        classes = np.array(sorted(set(labels)))
+        return dict(zip(classes.tolist(), map(float, compute_class_weight("balanced", classes=classes, y=labels))))
+    import json
+
+    from llmcls.config import ConfigError
+
+    try:
+        given = json.loads(Path(spec).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"train.class_weights: {spec}: not a readable JSON file of label weights ({e})") from None
+    missing = sorted(set(labels) - set(given))
+    bad = [k for k, v in given.items() if not isinstance(v, (int, float)) or v < 0]
+    if missing or bad or not isinstance(given, dict):
+        raise ConfigError(f"train.class_weights: {spec} must give a weight >= 0 to every training label"
+                          + (f"; missing: {', '.join(missing[:10])}" if missing else "")
+                          + (f"; not a weight >= 0: {', '.join(bad[:10])}" if bad else ""))
+    return {k: float(v) for k, v in given.items()}
+
+
 def build_trainer(model, tokenizer, dataset, args: TrainingArguments, callbacks: list | None = None,
                   packing: bool = False, dev=None):
     """The HF Trainer with llmcls's collator (left padding, or rows packed end to end with attention kept within
     each row; answer-position logits) and loss. ``dev``: a :class:`llmcls.selection.DevEvaluator`, wired to the
     token counter (its forwards are not training) and to the Trainer's log."""
-    from transformers import Trainer
-
     collator = PackedCollator() if packing else AnswerCollator(pad_id=tokenizer.pad_token_id)
     counter = TokenCounter(model)
     extra = [PackedAttention(model)] if packing else []
@@ -189,8 +225,8 @@ def build_trainer(model, tokenizer, dataset, args: TrainingArguments, callbacks:
         dev.paused = counter.paused
         dev.attn = dev.attn or unwrap(model).config._attn_implementation  # what scoring expects, not packed
         extra.append(dev)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                      compute_loss_func=answer_loss, callbacks=[counter, *extra, *(callbacks or [])])
+    trainer = WeightedTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                              compute_loss_func=AnswerLoss(), callbacks=[counter, *extra, *(callbacks or [])])
     if dev is not None:
         dev.trainer = trainer
     return trainer

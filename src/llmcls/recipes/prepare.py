@@ -21,7 +21,7 @@ from llmcls.encode import PromptBuilder, PromptTooLong, encode_train
 from llmcls.files import atomic_dir, atomic_write_json, atomic_write_jsonl, sha256_file, sha256_json
 from llmcls.rundir import DataDir
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the encoded rows carry their label (train.class_weights)
 
 
 def _tokenizer_key(tok) -> str:
@@ -64,7 +64,7 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
                     "seed": cfg.data.split_seed, "labels": dict(Counter(r.label for r in dev).most_common()),
                     "lines": [r.line for r in dev]}  # lines of the training file: the split can be checked
     builder = PromptBuilder(tokenizer, cfg.prompt)
-    cols: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
+    cols: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "label": []}
     full_lengths, shortened, kept, tutorial_kept = [], 0, 0, 0
     used = []
     bar = tqdm(total=len(rows), desc="encode", unit="row", disable=not progress)
@@ -83,6 +83,7 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
             cols["input_ids"].append(enc.input_ids)
             cols["labels"].append(enc.labels)
             cols["length"].append(len(enc.input_ids))
+            cols["label"].append(row.label)
             full_lengths.append(enc.full_length)
             shortened += enc.shortened
             kept += enc.answer_kept

@@ -32,7 +32,8 @@ from llmcls.recipes.prepare import load_encoded, prepare
 from llmcls.reporting.track import JsonlLogCallback, Tracker
 from llmcls.rundir import RunDir
 from llmcls.selection import DevEvaluator
-from llmcls.trainer import build_trainer, fsdp_loading, full_state_dict, prepare_for_training, training_arguments
+from llmcls.trainer import (build_trainer, class_weights, fsdp_loading, full_state_dict, prepare_for_training,
+                            training_arguments)
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
         tokenizer = load_tokenizer(cfg.model, model_path)
     summary = dist.on_main(lambda: prepare(cfg, tokenizer, run.data.path, progress=progress))
     dataset = load_encoded(run.data.path)
+    weights = class_weights(cfg.train.class_weights, dataset["label"])
+    if weights is not None:  # each row's answer tokens weigh what its label does (collate.answer_loss)
+        dataset = dataset.add_column("weight", [weights[label] for label in dataset["label"]])
+        log.info("class weights (%s): %s", cfg.train.class_weights,
+                 ", ".join(f"{k} {v:.3g}" for k, v in sorted(weights.items(), key=lambda kv: -kv[1])[:8]))
     log.info("data: %d rows, %d shortened, answer kept in %d", summary["rows"], summary["shortened"],
              summary["answer_kept"])
 
@@ -175,6 +181,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
         out["peak_mem_gib_per_process"] = dist.all_gather(out["peak_mem_gib"])
     selection = dev.selection(trainer.state.global_step) if dev is not None else None
     out["selection"] = selection
+    out["class_weights"] = weights
     target = run.model if cfg.lora.method == "full" else run.adapter
     from_best = selection is not None and selection["source"] == "best"
     if dist.is_main():
