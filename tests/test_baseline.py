@@ -127,3 +127,40 @@ def test_baseline_reproduces_fudan_reference(tmp_path):
     assert m["all_labels"]["macro_f1"] == pytest.approx(0.78, abs=0.01)
     assert m["candidates"]["accuracy"] == pytest.approx(0.987, abs=0.003)
     assert m["candidates"]["macro_f1"] == pytest.approx(0.96, abs=0.01)
+
+
+def test_the_baseline_reads_what_the_llm_reads(trained_run, learnable_data, tmp_path, capsys):
+    """baseline.text: 'same' cuts each text exactly as the run's prompt fitting does (llmcls run's default), a
+    number reads that many leading characters, 'whole' everything; the metrics record which."""
+    from llmcls.cli import main
+    from llmcls.data import read_rows
+    from llmcls.encode import PromptBuilder
+    from llmcls.infer import prompts_for
+    from llmcls.recipes.baseline import view_of_run
+    from llmcls.rundir import RunDir, load_trained
+
+    run = RunDir(trained_run)
+    cfg = run.load_config({"data.max_length": 80})  # a short budget, so that texts are cut
+    rows, _ = read_rows(learnable_data["test"], cfg.data)
+    _, tok, _ = load_trained(run.path, cfg)
+    builder = PromptBuilder(tok, cfg.prompt)
+    seen = view_of_run(run.path)(rows)  # with the run's own max_length (128): nothing to cut on these rows
+    assert [r.text for r in seen] == [r.text for r in rows]
+    from llmcls.infer import as_read
+
+    cut = as_read(builder, rows, 80)
+    assert any(len(c.text) < len(r.text) for c, r in zip(cut, rows))
+    assert [builder.prompt_ids(c) for c in cut] == prompts_for(builder, rows, 80)  # the very prompts scored
+    for text, want in (("12", 12.0), ("whole", None)):
+        out = tmp_path / text
+        assert main(["baseline", "--train", str(learnable_data["train"]), "--test", str(learnable_data["test"]),
+                     "--out", str(out), "--baseline.text", text, "--json"]) == 0
+        m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert m["text"] == text
+        if want:
+            assert m["mean_test_chars_read"] <= want
+    assert main(["baseline", "--train", str(learnable_data["train"]), "--test", str(learnable_data["test"]),
+                 "--run", str(trained_run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"] == "same"
+    assert main(["baseline", "--train", str(learnable_data["train"]), "--test", str(learnable_data["test"]),
+                 "--baseline.text", "same"]) == 2  # what the LLM reads needs a run

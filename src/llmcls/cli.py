@@ -219,14 +219,18 @@ def cmd_report(args) -> int:
 
 def cmd_baseline(args) -> int:
     from llmcls.files import refuse_overwrite
-    from llmcls.recipes.baseline import baseline, summary_line
+    from llmcls.recipes.baseline import baseline, summary_line, view_of_run
     from llmcls.rundir import ResultsDir
 
     cfg = config_from_args(args)
     if args.out:
         refuse_overwrite(ResultsDir(Path(args.out)).metrics, args.overwrite)
+    text = cfg.baseline.text
+    if text == "same" and not args.run:  # what the LLM reads is known only from a run
+        text = "whole" if "baseline.text" not in overrides_from(args) else text
     m = baseline(args.train, args.test, args.out, cfg.data, C=cfg.baseline.svm_c, progress=not args.json,
-                 max_train_rows=cfg.data.max_train_rows, max_test_rows=cfg.data.max_eval_rows)
+                 max_train_rows=cfg.data.max_train_rows, max_test_rows=cfg.data.max_eval_rows, text=text,
+                 view=view_of_run(args.run) if args.run and text == "same" else None)
     if args.json:
         _print_json(m)
     else:
@@ -354,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train", required=True, metavar="FILE", help="Raw training jsonl.")
     s.add_argument("--test", required=True, metavar="FILE", help="Raw test jsonl.")
     s.add_argument("--out", metavar="DIR", help="Write metrics.json and predictions.jsonl here (e.g. RUN/baseline).")
+    s.add_argument("--run", metavar="RUN_DIR", help="Read each text as this run's LLM reads it (baseline.text same, "
+                                                   "the default; without --run: whole texts).")
     s.add_argument("--overwrite", action="store_true", help="Replace results already in --out.")
     s.add_argument("--json", action="store_true", help="Print metrics as one JSON object.")
 

@@ -206,6 +206,8 @@ class PredictConfig:
 @dataclass
 class BaselineConfig:
     svm_c: float = f(2.0, "Inverse regularisation strength of the TF-IDF baseline's linear SVM.")
+    text: str = f("same", "What of each text the baseline reads: 'same' (what the LLM reads: the text cut as the "
+                          "run's prompt fitting cuts it; needs a run), 'whole', or a number of characters (the lead).")
 
 
 @dataclass
@@ -449,6 +451,8 @@ def check_training(cfg: Config) -> None:
     if cfg.train.early_stopping_patience > 0 and not (cfg.eval.every_steps or cfg.eval.every_epoch):
         raise ConfigError("train.early_stopping_patience needs dev evaluations during training: set "
                           "eval.every_steps or eval.every_epoch")
+    if not (cfg.baseline.text in ("same", "whole") or cfg.baseline.text.isdigit()):
+        raise ConfigError(f"baseline.text={cfg.baseline.text!r}: 'same', 'whole' or a number of characters")
     cw = cfg.train.class_weights
     if cw not in ("none", "balanced") and not Path(cw).is_file():
         raise ConfigError(f"train.class_weights={cw!r}: 'none', 'balanced', or a JSON file of label weights "

@@ -19,7 +19,7 @@ import torch
 
 from llmcls import dist
 from llmcls.data import Row
-from llmcls.encode import PromptBuilder, fit_prompts, left_pad
+from llmcls.encode import PromptBuilder, fit_prompts, fit_rows, left_pad
 from llmcls.layouts import Layout, layout_for
 from llmcls.model.load import compute_device
 
@@ -93,6 +93,14 @@ def prompts_for(builder: PromptBuilder, rows: Sequence[Row], max_length: Optiona
         return builder.batch_prompt_ids(rows)
     return fit_prompts(builder, rows, [max_length - max(len(builder.answer_ids(c)) for c in r.candidates)
                                        for r in rows])
+
+
+def as_read(builder: PromptBuilder, rows: Sequence[Row], max_length: Optional[int]) -> list[Row]:
+    """The rows as the model reads them: each text cut exactly as :func:`prompts_for` cuts it."""
+    if max_length is None:
+        return list(rows)
+    budgets = [max_length - max(len(builder.answer_ids(c)) for c in r.candidates) for r in rows]
+    return [r for r, _ in fit_rows(builder, rows, budgets)]
 
 
 @torch.no_grad()

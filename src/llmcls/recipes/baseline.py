@@ -15,13 +15,14 @@ both predictions and the decision value of every label, so any metric can be rec
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
-from llmcls.config import DataConfig
-from llmcls.data import read_rows
+from llmcls.config import ConfigError, DataConfig
+from llmcls.data import Row, read_rows
 from llmcls.env import environment
 from llmcls.files import atomic_write_json, atomic_write_jsonl
 from llmcls.metrics import compute_metrics
@@ -38,9 +39,12 @@ def _progress(it, total: int, desc: str, unit: str, enabled: bool):
 
 def baseline(train_file: str | Path, test_file: str | Path, out_dir: Optional[str | Path] = None,
              data_cfg: Optional[DataConfig] = None, C: float = 2.0, progress: bool = True,
-             max_train_rows: Optional[int] = None, max_test_rows: Optional[int] = None) -> dict:
+             max_train_rows: Optional[int] = None, max_test_rows: Optional[int] = None, text: str = "whole",
+             view: Optional[Callable[[list[Row]], list[Row]]] = None) -> dict:
     """Train on ``train_file``, score ``test_file``; returns the metrics (also written to ``out_dir``). The row
-    limits match ``data.max_train_rows`` / ``data.max_eval_rows``, so ``llmcls run`` compares like with like."""
+    limits match ``data.max_train_rows`` / ``data.max_eval_rows``, so ``llmcls run`` compares like with like.
+    ``text`` (``baseline.text``): what of each text is read: ``whole``, the first N characters (a number), or
+    ``same``: what the LLM reads, ``view`` (the rows as the run's prompt fitting cuts them)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.svm import LinearSVC
 
@@ -48,6 +52,15 @@ def baseline(train_file: str | Path, test_file: str | Path, out_dir: Optional[st
     t_start = time.perf_counter()
     train_rows, train_invalid = read_rows(train_file, data_cfg, limit=max_train_rows)
     test_rows, test_invalid = read_rows(test_file, data_cfg, limit=max_test_rows)
+    if text == "same":
+        if view is None:
+            raise ConfigError("baseline.text=same reads what a run's LLM reads: give the run (llmcls baseline --run "
+                             "RUN), or set baseline.text to whole or a number of characters")
+        train_rows, test_rows = view(train_rows), view(test_rows)
+    elif text != "whole":
+        n = int(text)
+        train_rows, test_rows = ([replace(r, text=r.text[:n]) for r in rows] for rows in (train_rows, test_rows))
+    read_chars = sum(len(r.text) for r in test_rows) / max(len(test_rows), 1)
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -81,6 +94,7 @@ def baseline(train_file: str | Path, test_file: str | Path, out_dir: Optional[st
     wall = time.perf_counter() - t_start
     metrics = {
         "model": MODEL.format(C=C), "C": C, "train_file": str(train_file), "test_file": str(test_file),
+        "text": text, "mean_test_chars_read": round(read_chars, 1),
         "train_rows": len(train_rows), "test_rows": len(test_rows),
         "skipped_invalid_rows": {"train": len(train_invalid), "test": len(test_invalid)},
         "features": len(vec.vocabulary_), "labels": labels,
@@ -98,8 +112,24 @@ def baseline(train_file: str | Path, test_file: str | Path, out_dir: Optional[st
     return metrics
 
 
+def view_of_run(run_dir: str | Path) -> Callable[[list[Row]], list[Row]]:
+    """The rows as the run's LLM reads them: its tokenizer, prompt and ``data.max_length`` cut each text
+    (:func:`llmcls.infer.as_read`), so that the baseline reads the same characters."""
+    from llmcls.encode import PromptBuilder
+    from llmcls.infer import as_read
+    from llmcls.model.load import load_tokenizer
+    from llmcls.rundir import RunDir
+
+    run = RunDir(run_dir)
+    cfg = run.load_config()
+    builder = PromptBuilder(load_tokenizer(cfg.model, str(run.tokenizer)), cfg.prompt)
+    return lambda rows: as_read(builder, rows, cfg.data.max_length)
+
+
 def summary_line(m: dict) -> str:
     a, c = m["all_labels"], m["candidates"]
-    return (f"baseline ({m['train_rows']} train / {m['test_rows']} test rows, {m['wall_s']:.0f} s): "
+    what = {"whole": "whole texts", "same": "the text the LLM reads"}.get(m.get("text", "whole"),
+                                                                           f"the first {m.get('text')} characters")
+    return (f"baseline ({m['train_rows']} train / {m['test_rows']} test rows, {what}, {m['wall_s']:.0f} s): "
             f"all labels: accuracy {a['accuracy']:.4f} macro-F1 {a['macro_f1']:.4f} | "
             f"restricted to candidates: accuracy {c['accuracy']:.4f} macro-F1 {c['macro_f1']:.4f}")

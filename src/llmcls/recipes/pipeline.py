@@ -20,11 +20,13 @@ def after_eval(run_dir: str | Path, cfg: Optional[Config] = None, with_baseline:
     Neither may fail a finished run: a problem is logged and the run's results stand."""
     run = RunDir(run_dir)
     if with_baseline and cfg is not None and cfg.data.train_file and cfg.data.test_file:
-        from llmcls.recipes.baseline import baseline, summary_line
+        from llmcls.recipes.baseline import baseline, summary_line, view_of_run
 
         try:
+            text = cfg.baseline.text
             m = baseline(cfg.data.train_file, cfg.data.test_file, run.baseline.path, cfg.data, C=cfg.baseline.svm_c,
-                         max_train_rows=cfg.data.max_train_rows, max_test_rows=cfg.data.max_eval_rows)
+                         max_train_rows=cfg.data.max_train_rows, max_test_rows=cfg.data.max_eval_rows, text=text,
+                         view=view_of_run(run.path) if text == "same" else None)
             echo(summary_line(m))
         except Exception as e:  # noqa: BLE001 (e.g. a single-label training file)
             log.warning("baseline skipped: %s", e)

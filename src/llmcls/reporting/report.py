@@ -263,8 +263,8 @@ def _summary(runs: Sequence[RunData]) -> str:
             word = "beats" if diff > 0 else ("ties with" if diff == 0 else "trails")
             verdict = (f'<p class="verdict">The fine-tuned LLM <b class="{"up" if diff >= 0 else "down"}">{word}'
                        f'</b> the TF-IDF + SVM baseline by {abs(100 * diff):.2f} accuracy points on the same '
-                       f'candidates ({_fmt(m["accuracy"], "pct")} vs {_fmt(b["candidates"]["accuracy"], "pct")}).'
-                       f'</p>')
+                       f'candidates ({_fmt(m["accuracy"], "pct")} vs {_fmt(b["candidates"]["accuracy"], "pct")}; '
+                       f'the baseline read {esc(_baseline_text(b))}).</p>')
         elif m:
             verdict = ('<p class="verdict">No baseline in this run directory: run <code>llmcls baseline '
                        f'--train TRAIN --test TEST --out {esc(RunDir(d.path).baseline.path)}</code> to compare.</p>')
@@ -274,6 +274,11 @@ def _summary(runs: Sequence[RunData]) -> str:
         title = f"<h3>{esc(d.name)}</h3>" if len(runs) > 1 else ""
         out.append(f'{title}<div class="cards">{"".join(html_cards)}</div>{verdict}{notes}')
     return "".join(out)
+
+
+def _baseline_text(b: dict) -> str:
+    t = b.get("text", "whole")
+    return {"whole": "whole texts", "same": "the text the LLM reads"}.get(t, f"the first {t} characters")
 
 
 def _training(runs: Sequence[RunData]) -> tuple[str, list[str]]:
