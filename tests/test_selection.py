@@ -292,3 +292,28 @@ def test_a_resumed_run_selects_what_an_uninterrupted_one_does(tmp_path, tokenize
     a = (tmp_path / "whole" / "model" / "model.safetensors").read_bytes()
     b = (tmp_path / "crashed" / "model" / "model.safetensors").read_bytes()
     assert a == b
+
+
+def test_what_the_review_found_stays_fixed(selected_run, tmp_path, capsys):
+    """A report of a run evaluated only zero-shot; calibrate refuses a bad target before loading anything; eval
+    does not offer keys it does not read; a class-weights file that is not an object is refused with a message."""
+    import shutil
+
+    from llmcls.cli import build_parser, main
+    from llmcls.config import ConfigError
+    from llmcls.reporting.report import write_report
+    from llmcls.trainer import class_weights
+
+    run, _ = selected_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("eval", "report.html", "baseline"))
+    html = write_report([copy]).read_text()
+    assert "No evaluation of the run" in html and "zero-shot (base model)" in html
+    assert main(["calibrate", str(run), "--target-precision", "1.5"]) == 2
+    assert "target_precision" in capsys.readouterr().err
+    eval_help = build_parser()._subparsers._group_actions[0].choices["eval"].format_help()
+    assert "--eval.zero_shot" not in eval_help and "--eval.every_steps" not in eval_help
+    f = tmp_path / "w.json"
+    f.write_text('["Sport", "Politics"]')
+    with pytest.raises(ConfigError, match="an object"):
+        class_weights(str(f), ["Sport"])

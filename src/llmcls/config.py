@@ -96,8 +96,9 @@ class DataConfig:
     max_train_rows: Optional[int] = f(None, "Use only the first N training rows (quick experiments).")
     max_eval_rows: Optional[int] = f(None, "Evaluate only the first N test rows (default: all).")
     dev_file: Optional[str] = f(None, "Raw dev jsonl: scored during training to pick the best step and to calibrate.")
-    dev_fraction: float = f(0.0, "Without dev_file: this share of the training rows, stratified by label, becomes "
-                                 "the dev set (taken out of training; recorded in RUN/data).")
+    dev_fraction: float = f(0.0, "Without dev_file: this share of each label's training rows (at least one row "
+                                 "of every label that has two) becomes the dev set, taken out of training and "
+                                 "recorded in RUN/data.")
     split_seed: int = f(0, "Seed of the dev_fraction split.")
 
 
@@ -448,15 +449,31 @@ def check_training(cfg: Config) -> None:
     if cfg.train.early_stopping_patience > 0 and cfg.train.select_best == "last":
         raise ConfigError("train.early_stopping_patience counts evaluations without improvement of "
                           "train.select_best: set it to macro_f1, accuracy or nll")
-    if cfg.train.early_stopping_patience > 0 and not (cfg.eval.every_steps or cfg.eval.every_epoch):
+    during = cfg.eval.every_steps > 0 or cfg.eval.every_epoch
+    if cfg.train.select_best != "last" and not during:
+        raise ConfigError(f"train.select_best={cfg.train.select_best} picks among dev evaluations during training: "
+                          "set eval.every_steps or eval.every_epoch (otherwise only the last step is scored)")
+    if cfg.train.early_stopping_patience > 0 and not during:
         raise ConfigError("train.early_stopping_patience needs dev evaluations during training: set "
                           "eval.every_steps or eval.every_epoch")
+    for key, value in (("eval.every_steps", cfg.eval.every_steps),
+                       ("train.early_stopping_patience", cfg.train.early_stopping_patience)):
+        if value < 0:
+            raise ConfigError(f"{key}={value}: 0 or more")
+    if cfg.data.dev_file and not Path(cfg.data.dev_file).is_file():
+        raise ConfigError(f"data.dev_file: {cfg.data.dev_file} not found")
     if not (cfg.baseline.text in ("same", "whole") or cfg.baseline.text.isdigit()):
         raise ConfigError(f"baseline.text={cfg.baseline.text!r}: 'same', 'whole' or a number of characters")
     cw = cfg.train.class_weights
     if cw not in ("none", "balanced") and not Path(cw).is_file():
         raise ConfigError(f"train.class_weights={cw!r}: 'none', 'balanced', or a JSON file of label weights "
                           "(file not found)")
+    check_calibration(cfg)
+
+
+def check_calibration(cfg: Config) -> None:
     tp = cfg.calibration.target_precision
     if tp is not None and not 0 < tp <= 1:
         raise ConfigError(f"calibration.target_precision={tp}: a precision in (0, 1]")
+    if cfg.calibration.min_rows_per_label < 1:
+        raise ConfigError(f"calibration.min_rows_per_label={cfg.calibration.min_rows_per_label}: 1 or more")

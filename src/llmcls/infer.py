@@ -76,7 +76,7 @@ def record(row: Row, p: Prediction, with_truth: bool, top_k: int = 0) -> dict:
         rec["confidence"] = round(p.confidence, 6)
     if p.abstain is not None:
         rec["abstain"] = p.abstain
-    if top_k:
+    if top_k and p.probs is not None:  # generate gives no probabilities to rank
         rec["top_k"] = [[c, round(v, 6)] for c, v in p.top_k(top_k)]
     if p.raw_probs is not None:
         rec["raw_probs"] = {k: round(v, 6) for k, v in p.raw_probs.items()}

@@ -41,8 +41,12 @@ def dev_metrics(rows, preds) -> dict:
     true label (NLL, from the uncalibrated probabilities)."""
     from llmcls.calibration import nll
 
+    import math
+
     truth = [r.label for r in rows]
-    m = compute_metrics(truth, [p.pred for p in preds], sorted(set(truth)))
     probs = [[(p.raw_probs or p.probs)[c] for c in r.candidates] for r, p in zip(rows, preds)]
+    if not all(math.isfinite(x) for ps in probs for x in ps):  # a diverged model: say so, never select it
+        return {"accuracy": float("nan"), "macro_f1": float("nan"), "nll": float("nan")}
+    m = compute_metrics(truth, [p.pred for p in preds], sorted(set(truth)))
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
             "nll": nll(probs, [r.candidates for r in rows], truth)}

@@ -37,7 +37,7 @@ from llmcls.config import Config, check_model, load_config
 
 EXPORT_META = "llmcls.json"
 EXPORT_FORMAT = "llmcls-export"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: llmcls.json may carry "calibration" (an older reader would silently ignore it)
 
 
 def read_json(path: Path) -> Optional[dict]:
@@ -106,7 +106,8 @@ class RunDir:
     def training_outputs(self) -> list[Path]:
         """What ``train --overwrite`` removes: a new training makes all of it stale."""
         return [self.checkpoints, self.adapter, self.model, self.best, self.last, self.calibration, self.train_log,
-                self.train_summary, self.eval.path, self.eval_last.path]
+                self.train_summary, self.eval.path, self.eval_last.path, self.zero_shot.path, self.baseline.path,
+                self.report]
 
     # ---- state
     @property

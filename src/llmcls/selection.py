@@ -32,6 +32,8 @@ LOWER_IS_BETTER = {"nll"}
 
 def better(metric: str, a: float, b: Optional[float]) -> bool:
     """Whether ``a`` improves on ``b`` (None: nothing yet). Ties keep the earlier evaluation."""
+    if a != a:  # NaN: a diverged model is never the best
+        return False
     if b is None:
         return True
     return a < b if metric in LOWER_IS_BETTER else a > b

@@ -200,13 +200,19 @@ def class_weights(spec: str, labels: list[str]) -> Optional[dict[str, float]]:
 
     from llmcls.config import ConfigError
 
+    import math
+
     try:
         given = json.loads(Path(spec).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"train.class_weights: {spec}: not a readable JSON file of label weights ({e})") from None
+    if not isinstance(given, dict):
+        raise ConfigError(f"train.class_weights: {spec} must hold an object {{label: weight}}, not "
+                          f"{type(given).__name__}")
     missing = sorted(set(labels) - set(given))
-    bad = [k for k, v in given.items() if not isinstance(v, (int, float)) or v < 0]
-    if missing or bad or not isinstance(given, dict):
+    bad = [k for k, v in given.items() if isinstance(v, bool) or not isinstance(v, (int, float))
+           or not math.isfinite(v) or v < 0]
+    if missing or bad:
         raise ConfigError(f"train.class_weights: {spec} must give a weight >= 0 to every training label"
                           + (f"; missing: {', '.join(missing[:10])}" if missing else "")
                           + (f"; not a weight >= 0: {', '.join(bad[:10])}" if bad else ""))

@@ -10,12 +10,13 @@ and export use it from then on. Training calls :func:`fit_and_save` with the dev
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Optional, Sequence
 
 from llmcls.calibration import (Calibration, UnreachablePrecision, confidences, fit_temperature,
                                 fit_vector_scaling, summary)
-from llmcls.config import Config, ConfigError
+from llmcls.config import Config, ConfigError, check_calibration
 from llmcls.data import Row, read_rows
 from llmcls.files import atomic_write_json
 from llmcls.rundir import RunDir
@@ -57,7 +58,11 @@ def fit_and_save(run: RunDir, cfg: Config, rows: Sequence[Row], preds: Optional[
             log.warning("no dev predictions of the selected weights in memory (a resumed run): run "
                         "'llmcls calibrate %s' to fit the calibration", run.path)
         return None
-    cal, report = fit(cfg, rows, [p.logliks for p in preds])
+    logliks = [p.logliks for p in preds]
+    if not all(math.isfinite(x) for ll in logliks for x in ll):
+        log.warning("the dev scores are not finite (a diverged model?): no calibration fitted")
+        return None
+    cal, report = fit(cfg, rows, logliks)
     out = {**cal.to_dict(), "report": report}
     atomic_write_json(run.calibration, out)
     b, a = report["before"], report["after"]
@@ -76,6 +81,7 @@ def calibrate(run_dir: str | Path, cfg: Optional[Config] = None, model=None, tok
 
     run = RunDir(run_dir)
     cfg = cfg or run.load_config()
+    check_calibration(cfg)  # before anything is loaded or scored
     dev_file = run.dev_file(cfg)
     if dev_file is None or not Path(dev_file).is_file():
         raise FileNotFoundError(f"{run.path}: no dev set to calibrate on (data.dev_file, or data.dev_fraction at "

@@ -59,14 +59,16 @@ def dry_run(cfg: Config) -> str:
     """The resolved config and the plan (``--dry-run``): nothing is loaded or downloaded."""
     import yaml
 
-    from llmcls.data import iter_rows
+    from llmcls.data import iter_rows, split_dev
 
     rows = None
     if cfg.data.train_file and Path(cfg.data.train_file).is_file():
         invalid: list = []
-        rows = sum(1 for _ in iter_rows(cfg.data.train_file, cfg.data, on_invalid="skip", invalid=invalid))
-        if cfg.data.max_train_rows:
-            rows = min(rows, cfg.data.max_train_rows)
+        read = list(iter_rows(cfg.data.train_file, cfg.data, on_invalid="skip", invalid=invalid))
+        read = read[:cfg.data.max_train_rows] if cfg.data.max_train_rows else read
+        if cfg.data.dev_fraction > 0:  # the rows the dev split takes out are not trained on
+            read, _ = split_dev(read, cfg.data.dev_fraction, cfg.data.split_seed)
+        rows = len(read)
     return (yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
             + "# plan (nothing was loaded or downloaded)\n" + yaml.safe_dump({"plan": plan(cfg, rows)}, sort_keys=False))
 
@@ -150,7 +152,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
     dev_file = run.dev_file(cfg)
     dev = None
     if dev_file is not None:
-        dev_rows, _ = read_rows(dev_file, cfg.data, limit=cfg.data.max_eval_rows)
+        dev_rows, _ = read_rows(dev_file, cfg.data)  # all of it: data.max_eval_rows limits the test file only
         dev = DevEvaluator(model, tokenizer, dev_rows, cfg, run, save_weights)
         log.info("dev set: %d rows from %s, selecting on %s", len(dev_rows), dev_file, cfg.train.select_best)
     trainer = build_trainer(model, tokenizer, dataset, args, callbacks=[

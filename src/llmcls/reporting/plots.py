@@ -79,7 +79,8 @@ def plot_f1_bars(labels: list[str], series: Sequence[tuple[str, dict[str, float]
     ax.grid(axis="x", alpha=0.3)
     ax.set_title("Per-class F1")
     # Below the axes: inside, the legend would hide the bars of the last classes.
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.16), ncol=min(n, 3), frameon=False)
+    if n:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.16), ncol=min(n, 3), frameon=False)
     fig.tight_layout()
     return fig
 

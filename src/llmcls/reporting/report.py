@@ -337,8 +337,9 @@ def _calibration(runs: Sequence[RunData]) -> tuple[str, list[str]]:
     what it gives, the reliability diagram and the risk-coverage curve (from predictions.jsonl)."""
     from llmcls.calibration import reliability_bins, risk_coverage
 
-    d = next((d for d in runs if d.calibration and d.metrics and d.metrics.get("calibration")), None)
-    if d is None:
+    d = next((d for d in runs if d.calibration and d.metrics
+              and (d.metrics.get("calibration") or {}).get("method", "none") != "none"), None)
+    if d is None:  # no calibration, or an evaluation made before it (re-run llmcls eval to see it applied)
         return "", []
     q = d.metrics["calibration"]
     rows = [[esc(k.upper() if k != "brier" else "Brier"), f'<span class="num">{_fmt(q["before"][k], "f3")}</span>',
@@ -397,11 +398,15 @@ def _evaluation(runs: Sequence[RunData]) -> tuple[str, list[str]]:
                            {c: v["f1"] for c, v in d.baseline["candidates"]["per_class"].items()}, BASELINE_COLOR))
             if len(runs) == 1:
                 break
+    d0 = next((d for d in runs if d.metrics), None)
+    if d0 is None:  # only zero-shot or last-step results so far: the table above says all there is
+        parts.append(_missing("No evaluation of the run's own weights (eval/metrics.json): run 'llmcls eval "
+                              "RUN_DIR' for the per-class figures."))
+        return "".join(parts), plots
     fig = plot_f1_bars(labels, series)
     parts.append('<div class="grid">' + _img(fig_to_data_url(fig), "f1", "per-class F1 bars"))
     plots.append("f1")
     # Per-class table of the (first) LLM run beside its plot: precision/recall explain the F1 bars.
-    d0 = next(d for d in runs if d.metrics)
     pc = d0.metrics["per_class"]
     pc_rows = [[esc(c), _fmt(v["precision"], "f3"), _fmt(v["recall"], "f3"), _fmt(v["f1"], "f3"),
                 _fmt(v["support"])] for c, v in pc.items()]

@@ -354,7 +354,7 @@ def running(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warni
 
 
 def serve(path: str | Path, cfg: Optional[ServeConfig] = None, token: Optional[str] = None,
-          log_level: str = "info") -> None:
+          log_level: str = "info", abstain_below: Optional[float] = None) -> None:
     """Load and serve until interrupted, as ``cfg`` (``serve.*``) says. ``token`` defaults to ``$LLMCLS_SERVE_TOKEN``."""
     import uvicorn
 
@@ -366,6 +366,7 @@ def serve(path: str | Path, cfg: Optional[ServeConfig] = None, token: Optional[s
         log.warning("serving on %s without a token: anyone who can reach this address can use the model", cfg.host)
     dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     clf = load_classifier(path, cfg.device, dtype, compile=cfg.compile)
+    clf.abstain_below = abstain_below
     log.info("loaded %s '%s' on %s (%s), %d labels", clf.kind, clf.name, clf.device, clf.dtype,
              len(clf.labels or []))
     uvicorn.run(create_app(clf, token=token, cfg=cfg), host=cfg.host, port=cfg.port, log_level=log_level)

@@ -24,6 +24,7 @@ class Classifier:
     name: str
     kind: str                      # "run" or "export"
     calibration: Any = None        # llmcls.calibration.Calibration: calibrated probabilities, abstention threshold
+    abstain_below: Optional[float] = None  # predict.abstain_below: a threshold over the calibration's
     builder: Any = field(init=False)
 
     def __post_init__(self):
@@ -67,7 +68,7 @@ class Classifier:
 
         rows = [r for r, _ in prepared]
         logliks = score_batch(self.model, self.builder, rows, prompts=[p for _, p in prepared])
-        return [scored_prediction(i, r.candidates, ll, self.calibration)
+        return [scored_prediction(i, r.candidates, ll, self.calibration, self.abstain_below)
                 for i, (r, ll) in enumerate(zip(rows, logliks))]
 
     def classify(self, rows: Sequence[Row]) -> list:
@@ -76,7 +77,8 @@ class Classifier:
         from llmcls.infer import classify
 
         return classify(self.model, self.builder, rows, method="score", batch_size=max(1, len(rows)),
-                        max_length=self.max_length, progress=False, calibration=self.calibration)
+                        max_length=self.max_length, progress=False, calibration=self.calibration,
+                        abstain_below=self.abstain_below)
 
 
 def load_classifier(path: str | Path, device: Optional[str] = None, dtype=None, compile: bool = False) -> Classifier:
