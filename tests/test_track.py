@@ -206,3 +206,25 @@ def test_one_log_line_per_logging_step(trained_run):
         assert r["learning_rate"] >= 0 and r["tokens_per_s"] > 0, r
         assert ("peak_mem_gib" in r) or (0.05 < r["peak_rss_gib"] < 64), r
     assert all(r.get("tokens_per_s", 1) > 0 for r in log)  # the closing summary record carries no false 0
+
+
+def test_dev_metrics_reach_the_tracker(tmp_path, learnable_data, tokenizer_dir):
+    """The dev evaluations during training go through the Trainer's log: the tracker (TensorBoard here; SwanLab
+    gets the same records through its callback) holds every value train_log.jsonl holds."""
+    pytest.importorskip("tensorboard", reason="pip install tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import tiny_args
+    from llmcls.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", *tiny_args(learnable_data["train"], learnable_data["test"], run, **{
+        "track.tracker": "tensorboard", "data.dev_fraction": 0.25, "eval.every_steps": 4, "train.epochs": 2,
+        "train.select_best": "accuracy"})]) == 0
+    logged = [json.loads(l) for l in (run / "train_log.jsonl").read_text().splitlines()]
+    dev = {r["step"]: r["dev_accuracy"] for r in logged if "dev_accuracy" in r}
+    acc = EventAccumulator(str(run / "tensorboard")).Reload()
+    (tag,) = [t for t in acc.Tags()["scalars"] if t.endswith("dev_accuracy")]
+    seen = {e.step: e.value for e in acc.Scalars(tag)}
+    assert len(dev) >= 5 and seen.keys() == dev.keys()
+    assert all(seen[s] == pytest.approx(v, abs=1e-6) for s, v in dev.items())
