@@ -86,7 +86,8 @@ def test_score_shapes_runs_on_a_cpu(tmp_path):
     assert res["padded"]["distinct_shapes"] >= 1 and res["padded"]["pass2_rows_per_s"] > 0
 
 
-@pytest.mark.parametrize("script", ["gpu_speed", "multi_gpu", "score_profile", "score_shapes", "serve_load"])
+@pytest.mark.parametrize("script", ["gpu_speed", "multi_gpu", "score_profile", "score_shapes", "serve_load",
+                                    "real_accuracy", "hybrid_offline"])
 def test_every_benchmark_imports_the_installed_package(script):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"],
                          capture_output=True, text=True, timeout=300)
@@ -175,3 +176,27 @@ def test_multi_gpu_runs_one_process_and_ddp_on_a_cpu(tmp_path):
     assert "DDP training speed-up" in res["checks"] and "sharded scoring speed-up" in res["checks"]
     md = (out_dir / "multi_gpu.md").read_text()
     assert "| 1 process | 1 | 2 × 2 |" in md and "| DDP | 2 | 2 × 1 |" in md
+
+
+@pytest.mark.slow  # trains the TF-IDF model on 6,000 rows
+@pytest.mark.skipif(not (FUDAN / "train.jsonl").is_file(), reason="../shared (Fudan rows) is absent")
+def test_real_accuracy_table_and_hybrid_read_the_stored_runs(tmp_path):
+    """The stored real-model results regenerate their docs table, and the offline hybrid reproduces its JSON."""
+    files = ROOT / "docs" / "bench" / "real_accuracy-run1-seed42-files.tar.gz"
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "real_accuracy.py"), "table",
+                          str(ROOT / "docs" / "bench" / "real_accuracy-run1-seed42.json"), "--files", str(files)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = (ROOT / "docs" / "ACCURACY.md").read_text()
+    for line in out.stdout.splitlines():
+        if line.startswith("| last step") or line.startswith("| zero-shot"):
+            assert line in table, line
+    got = tmp_path / "h.json"
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hybrid_offline.py"), "--files", str(files),
+                          "--data", str(FUDAN), "--chars", "500", "--out", str(got)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    want = json.loads((ROOT / "docs" / "bench" / "hybrid-offline-run1-seed42-chars500.json").read_text())
+    have = json.loads(got.read_text())
+    for k in ("llm", "svm", "hybrid"):
+        assert have[k]["errors"] == want[k]["errors"], k
