@@ -45,9 +45,8 @@ TRUSTED = {  # what a classifier one can trust adds to the speed config; each is
 
 
 def run(a) -> None:
-    from llmcls.encode import PromptBuilder
     from llmcls.data import read_rows
-    from llmcls.infer import classify
+    from llmcls.infer import classify_with
     from llmcls.recipes.pipeline import run as run_pipeline
     from llmcls.rundir import load_trained
 
@@ -67,8 +66,7 @@ def run(a) -> None:
     saved = rd.load_config()
     model, tok, saved = load_trained(rd.path, saved)
     rows, _ = read_rows(rd.dev_file(saved), saved.data)
-    preds = classify(model, PromptBuilder(tok, saved.prompt), rows, batch_size=saved.eval.batch_size,
-                     max_length=saved.data.max_length, desc="dev")
+    preds = classify_with(saved, model, tok, rows, method="score", desc="dev")
     with open(rd.path / "dev-logliks.jsonl", "w", encoding="utf-8") as fh:
         for r, p in zip(rows, preds):
             fh.write(json.dumps({"line": r.line, "truth": r.label, "candidates": r.candidates,

@@ -142,6 +142,14 @@ def generate_batch(model, builder: PromptBuilder, rows: Sequence[Row], max_new_t
     return builder.tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
 
 
+def classify_with(cfg, model, tokenizer, rows: Sequence[Row], **kwargs) -> list[Prediction]:
+    """:func:`classify` with a run's settings (its prompt, ``eval.method`` / ``batch_size`` / ``max_new_tokens``,
+    ``data.max_length``); ``kwargs`` override or add to them."""
+    opts = dict(method=cfg.eval.method, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                max_length=cfg.data.max_length)
+    return classify(model, PromptBuilder(tokenizer, cfg.prompt), rows, **{**opts, **kwargs})
+
+
 def _batches(order: list[int], size: int) -> Iterable[list[int]]:
     for i in range(0, len(order), size):
         yield order[i:i + size]

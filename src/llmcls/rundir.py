@@ -136,6 +136,10 @@ class RunDir:
     def method(self) -> str:
         return "lora" if self.adapter.is_dir() else "full"
 
+    def weights(self, which: str = "selected") -> Path:
+        """The folder of the run's own weights (``selected``: adapter/ or model/) or of the last step's (``last``)."""
+        return {"selected": self.adapter if self.adapter.is_dir() else self.model, "last": self.last}[which]
+
     def results(self, weights: str = "selected") -> ResultsDir:
         """Where an evaluation of these weights writes: the run's own (``selected``), the last step's, the base
         model's (``base``, zero-shot)."""
@@ -170,17 +174,14 @@ def load_trained(run_dir: str | Path, cfg: Optional[Config] = None, device: Opti
     cfg = cfg or run.load_config()
     check_model(cfg.model, dist.world_size())
     tok = load_tokenizer(cfg.model, str(run.tokenizer))
-    folder = {"selected": run.path, "last": run.last}[weights] if weights != "base" else None
-    if weights == "base":
+    folder = None if weights == "base" else run.weights(weights)
+    if folder is None:
         model = load_model(cfg.model, resolve_model_path(cfg.model), device, dtype)
-    elif (folder / "adapter").is_dir() or (weights == "last" and (folder / "adapter_config.json").is_file()):
+    elif (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base = load_model(cfg.model, resolve_model_path(cfg.model), device, dtype)
-        model = PeftModel.from_pretrained(base, folder / "adapter" if weights == "selected" else folder)
-    elif weights == "selected" and run.model.is_dir():
-        model = load_model(cfg.model, str(run.model), device, dtype)
-    elif weights == "last" and (folder / "config.json").is_file():
+        model = PeftModel.from_pretrained(load_model(cfg.model, resolve_model_path(cfg.model), device, dtype), folder)
+    elif (folder / "config.json").is_file():
         model = load_model(cfg.model, str(folder), device, dtype)
     elif weights == "last":
         raise FileNotFoundError(f"{run.last} does not exist: the run kept no separate last-step weights "

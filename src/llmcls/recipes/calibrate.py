@@ -28,10 +28,7 @@ def fit(cfg: Config, rows: Sequence[Row], logliks: Sequence[Sequence[float]]) ->
     """The calibration ``calibration.*`` asks for, fitted on ``rows`` and their candidates' log-likelihoods, and
     the dev figures before and after (accuracy, NLL, Brier, ECE)."""
     cands, truth = [r.candidates for r in rows], [r.label for r in rows]
-    method = cfg.calibration.method
-    if method == "none":
-        cal = Calibration()
-    elif method == "vector":
+    if cfg.calibration.method == "vector":
         cal = fit_vector_scaling(logliks, cands, truth, sorted(set(truth)),
                                  min_rows_per_label=cfg.calibration.min_rows_per_label)
     else:
@@ -75,8 +72,7 @@ def fit_and_save(run: RunDir, cfg: Config, rows: Sequence[Row], preds: Optional[
 def calibrate(run_dir: str | Path, cfg: Optional[Config] = None, model=None, tokenizer=None,
               progress: bool = True) -> dict:
     """Score the run's dev set with its weights, fit ``calibration.*`` and write ``RUN/calibration.json``."""
-    from llmcls.encode import PromptBuilder
-    from llmcls.infer import classify
+    from llmcls.infer import classify_with
     from llmcls.rundir import model_for_run
 
     run = RunDir(run_dir)
@@ -90,8 +86,7 @@ def calibrate(run_dir: str | Path, cfg: Optional[Config] = None, model=None, tok
         raise ConfigError("calibration.method=none: nothing to fit")
     model, tokenizer, cfg = model_for_run(run.path, cfg, model, tokenizer)
     rows, _ = read_rows(dev_file, cfg.data)
-    preds = classify(model, PromptBuilder(tokenizer, cfg.prompt), rows, batch_size=cfg.eval.batch_size,
-                     max_length=cfg.data.max_length, progress=progress, desc="dev")
+    preds = classify_with(cfg, model, tokenizer, rows, method="score", progress=progress, desc="dev")
     return fit_and_save(run, cfg, rows, preds)
 
 

@@ -15,10 +15,9 @@ import torch
 from llmcls import dist
 from llmcls.config import Config, to_dict
 from llmcls.data import read_rows
-from llmcls.encode import PromptBuilder
 from llmcls.env import environment
 from llmcls.files import atomic_write_json, atomic_write_jsonl
-from llmcls.infer import classify, record
+from llmcls.infer import classify_with, record
 from llmcls.metrics import compute_metrics
 from llmcls.rundir import RunDir, model_for_run
 
@@ -45,15 +44,13 @@ def evaluate(run_dir: str | Path, cfg: Optional[Config] = None, model=None, toke
         raise ValueError("no test file: set data.test_file in the config or pass --data.test_file FILE")
     method = cfg.eval.method
     rows, invalid = read_rows(cfg.data.test_file, cfg.data, limit=cfg.data.max_eval_rows)
-    builder = PromptBuilder(tokenizer, cfg.prompt)
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     # Under torchrun every process classifies a share of the rows; each gets all predictions back.
-    preds = classify(model, builder, rows, method=method, batch_size=cfg.eval.batch_size,
-                     max_new_tokens=cfg.eval.max_new_tokens, max_length=cfg.data.max_length,
-                     progress=progress, desc=f"eval ({method}, {weights})", calibration=calibration)
+    preds = classify_with(cfg, model, tokenizer, rows, progress=progress, desc=f"eval ({method}, {weights})",
+                          calibration=calibration)
     wall = time.perf_counter() - t0
 
     labels = sorted({r.label for r in rows})

@@ -18,9 +18,8 @@ from typing import Optional, TextIO
 from llmcls import dist
 from llmcls.config import Config
 from llmcls.data import read_rows
-from llmcls.encode import PromptBuilder
 from llmcls.files import atomic_open, refuse_overwrite
-from llmcls.infer import classify, record
+from llmcls.infer import classify_with, record
 from llmcls.rundir import RunDir, model_for_run
 
 
@@ -47,10 +46,8 @@ def predict(run_dir: str | Path, input_path: Optional[str], output: Optional[str
     finally:
         if from_stdin:
             Path(input_path).unlink(missing_ok=True)
-    preds = classify(model, PromptBuilder(tokenizer, cfg.prompt), rows, method=cfg.eval.method,
-                     batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                     max_length=cfg.data.max_length, progress=progress, desc="predict",
-                     calibration=run.load_calibration(), abstain_below=cfg.predict.abstain_below)
+    preds = classify_with(cfg, model, tokenizer, rows, progress=progress, desc="predict",
+                          calibration=run.load_calibration(), abstain_below=cfg.predict.abstain_below)
     if not dist.is_main():
         return len(preds)
     lines = [json.dumps(record(r, p, with_truth=False, top_k=cfg.predict.top_k), ensure_ascii=False)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ class RunExists(FileExistsError):
 
 def plan(cfg: Config, rows: int | None = None) -> dict:
     """Optimizer steps the run will take (for --dry-run), from the row count when known."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = dist.world_size()
     per_step = cfg.train.batch_size * cfg.train.grad_accum * world
     out = {"rows_per_optimizer_step": per_step, "world_size": world}
     if rows is not None:
