@@ -152,6 +152,9 @@ class TrainConfig:
         "macro-F1, accuracy or NLL (needs a dev set).")
     early_stopping_patience: int = f(0, "Stop after this many dev evaluations without improvement of select_best "
                                         "(0: never).")
+    select_confidence: float = f(
+        0.95, "An earlier dev evaluation replaces the last step only if it beats it in at least this share of "
+        "bootstrap resamples of the dev rows (paired; 0: plain best-of, whatever the noise).")
     keep_last: bool = f(False, "Also keep the last step's weights in RUN/last when select_best picks an earlier step.")
     fsdp: Literal["off", "full_shard", "shard_grad_op"] = f(
         "off", "Shard the model over the processes of a torchrun/accelerate launch (FSDP2, CUDA only): "
@@ -456,6 +459,8 @@ def check_training(cfg: Config) -> None:
     if cfg.train.early_stopping_patience > 0 and not during:
         raise ConfigError("train.early_stopping_patience needs dev evaluations during training: set "
                           "eval.every_steps or eval.every_epoch")
+    if not 0.0 <= cfg.train.select_confidence < 1.0:
+        raise ConfigError(f"train.select_confidence={cfg.train.select_confidence}: a share in [0, 1)")
     for key, value in (("eval.every_steps", cfg.eval.every_steps),
                        ("train.early_stopping_patience", cfg.train.early_stopping_patience)):
         if value < 0:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
+import numpy as np
 from transformers import TrainerCallback
 
 from llmcls import dist
@@ -39,6 +40,48 @@ def better(metric: str, a: float, b: Optional[float]) -> bool:
     return a < b if metric in LOWER_IS_BETTER else a > b
 
 
+def per_row(rows, preds) -> dict:
+    """What a paired comparison of two evaluations needs of each dev row: the prediction and -log p(truth)
+    (uncalibrated, as dev_metrics' NLL)."""
+    import math
+
+    out = {"pred": [p.pred for p in preds], "nll": []}
+    for r, p in zip(rows, preds):
+        q = (p.raw_probs or p.probs or {}).get(r.label, 0.0)
+        out["nll"].append(-math.log(q) if q > 0 else 1e9)
+    return out
+
+
+def bootstrap_wins(metric: str, truth: Sequence[str], a: dict, b: dict, resamples: int = 2000,
+                   seed: int = 0) -> float:
+    """The share of paired bootstrap resamples of the dev rows (the same rows drawn for both) in which evaluation
+    ``a`` (:func:`per_row`) is strictly better than ``b`` on ``metric``. Macro-F1 averages F1 = 2tp / (2tp + fp +
+    fn) over the labels of ``truth`` (0 where a resample leaves a label nothing), which is scikit-learn's
+    ``f1_score(average="macro", labels=..., sample_weight=counts, zero_division=0)`` on each resample."""
+    n = len(truth)
+    if n == 0:
+        return 0.0
+    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+
+    def score(ev: dict) -> np.ndarray:
+        pred = ev["pred"]
+        if metric == "nll":
+            return -(counts @ np.asarray(ev["nll"], dtype=np.float64)) / n  # higher is better here
+        hit = np.array([p == t for p, t in zip(pred, truth)], dtype=np.float64)
+        if metric == "accuracy":
+            return counts @ hit / n
+        f1 = []
+        for label in sorted(set(truth)):
+            is_t = np.array([t == label for t in truth], dtype=np.float64)
+            is_p = np.array([p == label for p in pred], dtype=np.float64)
+            tp, fp, fn = counts @ (is_t * is_p), counts @ (is_p * (1 - is_t)), counts @ (is_t * (1 - is_p))
+            den = 2 * tp + fp + fn
+            f1.append(np.divide(2 * tp, den, out=np.zeros_like(den), where=den > 0))
+        return np.mean(f1, axis=0)
+
+    return float(np.mean(score(a) > score(b)))
+
+
 class DevEvaluator(TrainerCallback):
     """Scores ``rows`` every ``eval.every_steps`` optimizer steps, at each epoch's end with ``eval.every_epoch``,
     and once more when training ends (so the last step always has a dev score to be compared with).
@@ -57,6 +100,8 @@ class DevEvaluator(TrainerCallback):
         self.trainer = None
         self.history: list[dict] = []        # one entry per dev evaluation: step + metrics
         self.best: Optional[dict] = None     # the entry whose weights are in RUN/best
+        self.best_rows: Optional[dict] = None  # its per-row dev results (per_row), for the paired comparison
+        self.last_rows: Optional[dict] = None
         self.since_best = 0
         self.last_preds: Optional[list] = None
         self.best_preds: Optional[list] = None
@@ -69,6 +114,7 @@ class DevEvaluator(TrainerCallback):
         record = read_json(self.run.best_record)
         if self.metric == "last" or record is None:
             return
+        self.best_rows = record.pop("dev_rows", None)
         self.best = record
         if record["step"] > state.global_step:
             # A crashed run evaluated beyond the checkpoint it resumes from: those weights really scored this,
@@ -111,7 +157,7 @@ class DevEvaluator(TrainerCallback):
         m = dev_metrics(self.rows, preds)
         entry = {"step": state.global_step, **m}
         self.history = [h for h in self.history if h["step"] != entry["step"]] + [entry]
-        self.last_preds = preds
+        self.last_preds, self.last_rows = preds, per_row(self.rows, preds)
         if self.trainer is not None:
             self.trainer.log({f"dev_{k}": v for k, v in m.items()})
         log.info("dev at step %d: accuracy %.4f macro-F1 %.4f NLL %.4f", state.global_step, m["accuracy"],
@@ -119,7 +165,7 @@ class DevEvaluator(TrainerCallback):
         if self.metric == "last":
             return
         if better(self.metric, m[self.metric], None if self.best is None else self.best[self.metric]):
-            self.best, self.since_best, self.best_preds = entry, 0, preds
+            self.best, self.since_best, self.best_preds, self.best_rows = entry, 0, preds, self.last_rows
             if not final:  # at the end the recipe saves the last weights anyway; they are the best then
                 self._keep(entry)
         else:
@@ -134,7 +180,8 @@ class DevEvaluator(TrainerCallback):
         """The current weights to RUN/best (every process takes part in saving; rank 0 writes)."""
         def write(folder):
             self.save(folder)
-            atomic_write_json(folder / self.run.best_record.name, {**entry, "metric": self.metric})
+            atomic_write_json(folder / self.run.best_record.name,
+                              {**entry, "metric": self.metric, "dev_rows": self.best_rows})
 
         if dist.is_main():
             with atomic_dir(self.run.best, exists="replace") as tmp:
@@ -149,6 +196,20 @@ class DevEvaluator(TrainerCallback):
         out = {"metric": self.metric, "history": self.history}
         if self.metric == "last" or self.best is None or self.best["step"] == final_step:
             out.update(step=final_step, source="last")
-        else:
-            out.update(step=self.best["step"], source="best", value=self.best[self.metric])
+            return out
+        confidence = self.cfg.train.select_confidence
+        if confidence > 0 and self.best_rows is not None and self.last_rows is not None:
+            # The best of many noisy evaluations looks better than it is; the last step is kept unless the
+            # earlier one is better beyond what resampling the dev rows explains.
+            wins = bootstrap_wins(self.metric, [r.label for r in self.rows], self.best_rows, self.last_rows)
+            out["bootstrap"] = {"best_step": self.best["step"], "best_value": self.best[self.metric],
+                                "wins": wins, "confidence": confidence}
+            if wins < confidence:
+                log.info("dev %s: step %d scored %.4f against the last step's %.4f, but beats it in only %.0f%% of "
+                         "bootstrap resamples of the dev rows (train.select_confidence %.2f): keeping the last step",
+                         self.metric, self.best["step"], self.best[self.metric],
+                         self.history[-1][self.metric], 100 * wins, confidence)
+                out.update(step=final_step, source="last")
+                return out
+        out.update(step=self.best["step"], source="best", value=self.best[self.metric])
         return out
