@@ -38,6 +38,7 @@ MIN_ROWS_PER_LABEL = 50
 class Calibration:
     temperature: float = 1.0
     bias: dict[str, float] = field(default_factory=dict)   # label -> added to its log-likelihood; absent = 0
+    lexical: float = 0.0                    # the hybrid: weight of the TF-IDF model's scores added after T (0: none)
     threshold: float | None = None          # abstain when the best calibrated probability is below it
     method: Method = "none"
     fitted_on_rows: int = 0
@@ -49,6 +50,8 @@ class Calibration:
     precision: float | None = None
 
     def __post_init__(self) -> None:
+        if not math.isfinite(self.lexical):
+            raise ValueError(f"lexical weight must be finite, got {self.lexical!r}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
         if self.method not in ("none", "temperature", "vector"):
@@ -57,16 +60,28 @@ class Calibration:
 
     @property
     def is_identity(self) -> bool:
-        """True when applying it changes nothing: T = 1, no non-zero bias, no threshold."""
-        return self.temperature == 1.0 and not any(self.bias.values()) and self.threshold is None
+        """True when applying it changes nothing: T = 1, no non-zero bias, no TF-IDF term, no threshold."""
+        return (self.temperature == 1.0 and not any(self.bias.values()) and self.threshold is None
+                and self.lexical == 0.0)
 
-    def probs(self, logliks: Sequence[Sequence[float]], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
-        """Softmax over each row's candidates of (loglik + bias[label]) / T, in float64."""
+    @property
+    def needs_lexical(self) -> bool:
+        """Whether probabilities need the TF-IDF model's scores (a hybrid)."""
+        return self.lexical != 0.0
+
+    def probs(self, logliks: Sequence[Sequence[float]], candidates: Sequence[Sequence[str]],
+              lexical: Sequence[Sequence[float]] | None = None) -> list[list[float]]:
+        """Softmax over each row's candidates of (loglik + bias[label]) / T + lexical weight x TF-IDF score, in
+        float64. ``lexical``: the TF-IDF model's score of each candidate (needed by a hybrid only)."""
         lay = _Layout(logliks, candidates)
         if not len(lay.lengths):
             return []
         bias = np.array([self.bias.get(name, 0.0) for name in lay.names] + [0.0])
         z = (lay.values + bias[lay.ids]) / self.temperature
+        if self.needs_lexical:
+            if lexical is None:
+                raise ValueError("this calibration is an LLM + TF-IDF hybrid: the TF-IDF scores are needed")
+            z = z + self.lexical * _Layout(lexical, candidates).values
         z[~lay.mask] = -np.inf
         z -= z.max(axis=1, keepdims=True)    # the largest term is exp(0): no overflow, the sum is >= 1
         p = np.exp(z)
@@ -130,8 +145,10 @@ class _Layout:
         return (self.ids == tid[:, None]) & self.mask
 
 
-def _fit(logliks, candidates, truth, labels: Sequence[str] | None, min_rows: int, l2: float) -> Calibration:
+def _fit(logliks, candidates, truth, labels: Sequence[str] | None, min_rows: int, l2: float,
+         lexical=None) -> Calibration:
     lay = _Layout(logliks, candidates)
+    lex = torch.from_numpy(_Layout(lexical, candidates).values) if lexical is not None else None
     hits = lay.truth_hits(truth)
     keep = hits.any(axis=1)
     dropped = int((~keep).sum())
@@ -141,6 +158,8 @@ def _fit(logliks, candidates, truth, labels: Sequence[str] | None, min_rows: int
         raise ValueError("no fitting row has its truth among its candidates")
     pos = torch.from_numpy(hits[keep].argmax(axis=1))[:, None]
     ll, mask, ids = (torch.from_numpy(a[keep]) for a in (lay.values, lay.mask, lay.ids))
+    if lex is not None:
+        lex = lex[torch.from_numpy(keep)]
     fitted: list[str] = []
     if labels is not None:
         counts = torch.bincount(ids.gather(1, pos).squeeze(1), minlength=len(lay.names) + 1)
@@ -156,6 +175,7 @@ def _fit(logliks, candidates, truth, labels: Sequence[str] | None, min_rows: int
 
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     raw = torch.zeros(len(fitted), dtype=torch.float64, requires_grad=True)
+    w = torch.zeros((), dtype=torch.float64, requires_grad=True)  # the TF-IDF weight (hybrid)
 
     def centred() -> torch.Tensor:
         # Adding one constant to every bias changes no row's softmax: the biases are identifiable only up to it
@@ -164,13 +184,17 @@ def _fit(logliks, candidates, truth, labels: Sequence[str] | None, min_rows: int
         # sits at the fitted labels' average. The L2 term is only shrinkage, not what fixes the constant.
         return raw - raw.mean() if len(fitted) else raw
 
-    def mean_nll(log_t: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def mean_nll(log_t: torch.Tensor, b: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         full = torch.cat([b, b.new_zeros(1)])
         # Padding holds 0 (not -inf) until after the division, so d(z/T)/dT never meets inf * 0 = nan.
-        z = ((ll + full[bslot]) / log_t.clamp(-LOG_T_BOUND, LOG_T_BOUND).exp()).masked_fill(~mask, -torch.inf)
+        z = (ll + full[bslot]) / log_t.clamp(-LOG_T_BOUND, LOG_T_BOUND).exp()
+        if w is not None:
+            z = z + w * lex
+        z = z.masked_fill(~mask, -torch.inf)
         return (z.logsumexp(dim=1) - z.gather(1, pos).squeeze(1)).mean()
 
-    params = [log_t, raw] if fitted else [log_t]
+    params = [log_t] + ([raw] if fitted else []) + ([w] if lex is not None else [])
+    hybrid = w if lex is not None else None
     # Changes below 1e-12 nats per row are noise next to any held-out set's sampling error.
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=500, history_size=20, tolerance_grad=1e-9,
                             tolerance_change=1e-12, line_search_fn="strong_wolfe")
@@ -178,7 +202,7 @@ def _fit(logliks, candidates, truth, labels: Sequence[str] | None, min_rows: int
     def closure() -> torch.Tensor:
         opt.zero_grad()
         b = centred()
-        loss = mean_nll(log_t, b) + l2 / len(pos) * (b * b).sum()
+        loss = mean_nll(log_t, b, hybrid) + l2 / len(pos) * (b * b).sum()
         loss.backward()
         return loss
 
@@ -186,31 +210,33 @@ def _fit(logliks, candidates, truth, labels: Sequence[str] | None, min_rows: int
     with torch.no_grad():
         b = centred()
         before = float(mean_nll(torch.zeros((), dtype=torch.float64), torch.zeros_like(b)))
-        after = float(mean_nll(log_t, b))
+        after = float(mean_nll(log_t, b, hybrid))
         temperature = float(log_t.clamp(-LOG_T_BOUND, LOG_T_BOUND).exp())
     if not math.isfinite(after):
         raise FloatingPointError("calibration fit diverged")
     if abs(math.log(temperature)) >= LOG_T_BOUND - 1e-9:
         log.warning("calibration: temperature hit its bound (%g); the fitting rows are nearly separable", temperature)
     return Calibration(temperature=temperature, bias=dict(zip(fitted, b.tolist())),
+                       lexical=float(w.detach()) if lex is not None else 0.0,
                        method="vector" if labels is not None else "temperature", fitted_on_rows=int(keep.sum()),
                        dropped_rows=dropped, nll_before=before, nll_after=after)
 
 
 def fit_temperature(logliks: Sequence[Sequence[float]], candidates: Sequence[Sequence[str]],
-                    truth: Sequence[str]) -> Calibration:
-    """One T > 0 minimising the mean NLL of the truth (over log T, with LBFGS). Fit it on held-out rows."""
-    return _fit(logliks, candidates, truth, None, 0, 0.0)
+                    truth: Sequence[str], lexical: Sequence[Sequence[float]] | None = None) -> Calibration:
+    """One T > 0 minimising the mean NLL of the truth (over log T, with LBFGS). Fit it on held-out rows. With
+    ``lexical`` (each candidate's TF-IDF score) the weight of that score is fitted jointly: the hybrid."""
+    return _fit(logliks, candidates, truth, None, 0, 0.0, lexical)
 
 
 def fit_vector_scaling(logliks: Sequence[Sequence[float]], candidates: Sequence[Sequence[str]],
                        truth: Sequence[str], labels: Sequence[str], min_rows_per_label: int = MIN_ROWS_PER_LABEL,
-                       l2: float = 0.5) -> Calibration:
+                       l2: float = 0.5, lexical: Sequence[Sequence[float]] | None = None) -> Calibration:
     """T and a bias per label of ``labels`` with at least ``min_rows_per_label`` true fitting rows (others keep 0),
     jointly, with LBFGS; the biases are mean-zero over the fitted labels. ``l2`` weighs sum(bias^2) against the
     summed NLL, i.e. a Gaussian prior of sd 1/sqrt(2 l2) nats (1 by default) on each bias, fading as rows grow.
     Use it when the held-out set is large (thousands of rows); otherwise fit_temperature."""
-    return _fit(logliks, candidates, truth, labels, min_rows_per_label, l2)
+    return _fit(logliks, candidates, truth, labels, min_rows_per_label, l2, lexical)
 
 
 # ---- metrics --------------------------------------------------------------------------------------------------

@@ -28,10 +28,11 @@ ALL = ("",)
 # so it is not offered.
 COMMAND_KEYS: dict[str, tuple[str, ...]] = {
     "prepare": ALL, "train": ALL, "run": ALL,
-    "eval": ("eval.method", "eval.batch_size", "eval.max_new_tokens", "eval.log_samples", "eval.compile", "track.",
+    "eval": ("eval.method", "eval.batch_size", "eval.max_new_tokens", "eval.log_samples", "eval.compile",
+             "eval.shortlist", "track.",
              "data.test_file", "data.max_eval_rows", "data.on_invalid", "data.text_field",
              "data.category_field", "data.output_field", "model.device_map"),
-    "predict": ("predict.", "eval.method", "eval.batch_size", "eval.max_new_tokens", "eval.compile",
+    "predict": ("predict.", "eval.method", "eval.batch_size", "eval.max_new_tokens", "eval.compile", "eval.shortlist",
                 "data.text_field", "data.category_field", "model.device_map"),
     "calibrate": ("calibration.", "eval.batch_size", "eval.compile", "data.dev_file", "model.device_map"),
     "export": ("export.",),

@@ -173,6 +173,10 @@ class EvalConfig:
     log_samples: int = f(10, "Sample predictions logged to the tracker (the tutorial printed 10).")
     every_steps: int = f(0, "Score the dev set every N optimizer steps during training (0: only at the end).")
     every_epoch: bool = f(False, "Score the dev set at the end of every epoch.")
+    hybrid: bool = f(False, "Add a TF-IDF model's per-candidate scores (trained with the run, reading baseline.text) "
+                            "to the LLM's log-likelihoods, their weight fitted with the calibration on the dev set.")
+    shortlist: int = f(0, "Offer and score only each row's K candidates the run's TF-IDF model ranks highest "
+                          "(many labels; 0: all).")
     zero_shot: bool = f(False, "'llmcls run' also scores the base model without fine-tuning (RUN/zero-shot), "
                                "for the report.")
     compile: bool = f(False, "torch.compile each decoder layer for eval and predict (GPU: fused kernels; the first "
@@ -459,6 +463,16 @@ def check_training(cfg: Config) -> None:
     if cfg.train.early_stopping_patience > 0 and not during:
         raise ConfigError("train.early_stopping_patience needs dev evaluations during training: set "
                           "eval.every_steps or eval.every_epoch")
+    if cfg.eval.hybrid and not has_dev:
+        raise ConfigError("eval.hybrid fits the TF-IDF model's weight on a dev set: set data.dev_file or "
+                          "data.dev_fraction")
+    if cfg.eval.hybrid and cfg.calibration.method == "none":
+        raise ConfigError("eval.hybrid's weight is fitted with the calibration: set calibration.method to "
+                          "temperature or vector")
+    if cfg.eval.shortlist < 0:
+        raise ConfigError(f"eval.shortlist={cfg.eval.shortlist}: 0 (all candidates) or more")
+    if (cfg.eval.hybrid or cfg.eval.shortlist) and cfg.eval.method != "score":
+        raise ConfigError("eval.hybrid and eval.shortlist work on candidate scores: set eval.method=score")
     if not 0.0 <= cfg.train.select_confidence < 1.0:
         raise ConfigError(f"train.select_confidence={cfg.train.select_confidence}: a share in [0, 1)")
     for key, value in (("eval.every_steps", cfg.eval.every_steps),

@@ -33,6 +33,8 @@ class Prediction:
     logliks: Optional[list[float]] = None   # per candidate (score), as the model gave them
     raw_probs: Optional[dict[str, float]] = None  # before calibration (only where calibrated)
     abstain: Optional[bool] = None          # below the abstention threshold (only where one is set)
+    candidates: Optional[list[str]] = None  # those scored (score): the row's, or its shortlist (eval.shortlist)
+    lexical: Optional[list[float]] = None   # per candidate, the TF-IDF model's score (hybrid / shortlist)
 
     @property
     def confidence(self) -> Optional[float]:
@@ -48,19 +50,25 @@ def to_probs(logliks: Sequence[float]) -> list[float]:
 
 
 def scored_prediction(index: int, candidates: Sequence[str], logliks: Sequence[float], calibration=None,
-                      abstain_below: Optional[float] = None) -> Prediction:
+                      abstain_below: Optional[float] = None, lexical: Optional[Sequence[float]] = None
+                      ) -> Prediction:
     """Log-likelihoods of a row's candidates -> probabilities (calibrated by ``calibration``, a
-    :class:`llmcls.calibration.Calibration`, where given) -> the prediction (the most probable candidate) and, with
-    a threshold (``abstain_below``, else the calibration's), whether to abstain."""
+    :class:`llmcls.calibration.Calibration`, where given; a hybrid one adds ``lexical``, the TF-IDF scores) -> the
+    prediction (the most probable candidate) and, with a threshold (``abstain_below``, else the calibration's),
+    whether to abstain."""
     logliks = [float(x) for x in logliks]
+    lexical = None if lexical is None else [float(x) for x in lexical]
     raw = dict(zip(candidates, to_probs(logliks)))
     probs, raw_probs = raw, None
     if calibration is not None and not calibration.is_identity:
-        probs, raw_probs = dict(zip(candidates, calibration.probs([logliks], [candidates])[0])), raw
+        probs = dict(zip(candidates, calibration.probs([logliks], [candidates],
+                                                       None if lexical is None else [lexical])[0]))
+        raw_probs = raw
     threshold = abstain_below if abstain_below is not None else getattr(calibration, "threshold", None)
     best = max(probs, key=probs.get)
     return Prediction(index, best, probs, logliks=logliks, raw_probs=raw_probs,
-                      abstain=None if threshold is None else bool(probs[best] < threshold))
+                      abstain=None if threshold is None else bool(probs[best] < threshold),
+                      candidates=list(candidates), lexical=lexical)
 
 
 def record(row: Row, p: Prediction, with_truth: bool, top_k: int = 0) -> dict:
@@ -82,6 +90,10 @@ def record(row: Row, p: Prediction, with_truth: bool, top_k: int = 0) -> dict:
         rec["raw_probs"] = {k: round(v, 6) for k, v in p.raw_probs.items()}
     if p.logliks is not None and with_truth:
         rec["logliks"] = [round(x, 5) for x in p.logliks]
+    if p.lexical is not None and with_truth:
+        rec["lexical"] = [round(x, 5) for x in p.lexical]
+    if p.candidates is not None and p.candidates != row.candidates:
+        rec["shortlist"] = p.candidates
     if p.raw is not None:
         rec["raw"] = p.raw
     return rec
@@ -146,7 +158,7 @@ def classify_with(cfg, model, tokenizer, rows: Sequence[Row], **kwargs) -> list[
     """:func:`classify` with a run's settings (its prompt, ``eval.method`` / ``batch_size`` / ``max_new_tokens``,
     ``data.max_length``); ``kwargs`` override or add to them."""
     opts = dict(method=cfg.eval.method, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                max_length=cfg.data.max_length)
+                max_length=cfg.data.max_length, shortlist=cfg.eval.shortlist)
     return classify(model, PromptBuilder(tokenizer, cfg.prompt), rows, **{**opts, **kwargs})
 
 
@@ -158,7 +170,8 @@ def _batches(order: list[int], size: int) -> Iterable[list[int]]:
 def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "score", batch_size: int = 16,
              max_new_tokens: int = 8, max_length: Optional[int] = None, progress: bool = True,
              desc: str = "classify", shard: Optional[tuple[int, int]] = None, calibration=None,
-             abstain_below: Optional[float] = None, lockstep: bool = False) -> list[Prediction]:
+             abstain_below: Optional[float] = None, lockstep: bool = False, lexical=None,
+             shortlist: int = 0) -> list[Prediction]:
     """Classify rows in batches (longest first, so padding stays small); results come back in input order.
 
     Under torchrun (several processes) each process classifies every world-th batch of the batch plan a single
@@ -167,11 +180,17 @@ def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "
     rank + world, ... of that plan and leaves the other rows None (what each process does under a launch).
     ``lockstep``: every process runs the same number of forwards (FSDP gathers weights in each one, with every
     process taking part), the short ones repeating a batch whose results they drop. ``calibration`` and
-    ``abstain_below``: see :func:`scored_prediction`."""
+    ``abstain_below``: see :func:`scored_prediction`. ``lexical`` (a :class:`llmcls.lexical.LexicalModel`) scores
+    every candidate too, for a hybrid calibration and for ``shortlist``: then only each row's ``shortlist``
+    candidates it ranks highest are offered to and scored by the LLM (0: all)."""
+    if shortlist and lexical is None and method == "score":
+        raise ValueError("eval.shortlist ranks candidates with the run's TF-IDF model, and this run has none "
+                         "(it is fitted when training with eval.shortlist or eval.hybrid set)")
     if shard is None and dist.launched():
         mine = classify(model, builder, rows, method, batch_size, max_new_tokens, max_length,
                         progress and dist.is_main(), desc, shard=(dist.rank(), dist.world_size()),
-                        calibration=calibration, abstain_below=abstain_below, lockstep=lockstep)
+                        calibration=calibration, abstain_below=abstain_below, lockstep=lockstep, lexical=lexical,
+                        shortlist=shortlist)
         merged: list[Optional[Prediction]] = [None] * len(rows)
         for part in dist.all_gather([p for p in mine if p is not None]):
             for p in part:
@@ -195,13 +214,20 @@ def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "
     pin = layout is not None and layout.name != "cached" and compute_device(model).type == "cuda"
 
     def prep(idx):  # the next batch's tokens and tensors, made on a thread while the model runs this one
-        batch = [rows[i] for i in idx]
-        prompts = prompts_for(builder, batch, max_length)
-        return prompts, (layout.prepare(builder, batch, prompts, pin) if layout is not None else None)
+        batch, lex = [rows[i] for i in idx], None
+        if lexical is not None and layout is not None:
+            from llmcls.lexical import cut_texts, shortlist_rows
 
-    def scored(idx, lls):
-        for i, ll in zip(idx, lls):
-            preds[i] = scored_prediction(i, rows[i].candidates, ll, calibration, abstain_below)
+            lex = lexical.candidate_scores(cut_texts(batch, lexical.text,
+                                                     lambda rs: as_read(builder, rs, max_length)))
+            batch, lex = shortlist_rows(batch, lex, shortlist)
+        prompts = prompts_for(builder, batch, max_length)
+        return batch, lex, prompts, (layout.prepare(builder, batch, prompts, pin) if layout is not None else None)
+
+    def scored(idx, batch, lex, lls):
+        for k, (i, ll) in enumerate(zip(idx, lls)):
+            preds[i] = scored_prediction(i, batch[k].candidates, ll, calibration, abstain_below,
+                                         None if lex is None else lex[k])
         bar.update(len(idx))
 
     with tqdm(total=sum(map(len, batches)), desc=desc, unit="row", disable=not progress) as bar, \
@@ -209,13 +235,13 @@ def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "
         pending = pool.submit(prep, batches[0]) if batches else None
         queued = None  # the batch on the GPU whose scores are read back once the next one is queued behind it
         for k, idx in enumerate(batches):
-            prompts, prepared = pending.result()
+            batch, lex, prompts, prepared = pending.result()
             if k + 1 < len(batches):
                 pending = pool.submit(prep, batches[k + 1])
             if layout is not None:
-                now = (idx, layout.queue(model, prepared))
+                now = (idx, batch, lex, layout.queue(model, prepared))
                 if queued is not None:
-                    scored(queued[0], queued[1].result())
+                    scored(*queued[:3], queued[3].result())
                 queued = now
             else:
                 batch = [rows[i] for i in idx]
@@ -224,5 +250,5 @@ def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "
                     preds[i] = Prediction(i, map_output(t, r.candidates), None, t)
                 bar.update(len(idx))
         if queued is not None:
-            scored(queued[0], queued[1].result())
+            scored(*queued[:3], queued[3].result())
     return preds  # type: ignore[return-value]

@@ -44,7 +44,7 @@ def dev_metrics(rows, preds) -> dict:
     import math
 
     truth = [r.label for r in rows]
-    probs = [[(p.raw_probs or p.probs)[c] for c in r.candidates] for r, p in zip(rows, preds)]
+    probs = [[(p.raw_probs or p.probs).get(c, 0.0) for c in r.candidates] for r, p in zip(rows, preds)]
     if not all(math.isfinite(x) for ps in probs for x in ps):  # a diverged model: say so, never select it
         return {"accuracy": float("nan"), "macro_f1": float("nan"), "nll": float("nan")}
     m = compute_metrics(truth, [p.pred for p in preds], sorted(set(truth)))

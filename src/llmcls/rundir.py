@@ -37,7 +37,8 @@ from llmcls.config import Config, check_model, load_config
 
 EXPORT_META = "llmcls.json"
 EXPORT_FORMAT = "llmcls-export"
-EXPORT_VERSION = 2  # 2: llmcls.json may carry "calibration" (an older reader would silently ignore it)
+EXPORT_VERSION = 3  # 2: llmcls.json may carry "calibration" (an older reader would silently ignore it); 3: "lexical"
+# and "shortlist" (a TF-IDF model in lexical/ that a hybrid calibration needs)
 
 
 def read_json(path: Path) -> Optional[dict]:
@@ -90,6 +91,7 @@ class RunDir:
     best_record = _file("best/llmcls-selection.json")
     last = _file("last")                      # train.keep_last
     calibration = _file("calibration.json")
+    lexical = _file("lexical")                # the TF-IDF model of eval.hybrid / eval.shortlist
     model = _file("model")
     tokenizer = _file("tokenizer")
     train_log = _file("train_log.jsonl")
@@ -105,7 +107,8 @@ class RunDir:
 
     def training_outputs(self) -> list[Path]:
         """What ``train --overwrite`` removes: a new training makes all of it stale."""
-        return [self.checkpoints, self.adapter, self.model, self.best, self.last, self.calibration, self.train_log,
+        return [self.checkpoints, self.adapter, self.model, self.best, self.last, self.calibration, self.lexical,
+                self.train_log,
                 self.train_summary, self.eval.path, self.eval_last.path, self.zero_shot.path, self.baseline.path,
                 self.report]
 
@@ -157,6 +160,12 @@ class RunDir:
 
         d = read_json(self.calibration)
         return Calibration.from_dict({k: v for k, v in d.items() if k != "report"}) if d else None
+
+    def load_lexical(self):
+        """The run's TF-IDF model (``lexical/``: fitted in training for eval.hybrid / eval.shortlist), or None."""
+        from llmcls.lexical import LexicalModel
+
+        return LexicalModel.load(self.lexical) if self.lexical.is_dir() else None
 
 
 def load_trained(run_dir: str | Path, cfg: Optional[Config] = None, device: Optional[str] = None,

@@ -92,8 +92,9 @@ class DevEvaluator(TrainerCallback):
     attention. ``trainer`` is set by :func:`llmcls.trainer.build_trainer`: logs go through ``trainer.log``."""
 
     def __init__(self, model, tokenizer, rows, cfg: Config, run: RunDir, save: Callable, attn: Optional[str] = None,
-                 paused: Callable = contextlib.nullcontext):
+                 paused: Callable = contextlib.nullcontext, lexical=None):
         self.model, self.rows, self.cfg, self.run, self.save = model, rows, cfg, run, save
+        self.lexical = lexical  # the run's TF-IDF model (eval.hybrid / eval.shortlist): dev scores carry its scores
         self.builder = PromptBuilder(tokenizer, cfg.prompt)
         self.metric = cfg.train.select_best
         self.attn, self.paused = attn, paused
@@ -151,7 +152,8 @@ class DevEvaluator(TrainerCallback):
             with switch, self.paused():
                 preds = classify(self.model, self.builder, self.rows, batch_size=self.cfg.eval.batch_size,
                                  max_length=self.cfg.data.max_length, progress=False, desc="dev",
-                                 lockstep=self.cfg.train.fsdp != "off")
+                                 lockstep=self.cfg.train.fsdp != "off", lexical=self.lexical,
+                                 shortlist=self.cfg.eval.shortlist)
         finally:
             self.model.train(was_training)
         m = dev_metrics(self.rows, preds)

@@ -1,7 +1,7 @@
 """Recipe — ``llmcls baseline``: the classical model an LLM fine-tune has to beat.
 
-Character 1–2-gram TF-IDF and a linear SVM (scikit-learn), one binary SVM per label (one-vs-rest, as
-``LinearSVC`` does internally; fitted one label at a time so the progress bar has an honest ETA). Scored with the
+Character 1–2-gram TF-IDF and a linear SVM per label (:class:`llmcls.lexical.LexicalModel`, the same model the
+hybrid and the shortlist use). Scored with the
 same ``compute_metrics`` as ``llmcls eval``, twice:
 
 - ``all_labels``: the best of every label seen in training (what a plain classifier does);
@@ -15,7 +15,6 @@ both predictions and the decision value of every label, so any metric can be rec
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -31,12 +30,6 @@ from llmcls.rundir import ResultsDir
 MODEL = "char 1-2-gram TF-IDF (sublinear tf) + LinearSVC (C={C}), one-vs-rest"
 
 
-def _progress(it, total: int, desc: str, unit: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(it, total=total, desc=desc, unit=unit, disable=not enabled, mininterval=0.5)
-
-
 def baseline(train_file: str | Path, test_file: str | Path, out_dir: Optional[str | Path] = None,
              data_cfg: Optional[DataConfig] = None, C: float = 2.0, progress: bool = True,
              max_train_rows: Optional[int] = None, max_test_rows: Optional[int] = None, text: str = "whole",
@@ -45,44 +38,29 @@ def baseline(train_file: str | Path, test_file: str | Path, out_dir: Optional[st
     limits match ``data.max_train_rows`` / ``data.max_eval_rows``, so ``llmcls run`` compares like with like.
     ``text`` (``baseline.text``): what of each text is read: ``whole``, the first N characters (a number), or
     ``same``: what the LLM reads, ``view`` (the rows as the run's prompt fitting cuts them)."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.svm import LinearSVC
+    from llmcls.lexical import LexicalModel, cut_texts
 
     data_cfg = data_cfg or DataConfig()
     t_start = time.perf_counter()
     train_rows, train_invalid = read_rows(train_file, data_cfg, limit=max_train_rows)
     test_rows, test_invalid = read_rows(test_file, data_cfg, limit=max_test_rows)
-    if text == "same":
-        if view is None:
-            raise ConfigError("baseline.text=same reads what a run's LLM reads: give the run (llmcls baseline --run "
-                             "RUN), or set baseline.text to whole or a number of characters")
-        train_rows, test_rows = view(train_rows), view(test_rows)
-    elif text != "whole":
-        n = int(text)
-        train_rows, test_rows = ([replace(r, text=r.text[:n]) for r in rows] for rows in (train_rows, test_rows))
+    if text == "same" and view is None:
+        raise ConfigError("baseline.text=same reads what a run's LLM reads: give the run (llmcls baseline --run "
+                          "RUN), or set baseline.text to whole or a number of characters")
+    train_rows, test_rows = cut_texts(train_rows, text, view), cut_texts(test_rows, text, view)
     read_chars = sum(len(r.text) for r in test_rows) / max(len(test_rows), 1)
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    # sublinear tf: long news articles would otherwise drown the short ones in raw character counts.
-    vec = TfidfVectorizer(analyzer="char", ngram_range=(1, 2), sublinear_tf=True)  # float64: liblinear would copy float32 per label
-    # The vectorizer consumes an iterable once, so wrapping it in tqdm shows real progress with an ETA.
-    x_train = vec.fit_transform(_progress((r.text for r in train_rows), len(train_rows), "baseline: tf-idf train",
-                                          "row", progress))
-    x_test = vec.transform(_progress((r.text for r in test_rows), len(test_rows), "baseline: tf-idf test", "row",
-                                     progress))
-    timings["vectorize_s"] = round(time.perf_counter() - t, 2)
-
-    t = time.perf_counter()
-    y_train = np.array([r.label for r in train_rows])
-    classes = sorted(set(y_train))
-    if len(classes) < 2:
-        raise ValueError(f"{train_file}: the baseline needs at least two labels, found {classes}")
-    scores = np.zeros((len(test_rows), len(classes)), dtype=np.float64)
-    for j, c in enumerate(_progress(classes, len(classes), "baseline: svm", "label", progress)):
-        svm = LinearSVC(C=C, random_state=0).fit(x_train, y_train == c)
-        scores[:, j] = svm.decision_function(x_test)  # > 0 means "is c"; compared across labels below
+    try:
+        model = LexicalModel.fit(train_rows, C=C, text=text, progress=progress, desc="baseline")
+    except ValueError as e:
+        raise ValueError(f"{train_file}: {e}") from None
     timings["fit_s"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    scores = model.scores([r.text for r in test_rows])
+    timings["score_s"] = round(time.perf_counter() - t, 2)
+    classes = model.labels
 
     col = {c: j for j, c in enumerate(classes)}
     pred_all = [classes[j] for j in scores.argmax(1)]
@@ -97,7 +75,7 @@ def baseline(train_file: str | Path, test_file: str | Path, out_dir: Optional[st
         "text": text, "mean_test_chars_read": round(read_chars, 1),
         "train_rows": len(train_rows), "test_rows": len(test_rows),
         "skipped_invalid_rows": {"train": len(train_invalid), "test": len(test_invalid)},
-        "features": len(vec.vocabulary_), "labels": labels,
+        "features": model.features, "labels": labels,
         "all_labels": compute_metrics(truth, pred_all, labels),
         "candidates": compute_metrics(truth, pred_cand, labels),
         "wall_s": round(wall, 2), **timings, "environment": environment(),

@@ -24,17 +24,24 @@ from llmcls.rundir import RunDir
 log = logging.getLogger(__name__)
 
 
-def fit(cfg: Config, rows: Sequence[Row], logliks: Sequence[Sequence[float]]) -> tuple[Calibration, dict]:
-    """The calibration ``calibration.*`` asks for, fitted on ``rows`` and their candidates' log-likelihoods, and
-    the dev figures before and after (accuracy, NLL, Brier, ECE)."""
-    cands, truth = [r.candidates for r in rows], [r.label for r in rows]
+def fit(cfg: Config, rows: Sequence[Row], logliks: Sequence[Sequence[float]],
+        candidates: Optional[Sequence[Sequence[str]]] = None,
+        lexical: Optional[Sequence[Sequence[float]]] = None) -> tuple[Calibration, dict]:
+    """The calibration ``calibration.*`` asks for, fitted on ``rows`` and their candidates' log-likelihoods
+    (``candidates``: those scored, where a shortlist cut them; default the rows'), and the dev figures before and
+    after (accuracy, NLL, Brier, ECE). With ``eval.hybrid``, ``lexical`` holds each candidate's TF-IDF score and
+    its weight is fitted too."""
+    cands, truth = list(candidates or [r.candidates for r in rows]), [r.label for r in rows]
+    if cfg.eval.hybrid and lexical is None:
+        raise ValueError("eval.hybrid: the dev rows' TF-IDF scores are needed to fit the hybrid's weight")
+    lexical = lexical if cfg.eval.hybrid else None
     if cfg.calibration.method == "vector":
         cal = fit_vector_scaling(logliks, cands, truth, sorted(set(truth)),
-                                 min_rows_per_label=cfg.calibration.min_rows_per_label)
+                                 min_rows_per_label=cfg.calibration.min_rows_per_label, lexical=lexical)
     else:
-        cal = fit_temperature(logliks, cands, truth)
+        cal = fit_temperature(logliks, cands, truth, lexical=lexical)
     raw = Calibration().probs(logliks, cands)
-    probs = cal.probs(logliks, cands)
+    probs = cal.probs(logliks, cands, lexical)
     report = {"dev_rows": len(rows), "before": summary(raw, cands, truth), "after": summary(probs, cands, truth)}
     target = cfg.calibration.target_precision
     if target is not None:
@@ -59,7 +66,8 @@ def fit_and_save(run: RunDir, cfg: Config, rows: Sequence[Row], preds: Optional[
     if not all(math.isfinite(x) for ll in logliks for x in ll):
         log.warning("the dev scores are not finite (a diverged model?): no calibration fitted")
         return None
-    cal, report = fit(cfg, rows, logliks)
+    cal, report = fit(cfg, rows, logliks, [p.candidates or r.candidates for r, p in zip(rows, preds)],
+                      [p.lexical for p in preds] if cfg.eval.hybrid else None)
     out = {**cal.to_dict(), "report": report}
     atomic_write_json(run.calibration, out)
     b, a = report["before"], report["after"]
@@ -86,7 +94,8 @@ def calibrate(run_dir: str | Path, cfg: Optional[Config] = None, model=None, tok
         raise ConfigError("calibration.method=none: nothing to fit")
     model, tokenizer, cfg = model_for_run(run.path, cfg, model, tokenizer)
     rows, _ = read_rows(dev_file, cfg.data)
-    preds = classify_with(cfg, model, tokenizer, rows, method="score", progress=progress, desc="dev")
+    preds = classify_with(cfg, model, tokenizer, rows, method="score", progress=progress, desc="dev",
+                          lexical=run.load_lexical())
     return fit_and_save(run, cfg, rows, preds)
 
 

@@ -40,6 +40,7 @@ def evaluate(run_dir: str | Path, cfg: Optional[Config] = None, model=None, toke
     run = RunDir(run_dir)
     model, tokenizer, cfg = model_for_run(run.path, cfg, model, tokenizer, weights=weights)
     calibration = run.load_calibration() if weights == "selected" else None
+    lexical = run.load_lexical() if weights != "base" else None  # zero-shot: the LLM alone
     if not cfg.data.test_file:
         raise ValueError("no test file: set data.test_file in the config or pass --data.test_file FILE")
     method = cfg.eval.method
@@ -50,7 +51,7 @@ def evaluate(run_dir: str | Path, cfg: Optional[Config] = None, model=None, toke
     t0 = time.perf_counter()
     # Under torchrun every process classifies a share of the rows; each gets all predictions back.
     preds = classify_with(cfg, model, tokenizer, rows, progress=progress, desc=f"eval ({method}, {weights})",
-                          calibration=calibration)
+                          calibration=calibration, lexical=lexical, shortlist=cfg.eval.shortlist if lexical else 0)
     wall = time.perf_counter() - t0
 
     labels = sorted({r.label for r in rows})
@@ -88,8 +89,9 @@ def probability_quality(rows, preds, calibration) -> dict:
     from llmcls.calibration import risk_coverage, summary
 
     cands, truth = [r.candidates for r in rows], [r.label for r in rows]
-    raw = [[(p.raw_probs or p.probs)[c] for c in r.candidates] for r, p in zip(rows, preds)]
-    cal = [[p.probs[c] for c in r.candidates] for r, p in zip(rows, preds)]
+    # a candidate left out by the shortlist has probability 0
+    raw = [[(p.raw_probs or p.probs).get(c, 0.0) for c in r.candidates] for r, p in zip(rows, preds)]
+    cal = [[p.probs.get(c, 0.0) for c in r.candidates] for r, p in zip(rows, preds)]
     conf = [p.confidence for p in preds]
     correct = [p.pred == r.label for r, p in zip(rows, preds)]
     out = {"method": calibration.method if calibration else "none",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -33,6 +34,7 @@ from llmcls.model.load import resolve_model_path
 from llmcls.rundir import EXPORT_FORMAT, EXPORT_META, EXPORT_VERSION, RunDir, load_trained, read_json
 
 log = logging.getLogger(__name__)
+LEXICAL_DIR = "lexical"  # the run's TF-IDF model, copied as is (llmcls.lexical reads it without pickle)
 
 
 def _base_dtype(run: RunDir, cfg: Config) -> torch.dtype:
@@ -137,6 +139,9 @@ def export(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, cf
         # probabilities = softmax over the candidates of (loglik + bias[label]) / temperature; abstain below
         # threshold (see examples/classify_with_transformers.py)
         "calibration": calibration.to_dict() if calibration is not None else None,
+        # the TF-IDF model of a hybrid (calibration.lexical) or a shortlist, as arrays in lexical/
+        "lexical": LEXICAL_DIR if run.lexical.is_dir() else None,
+        "shortlist": cfg.eval.shortlist if run.lexical.is_dir() else 0,
         "config": to_dict(cfg),
         "llmcls_version": env["versions"].get("llmcls"), "git_commit": env["git_commit"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -145,6 +150,8 @@ def export(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, cf
     with atomic_dir(out, exists="replace" if overwrite else "error") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        if run.lexical.is_dir():
+            shutil.copytree(run.lexical, tmp / LEXICAL_DIR)
         (tmp / EXPORT_META).write_text(json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(_model_card(meta), encoding="utf-8")
     log.info("exported %s (%s) to %s in %.1f s", run.path, method, out, time.perf_counter() - t0)

@@ -47,7 +47,8 @@ def predict(run_dir: str | Path, input_path: Optional[str], output: Optional[str
         if from_stdin:
             Path(input_path).unlink(missing_ok=True)
     preds = classify_with(cfg, model, tokenizer, rows, progress=progress, desc="predict",
-                          calibration=run.load_calibration(), abstain_below=cfg.predict.abstain_below)
+                          calibration=run.load_calibration(), abstain_below=cfg.predict.abstain_below,
+                          lexical=run.load_lexical())
     if not dist.is_main():
         return len(preds)
     lines = [json.dumps(record(r, p, with_truth=False, top_k=cfg.predict.top_k), ensure_ascii=False)

@@ -72,6 +72,24 @@ def dry_run(cfg: Config) -> str:
             + "# plan (nothing was loaded or downloaded)\n" + yaml.safe_dump({"plan": plan(cfg, rows)}, sort_keys=False))
 
 
+def fit_lexical(cfg: Config, run: RunDir, tokenizer, summary: dict, progress: bool) -> None:
+    """The TF-IDF model of ``eval.hybrid`` / ``eval.shortlist``, fitted on the rows the LLM trains on (the dev rows
+    left out), each read as ``baseline.text`` says, into ``RUN/lexical``."""
+    from llmcls.encode import PromptBuilder
+    from llmcls.infer import as_read
+    from llmcls.lexical import LexicalModel, cut_texts
+
+    rows, _ = read_rows(cfg.data.train_file, cfg.data, limit=cfg.data.max_train_rows)
+    dev_lines = set((summary.get("dev") or {}).get("lines", ()))
+    rows = [r for r in rows if r.line not in dev_lines]
+    builder = PromptBuilder(tokenizer, cfg.prompt)
+    rows = cut_texts(rows, cfg.baseline.text, lambda rs: as_read(builder, rs, cfg.data.max_length))
+    model = LexicalModel.fit(rows, C=cfg.baseline.svm_c, text=cfg.baseline.text, progress=progress)
+    model.save(run.lexical)
+    log.info("TF-IDF model (%s): %d rows, %d features, %d labels, reading %s", "hybrid" if cfg.eval.hybrid
+             else "shortlist", len(rows), model.features, len(model.labels), cfg.baseline.text)
+
+
 def _last_checkpoint(ckpt_dir: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -148,11 +166,15 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
             trainer.accelerator.unwrap_model(trainer.model).save_pretrained(folder, state_dict=state_dict,
                                                                            safe_serialization=True)
 
+    lexical = None
+    if cfg.eval.hybrid or cfg.eval.shortlist:  # before the dev set is scored: the hybrid is fitted on its scores
+        dist.on_main(lambda: fit_lexical(cfg, run, tokenizer, summary, progress))
+        lexical = run.load_lexical()
     dev_file = run.dev_file(cfg)
     dev = None
     if dev_file is not None:
         dev_rows, _ = read_rows(dev_file, cfg.data)  # all of it: data.max_eval_rows limits the test file only
-        dev = DevEvaluator(model, tokenizer, dev_rows, cfg, run, save_weights)
+        dev = DevEvaluator(model, tokenizer, dev_rows, cfg, run, save_weights, lexical=lexical)
         log.info("dev set: %d rows from %s, selecting on %s", len(dev_rows), dev_file, cfg.train.select_best)
     trainer = build_trainer(model, tokenizer, dataset, args, callbacks=[
         JsonlLogCallback(run.train_log, echo=dist.is_main()), *tracker.callbacks,

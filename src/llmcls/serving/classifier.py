@@ -25,6 +25,8 @@ class Classifier:
     kind: str                      # "run" or "export"
     calibration: Any = None        # llmcls.calibration.Calibration: calibrated probabilities, abstention threshold
     abstain_below: Optional[float] = None  # predict.abstain_below: a threshold over the calibration's
+    lexical: Any = None            # llmcls.lexical.LexicalModel of a hybrid / shortlist run
+    shortlist: int = 0             # eval.shortlist: candidates offered to the LLM per row (0: all)
     builder: Any = field(init=False)
 
     def __post_init__(self):
@@ -45,8 +47,9 @@ class Classifier:
 
         return str(compute_dtype(self.model)).replace("torch.", "")
 
-    def prepare(self, rows: Sequence[Row]) -> list[tuple[Row, list[int]]]:
-        """Each row with its prompt ids, the text shortened to ``max_length`` as in training
+    def prepare(self, rows: Sequence[Row]) -> list[tuple[Row, list[int], Optional[list[float]]]]:
+        """Each row (cut to its shortlist, where the run has one) with its prompt ids, the text shortened to
+        ``max_length`` as in training, and its candidates' TF-IDF scores (hybrid / shortlist; else None)
         (:func:`llmcls.infer.prompts_for`). Tokenising costs milliseconds of CPU per long text; done here, on the
         requests' side and on several threads, it overlaps the model's work instead of stalling it. Each thread
         has its own copy of the tokenizer: a fast tokenizer shared between threads can fail with 'Already
@@ -60,16 +63,24 @@ class Classifier:
             from llmcls.encode import PromptBuilder
 
             builder = self._local.builder = PromptBuilder(copy.deepcopy(self.tokenizer), self.prompt)
-        return list(zip(rows, prompts_for(builder, rows, self.max_length)))
+        lex: list = [None] * len(rows)
+        if self.lexical is not None:
+            from llmcls.infer import as_read
+            from llmcls.lexical import cut_texts, shortlist_rows
+
+            lex = self.lexical.candidate_scores(cut_texts(rows, self.lexical.text,
+                                                          lambda rs: as_read(builder, rs, self.max_length)))
+            rows, lex = shortlist_rows(rows, lex, self.shortlist)
+        return list(zip(rows, prompts_for(builder, rows, self.max_length), lex))
 
     def score(self, prepared: Sequence[tuple[Row, list[int]]]) -> list:
         """One :class:`llmcls.infer.Prediction` per prepared row, all in one :func:`llmcls.infer.score_batch`."""
         from llmcls.infer import score_batch, scored_prediction
 
-        rows = [r for r, _ in prepared]
-        logliks = score_batch(self.model, self.builder, rows, prompts=[p for _, p in prepared])
-        return [scored_prediction(i, r.candidates, ll, self.calibration, self.abstain_below)
-                for i, (r, ll) in enumerate(zip(rows, logliks))]
+        rows = [r for r, _, _ in prepared]
+        logliks = score_batch(self.model, self.builder, rows, prompts=[p for _, p, _ in prepared])
+        return [scored_prediction(i, r.candidates, ll, self.calibration, self.abstain_below, lex)
+                for i, (r, ll, (_, _, lex)) in enumerate(zip(rows, logliks, prepared))]
 
     def classify(self, rows: Sequence[Row]) -> list:
         """The library's own path (:func:`llmcls.infer.classify`), for comparisons: the server uses
@@ -78,7 +89,7 @@ class Classifier:
 
         return classify(self.model, self.builder, rows, method="score", batch_size=max(1, len(rows)),
                         max_length=self.max_length, progress=False, calibration=self.calibration,
-                        abstain_below=self.abstain_below)
+                        abstain_below=self.abstain_below, lexical=self.lexical, shortlist=self.shortlist)
 
 
 def load_classifier(path: str | Path, device: Optional[str] = None, dtype=None, compile: bool = False) -> Classifier:
@@ -110,13 +121,17 @@ def _load_classifier(path, device, dtype) -> Classifier:
         from llmcls.calibration import Calibration
 
         cal = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
+        from llmcls.lexical import LexicalModel
+
+        lexical = LexicalModel.load(p / meta["lexical"]) if meta.get("lexical") else None
         return Classifier(model, tok, PromptConfig(**meta["prompt"]), list(meta["labels"]), meta["max_length"],
-                          p.resolve().name, "export", cal)
+                          p.resolve().name, "export", cal, lexical=lexical, shortlist=meta.get("shortlist", 0))
     run = RunDir(p)
     if run.config_file.is_file():
         model, tok, cfg = load_trained(p, device=device, dtype=dtype)
+        lexical = run.load_lexical()
         return Classifier(model, tok, cfg.prompt, run.labels(), cfg.data.max_length, p.resolve().name, "run",
-                          run.load_calibration())
+                          run.load_calibration(), lexical=lexical, shortlist=cfg.eval.shortlist if lexical else 0)
     raise FileNotFoundError(f"{p} is neither a run directory (config.yaml) nor an export ({EXPORT_META})")
 
 
