@@ -66,15 +66,24 @@ def run(a) -> None:
     saved = rd.load_config()
     model, tok, saved = load_trained(rd.path, saved)
     rows, _ = read_rows(rd.dev_file(saved), saved.data)
-    preds = classify_with(saved, model, tok, rows, method="score", desc="dev")
+    preds = classify_with(saved, model, tok, rows, method="score", desc="dev", lexical=rd.load_lexical())
     with open(rd.path / "dev-logliks.jsonl", "w", encoding="utf-8") as fh:
         for r, p in zip(rows, preds):
             fh.write(json.dumps({"line": r.line, "truth": r.label, "candidates": r.candidates,
-                                 "logliks": p.logliks}, ensure_ascii=False) + "\n")
+                                 "logliks": p.logliks, "lexical": p.lexical}, ensure_ascii=False) + "\n")
 
     def metrics(results):
         m = json.loads(results.metrics.read_text())
         return {k: m.get(k) for k in ("rows", "accuracy", "macro_f1", "calibration", "rows_per_s", "weights")}
+
+    def llm_alone(results):
+        """The selected weights' LLM alone (argmax of its log-likelihoods), where eval applied a hybrid."""
+        from llmcls.metrics import compute_metrics
+
+        recs = [json.loads(line) for line in results.predictions.read_text().splitlines()]
+        preds = [max(zip(r["logliks"], r["probs"]))[1] for r in recs]
+        m = compute_metrics([r["truth"] for r in recs], preds, sorted({r["truth"] for r in recs}))
+        return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
 
     summary = json.loads(rd.train_summary.read_text())
     result = {
@@ -82,7 +91,7 @@ def run(a) -> None:
         "train": {k: summary.get(k) for k in ("global_step", "wall_s", "tokens_per_s", "peak_mem_gib", "rows")},
         "selection": summary.get("selection"), "calibration": summary.get("calibration"),
         "test": {"zero_shot": metrics(rd.zero_shot), "last": metrics(rd.eval_last),
-                 "selected": metrics(rd.eval)},
+                 "selected": metrics(rd.eval), "selected_llm_alone": llm_alone(rd.eval)},
         "environment": environment(),
     }
     atomic_write_json(out / "real_accuracy.json", result)
@@ -92,6 +101,12 @@ def run(a) -> None:
                   rd.zero_shot.metrics, rd.config_file]:
             if p.is_file():
                 tar.add(p, arcname=str(p.relative_to(rd.path)))
+    if a.keep_weights:  # small LoRA weights come back, so later runs can evaluate them without training again
+        import shutil
+
+        shutil.copytree(rd.weights("selected"), out / "weights", dirs_exist_ok=True)
+        shutil.copy(rd.config_file, out / "weights" / "run-config.yaml")
+        shutil.copy(rd.data.summary, out / "weights" / "prepare.json")
     print(json.dumps({k: result[k] for k in ("wall_s", "train", "test")}, indent=1))
 
 
@@ -178,6 +193,7 @@ def main(argv=None) -> int:
     r.add_argument("--config", default=str(ROOT / "configs" / "qwen1.5-7b-chat-fudan-fast.yaml"))
     r.add_argument("--workdir", default="/tmp/llmcls-real", help="Run directory parent (default: %(default)s).")
     r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="More config overrides.")
+    r.add_argument("--keep-weights", action="store_true", help="Copy the selected weights (LoRA) to OUT/weights.")
     r.set_defaults(func=run)
     t = sub.add_parser("table", help="The markdown table from a result (no GPU needed).")
     t.add_argument("result")
