@@ -73,6 +73,8 @@ def run(a) -> None:
                                  "logliks": p.logliks, "lexical": p.lexical}, ensure_ascii=False) + "\n")
 
     def metrics(results):
+        if not results.metrics.is_file():  # eval-last: absent where the run kept its last step
+            return None
         m = json.loads(results.metrics.read_text())
         return {k: m.get(k) for k in ("rows", "accuracy", "macro_f1", "calibration", "rows_per_s", "weights")}
 
@@ -147,8 +149,9 @@ def table(a) -> None:
 
     # the eval's own before/after figures: computed from unrounded probabilities (predictions.jsonl rounds them)
     row("zero-shot (base model, same prompt)", t["zero_shot"], t["zero_shot"]["calibration"]["before"])
-    row(f"last step ({res['train']['global_step']})", t["last"], t["last"]["calibration"]["before"])
-    row(f"best by dev macro-F1 (step {s['step']})", t["selected"], cal["before"])
+    if t["last"]:  # absent where selection kept the last step: then "selected" is the last step
+        row(f"last step ({res['train']['global_step']})", t["last"], t["last"]["calibration"]["before"])
+    row(f"selected by dev macro-F1 (step {s['step']}, {s['source']})", t["selected"], cal["before"])
     ab = cal.get("abstention") or {}
     row(f"best + temperature scaling (T = {cal['temperature']:.3f})", t["selected"], cal["after"],
         f"threshold from the dev set ({ab.get('target_precision')}): {ab.get('coverage', 0):.1%} of test rows "
