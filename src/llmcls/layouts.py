@@ -5,7 +5,7 @@ giving the log-likelihood of every candidate of every row.
   without padding, every row's prompt then every row's candidates, attended by
   :func:`llmcls.model.attention.shared_prompt_attention`: nothing is computed for padding, each prompt once.
 - ``padded`` (sdpa or eager attention elsewhere, e.g. a CPU): rows left-padded, each prompt followed by its
-  candidates back to back, a 4-D mask keeping the candidates apart.
+  candidates' trie, a 4-D mask keeping the trie's branches apart.
 - ``cached`` (attention kernels that take neither, e.g. flash-attention set by the user without varlen): the
   prompt once with a KV cache, then the candidates over copies of it.
 
