@@ -89,12 +89,14 @@ TRIE_ROWS = [
     Row("the economy of a country", ["Economy", "Economics", "Art"], "Economy"),
     Row("x", ["体育", "体育新闻", "体育/足球"], "体育"),
     Row("one", ["Art"], "Art"),
+    Row("another economy text, longer than the first one", ["Economy", "Economics", "Art"], "Economics"),
 ]
 
 
 def test_trie_shares_prefixes_and_scores_equal_brute_force(tokenizer, model_factory):
     """Candidates sharing a prefix ("Sports/…", "Economy"/"Economics" share their first token, "体育" is a prefix
-    of "体育新闻"), one-token labels, one candidate alone, rows of 6, 3, 3 and 1 candidates in one batch: both
+    of "体育新闻"), one-token labels, one candidate alone, rows of 6, 3, 3, 1 and 3 candidates in one batch (the
+    last with the second's label set, whose trie the batch makes once, after a longer prompt): both
     trie layouts (padded under its 4-D mask; packed under shared-prompt attention with the dense reference of the
     variable-length kernel) give every candidate's separate prompt + candidate forward, and lay out each distinct
     prefix once."""

@@ -88,8 +88,19 @@ def answer_trie(answers: Sequence[Sequence[int]], share: bool = True) -> Trie:
 
 def _tries(builder: PromptBuilder, rows: Sequence[Row], share: bool) -> tuple[list[list[list[int]]], list[Trie], int]:
     answers = [[builder.answer_ids(c) for c in r.candidates] for r in rows]
-    tries = [answer_trie(ans, share) for ans in answers]
+    made: dict[tuple[str, ...], Trie] = {}  # the rows of a task mostly share one label set: one trie for them
+    tries = []
+    for r, ans in zip(rows, answers):
+        key = tuple(r.candidates)
+        if key not in made:
+            made[key] = answer_trie(ans, share)
+        tries.append(made[key])
     return answers, tries, max([1] + [d for t in tries for d in t.depth])
+
+
+def _ancestor_rows(trie: Trie, D: int, offset: int = 0) -> list[list[int]]:
+    """Each node's ancestors (and itself) shifted by ``offset``, padded with -1 to the batch's depth ``D``."""
+    return [[offset + k for k in a] + [-1] * (D - len(a)) for a in trie.ancestors]
 
 
 def _pairs(answers, paths, first_at, node_at):
@@ -145,8 +156,7 @@ def pad_batch(builder: PromptBuilder, rows: Sequence[Row], prompts: list[list[in
         ids[i, P:P + n] = torch.tensor(trie.tokens, dtype=torch.long)
         pos[i, P:P + n] = len(p) - 1 + torch.tensor(trie.depth, dtype=torch.long)
         seg[i, P:P + n] = 1
-        for k, a in enumerate(trie.ancestors):
-            anc[i, k, :len(a)] = torch.tensor(a)
+        anc[i, :n] = torch.tensor(_ancestor_rows(trie, D), dtype=torch.long).reshape(n, D)
     # kept position 0 is the prompt's last, kept position 1 + k the row's node k
     at, tok, valid = _pairs(answers, [t.paths for t in tries], lambda i: 0, lambda i, k: 1 + k)
     pair_b = torch.tensor([i for i, ans in enumerate(answers) for _ in ans])[:, None].expand_as(at).contiguous()
@@ -185,7 +195,7 @@ def pack_batch(builder: PromptBuilder, rows: Sequence[Row], prompts: list[list[i
         row_starts.append(len(ids) - n)
         ids += trie.tokens
         pos += [len(p) - 1 + d for d in trie.depth]
-        anc += [[row_starts[-1] + k for k in a] + [-1] * (D - len(a)) for a in trie.ancestors]
+        anc += _ancestor_rows(trie, D, row_starts[-1])
     row_ends = row_starts[1:] + [len(ids) - n]
     bounds = lambda ends: torch.tensor([0] + ends, dtype=torch.int32)  # noqa: E731
     prompt_ends = list(itertools.accumulate(map(len, prompts)))

@@ -91,7 +91,8 @@ def ancestor_attention(query, key, value, ancestors, scale=None):
     scale = d ** -0.5 if scale is None else scale
     q = query.float().reshape(t, hk, h // hk, d)
     idx = ancestors.clamp(min=0)
-    scores = torch.stack([torch.einsum("tkgd,tkd->tkg", q, key[idx[:, j]].float())
+    # a product and a sum over head_dim, not einsum: that would be a batched matmul of T x heads 1 x d x 1 pieces
+    scores = torch.stack([(q * key[idx[:, j]].float()[:, :, None]).sum(-1)
                           for j in range(ancestors.shape[1])], -1) * scale        # [T, kv heads, groups, D]
     scores = scores.masked_fill((ancestors < 0)[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(scores, -1)
