@@ -22,7 +22,8 @@ both run the same attention code). Batches hold ``--batch`` rows, fewer where th
 the rows per batch used are reported. Batches are made before the clock starts (the host's share is reported
 apart, as ``prepare_ms_per_row``: ``classify`` makes them on a helper thread while the model runs). Output:
 JSON with rows/s, seconds per row, positions, rows per batch and peak memory per (count, layout), each layout's
-cost(n)/cost(smallest count), the largest difference between trie and flat scores, the environment.
+cost(n)/cost(smallest count) and what it would be if time went as the matmul FLOPs, the largest difference
+between trie and flat scores, the environment.
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ import math
 import random
 import time
 from pathlib import Path
-
-import torch
 
 # A sibling module: ``python benchmarks/score_candidates.py`` puts this folder on sys.path, as it does any script's.
 from gpu_speed import MAX_LEN, SHARED, build_model, parser, peak_gib, reset_peak, sync
@@ -180,10 +179,18 @@ def main(argv=None):
                                                  for x, y in zip(s, f))
         res["counts"][str(n)] = entry
     first = min(res["counts"], key=int)
+    # what the ratio would be if time went as the matmul FLOPs: 2 x the decoder's weights per position, plus the
+    # LM head (hidden x vocabulary) per kept position; attention left out
+    head = model.get_output_embeddings().weight.numel()
+    body = sum(w.numel() for w in model.parameters()) - head - model.get_input_embeddings().weight.numel()
+    flops = lambda e, way: (res["prompt_tokens_mean"] + e[way]["positions_per_row"]) * body + (  # noqa: E731
+        1 + e[way]["positions_per_row"]) * head
     for way in ways:
         res[f"{way}_cost_ratio"] = {n: round(e[way]["s_per_row"] / res["counts"][first][way]["s_per_row"], 3)
                                     for n, e in res["counts"].items()}
-    print(json.dumps({w: res[f"{w}_cost_ratio"] for w in ways}), flush=True)
+        res[f"{way}_flops_ratio"] = {n: round(flops(e, way) / flops(res["counts"][first], way), 3)
+                                     for n, e in res["counts"].items()}
+    print(json.dumps({k: res[k] for w in ways for k in (f"{w}_cost_ratio", f"{w}_flops_ratio")}), flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "score_candidates.json", res)

@@ -110,6 +110,7 @@ def test_score_candidates_runs_on_a_cpu(tmp_path):
     big = res["counts"]["20"]  # 10 "Category/Sub" names over 3 categories: their category tokens laid out once
     assert big["first_token_shared_fraction"] >= 0.5
     assert big["trie"]["positions_per_row"] < big["flat"]["positions_per_row"]
+    assert 1 < res["trie_flops_ratio"]["20"] < res["flat_flops_ratio"]["20"]
 
 
 @pytest.mark.parametrize("script", ["gpu_speed", "multi_gpu", "score_profile", "score_shapes", "serve_load",

@@ -142,7 +142,7 @@ def test_ancestor_attention_equals_masked_softmax():
     from llmcls.model.attention import ancestor_attention
 
     torch.manual_seed(0)
-    T, D = 7, 3
+    T = 7
     q, k, v = torch.randn(T, 4, 8), torch.randn(T, 2, 8), torch.randn(T, 2, 8)
     anc = torch.tensor([[0, -1, -1], [0, 1, -1], [0, 1, 2], [0, 3, -1], [4, -1, -1], [4, 5, -1], [4, 5, 6]])
     out, lse = ancestor_attention(q, k, v, anc, scale=0.3)
