@@ -86,8 +86,35 @@ def test_score_shapes_runs_on_a_cpu(tmp_path):
     assert res["padded"]["distinct_shapes"] >= 1 and res["padded"]["pass2_rows_per_s"] > 0
 
 
+@pytest.mark.slow  # ~3 s of run, but ~8 s importing what gpu_speed.py imports (the Trainer, peft)
+@pytest.mark.skipif(not (SHARED / "qwen-tokenizer").is_dir(), reason="../shared (Qwen tokenizer) is absent")
+def test_score_candidates_runs_on_a_cpu(tmp_path):
+    """The candidate-count benchmark on a 1-layer cut of a tiny shape (float32, the padded layout): trie and flat
+    give the same scores, the trie lays out fewer positions where labels share prefixes, and the output says the
+    layers were cut."""
+    shape = tmp_path / "shape.json"
+    shape.write_text(json.dumps({"vocab_size": 151936, "hidden_size": 32, "intermediate_size": 64,
+                                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}))
+    env = {**os.environ, "LLMCLS_SHARED": str(SHARED), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "score_candidates.py"), "--shape", str(shape),
+                          "--layers", "1", "--device", "cpu", "--rows", "2", "--batch", "2", "--counts", "4,20",
+                          "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads((tmp_path / "score_candidates.json").read_text())
+    assert res["layers"] == 1 and res["layers_cut"] is True and res["layout"] == "padded"
+    assert set(res["counts"]) == {"4", "20"} and res["trie_cost_ratio"]["4"] == res["flat_cost_ratio"]["4"] == 1
+    for e in res["counts"].values():
+        assert e["trie_vs_flat_max_abs_diff"] < 1e-4
+        assert 1 <= e["label_tokens_min_max"][0] <= e["label_tokens_min_max"][1] <= 4
+        assert e["trie"]["rows_per_s"] > 0 and e["flat"]["rows_per_s"] > 0
+    big = res["counts"]["20"]  # 10 "Category/Sub" names over 3 categories: their category tokens laid out once
+    assert big["first_token_shared_fraction"] >= 0.5
+    assert big["trie"]["positions_per_row"] < big["flat"]["positions_per_row"]
+    assert 1 < res["trie_flops_ratio"]["20"] < res["flat_flops_ratio"]["20"]
+
+
 @pytest.mark.parametrize("script", ["gpu_speed", "multi_gpu", "score_profile", "score_shapes", "serve_load",
-                                    "real_accuracy", "hybrid_offline"])
+                                    "real_accuracy", "hybrid_offline", "score_candidates"])
 def test_every_benchmark_imports_the_installed_package(script):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"],
                          capture_output=True, text=True, timeout=300)

@@ -57,9 +57,9 @@ def test_cached_scoring_path_equals_packed(tokenizer, model_factory):
         assert max(abs(p - q) for p, q in zip(x, y)) < 1e-4
 
 
-def test_pack_lays_candidates_back_to_back(tokenizer):
-    """Each prompt is followed by its candidates' tokens but the last of each (only ever predicted, never read):
-    the batch is as wide as its longest prompt plus its largest such sum, not candidates x longest answer."""
+def test_padded_batch_lays_out_each_rows_trie(tokenizer):
+    """Each prompt is followed by its candidates' trie nodes (each distinct prefix of a candidate's tokens but its
+    last, once): the batch is as wide as its longest prompt plus its largest trie."""
     from llmcls.infer import prompts_for
     from llmcls.layouts import pad_batch
 
@@ -68,14 +68,91 @@ def test_pack_lays_candidates_back_to_back(tokenizer):
     p = pad_batch(b, ROWS, prompts)
     P = max(map(len, prompts))
     answers = [[b.answer_ids(c) for c in r.candidates] for r in ROWS]
-    # the last row's labels: Enviornment 3 tokens, Politics 1, Economy 2, Sports 1 (slots of width 4 would be 16)
-    assert p.ids.shape[1] == P + max(sum(len(a) - 1 for a in ans) for ans in answers) == P + 7
+    # the last row's labels: Enviornment 3 tokens, Politics 1, Economy 2, Sports 1; no shared prefix: 3 + 1 + 2 + 1
+    assert p.ids.shape[1] == P + 7
     for i, ans in enumerate(answers):
         tail = [a[:-1] for a in ans]
-        flat = [t for a in tail for t in a]
+        flat = [t for a in tail for t in a]  # no shared prefix in ROWS: the trie is each candidate's chain
         assert p.ids[i, P:P + len(flat)].tolist() == flat
-        assert p.segment[i, P:P + len(flat)].tolist() == [j + 1 for j, a in enumerate(tail) for _ in a]
+        assert p.segment[i, P:P + len(flat)].tolist() == [1] * len(flat)
         assert (p.segment[i, P + len(flat):] == -1).all()
+        k = 0
+        for a in tail:  # each node sees its own chain so far and nothing else
+            for t in range(len(a)):
+                assert p.ancestors[i, k + t].tolist() == list(range(k, k + t + 1)) + [-1] * (2 - t)
+            k += len(a)
+
+
+TRIE_ROWS = [
+    Row("昨晚的足球比赛和网球比赛都很精彩。" * 3,
+        ["Sports/Football", "Sports/Tennis", "Sports/Football/Club", "Sport", "Sports", "Art"], "Sports"),
+    Row("the economy of a country", ["Economy", "Economics", "Art"], "Economy"),
+    Row("x", ["体育", "体育新闻", "体育/足球"], "体育"),
+    Row("one", ["Art"], "Art"),
+    Row("another economy text, longer than the first one", ["Economy", "Economics", "Art"], "Economics"),
+]
+
+
+def test_trie_shares_prefixes_and_scores_equal_brute_force(tokenizer, model_factory):
+    """Candidates sharing a prefix ("Sports/…", "Economy"/"Economics" share their first token, "体育" is a prefix
+    of "体育新闻"), one-token labels, one candidate alone, rows of 6, 3, 3, 1 and 3 candidates in one batch (the
+    last with the second's label set, whose trie the batch makes once, after a longer prompt): both
+    trie layouts (padded under its 4-D mask; packed under shared-prompt attention with the dense reference of the
+    variable-length kernel) give every candidate's separate prompt + candidate forward, and lay out each distinct
+    prefix once."""
+    from llmcls.infer import prompts_for
+    from llmcls.layouts import pack_batch, pad_batch, queue_packed, queue_padded
+
+    model = model_factory(seed=9)
+    b = PromptBuilder(tokenizer, PromptConfig())
+    assert b.label_ids("Sports/Football")[:1] == b.label_ids("Sports/Tennis")[:1] == b.label_ids("Sports")
+    assert b.label_ids("Economy")[0] == b.label_ids("Economics")[0]
+    prompts = prompts_for(b, TRIE_ROWS, None)
+    answers = [[b.answer_ids(c) for c in r.candidates] for r in TRIE_ROWS]
+    distinct = [len({tuple(a[:t]) for a in ans for t in range(1, len(a))}) for ans in answers]
+    own = [sum(len(a) - 1 for a in ans) for ans in answers]
+    assert all(d < o for d, o in zip(distinct[:3], own[:3])) and distinct[3] == own[3] == 1
+    padded, packed = pad_batch(b, TRIE_ROWS, prompts), pack_batch(b, TRIE_ROWS, prompts)
+    assert padded.ids.shape[1] == max(map(len, prompts)) + max(distinct)
+    assert packed.ids.shape[1] == sum(map(len, prompts)) + sum(distinct)
+    assert packed.answer_rows.tolist() == [0, *itertools.accumulate(distinct)]
+    for got in (queue_padded(model, padded).result(), queue_packed(model, packed).result()):
+        for row, lls in zip(TRIE_ROWS, got):
+            assert len(lls) == len(row.candidates)
+            for cand, ll in zip(row.candidates, lls):
+                assert abs(ll - brute_force(model, b, row, cand)) < 1e-4, (row.text[:10], cand)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_trie_of_100_candidates_sharing_a_prefix_counts_each_prefix_once():
+    from llmcls.layouts import answer_trie
+
+    end = 9
+    answers = [[5, 6, 100 + i, end] for i in range(100)] + [[5, end], [7, end]]
+    trie = answer_trie(answers)
+    assert len(trie.tokens) == 2 + 100 + 1          # [5], [5, 6], each [5, 6, x]; [7]; "5" alone is node [5]
+    assert len(answer_trie(answers, share=False).tokens) == 3 * 100 + 1 + 1
+    assert trie.paths[0] == [0, 1, 2] and trie.paths[99] == [0, 1, 101] and trie.paths[100] == [0]
+    assert trie.ancestors[101] == [0, 1, 101] and trie.depth[101] == 3 and trie.tokens[102] == 7
+
+
+def test_ancestor_attention_equals_masked_softmax():
+    """The gathered attention of trie nodes over their ancestors (grouped-query heads: 4 query heads over 2 key
+    heads): the softmax over exactly those keys, and its log-sum-exp."""
+    from llmcls.model.attention import ancestor_attention
+
+    torch.manual_seed(0)
+    T = 7
+    q, k, v = torch.randn(T, 4, 8), torch.randn(T, 2, 8), torch.randn(T, 2, 8)
+    anc = torch.tensor([[0, -1, -1], [0, 1, -1], [0, 1, 2], [0, 3, -1], [4, -1, -1], [4, 5, -1], [4, 5, 6]])
+    out, lse = ancestor_attention(q, k, v, anc, scale=0.3)
+    allowed = torch.zeros(T, T, dtype=torch.bool)
+    for t in range(T):
+        allowed[t, anc[t][anc[t] >= 0]] = True
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, kk).mul(0.3).masked_fill(~allowed, float("-inf"))
+    assert torch.allclose(lse, torch.logsumexp(scores, -1), atol=1e-5)
+    assert torch.allclose(out, torch.einsum("hqk,khd->qhd", torch.softmax(scores, -1), vv), atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -95,8 +172,8 @@ def test_classify_on_a_gpu_equals_the_cpu(tokenizer, model_factory):
 
 
 def test_flat_batch_scores_equal_brute_force(tokenizer, model_factory):
-    """The GPU layout (one sequence, no padding; shared-prompt attention: prompts causal, candidates over their
-    prompt and over themselves, merged by log-sum-exp), run on the CPU through the dense reference of the
+    """The GPU layout (one sequence, no padding; shared-prompt attention: prompts causal, trie nodes over their
+    prompt and over their ancestors, merged by log-sum-exp), run on the CPU through the dense reference of the
     variable-length kernel, gives the brute-force log-likelihoods, and takes exactly prompts + candidate tokens."""
     from llmcls.infer import prompts_for
     from llmcls.layouts import pack_batch, queue_packed

@@ -5,12 +5,15 @@ giving the log-likelihood of every candidate of every row.
   without padding, every row's prompt then every row's candidates, attended by
   :func:`llmcls.model.attention.shared_prompt_attention`: nothing is computed for padding, each prompt once.
 - ``padded`` (sdpa or eager attention elsewhere, e.g. a CPU): rows left-padded, each prompt followed by its
-  candidates back to back, a 4-D mask keeping the candidates apart.
+  candidates' trie, a 4-D mask keeping the trie's branches apart.
 - ``cached`` (attention kernels that take neither, e.g. flash-attention set by the user without varlen): the
   prompt once with a KV cache, then the candidates over copies of it.
 
 In every layout a candidate is all of its tokens and then the end token (which tells "Sport" from "Sports"), and
-logits are computed only where a candidate token is predicted. :func:`layout_for` picks one for a model;
+logits are computed only where a candidate token is predicted. In ``packed`` and ``padded`` a row's candidates are
+laid out as a prefix trie over their tokens (:func:`answer_trie`): a prefix that several candidates share
+("Sports/Football", "Sports/Tennis"; "Economy" and "Economics" share their first token) is computed once, each
+trie node attending to the prompt and to its ancestors only. :func:`layout_for` picks one for a model;
 ``llmcls.infer`` runs them.
 """
 
@@ -48,15 +51,82 @@ def _pinned(batch):
 
 
 @dataclass
+class Trie:
+    """A row's candidates as a prefix trie over their tokens, each candidate's last token (the end token) left out:
+    it is only ever predicted, never read. Nodes come parents first; node ``k`` holds token ``tokens[k]`` at depth
+    ``depth[k]`` (1 for a candidate's first token). ``paths[c]`` is candidate ``c``'s nodes: node ``paths[c][t]``
+    predicts its token ``t + 1``, and the prompt's last position its token 0."""
+
+    tokens: list[int]
+    depth: list[int]
+    ancestors: list[list[int]]   # per node: its ancestors, root side first, then itself
+    paths: list[list[int]]
+
+
+def answer_trie(answers: Sequence[Sequence[int]], share: bool = True) -> Trie:
+    """The trie of one row's answers (:meth:`llmcls.encode.PromptBuilder.answer_ids`). ``share=False`` gives every
+    candidate its own chain (no prefix computed once: the layout before the trie, kept for benchmarks)."""
+    index: dict[tuple, int] = {}
+    tokens: list[int] = []
+    depth: list[int] = []
+    ancestors: list[list[int]] = []
+    paths = []
+    for c, a in enumerate(answers):
+        path: list[int] = []
+        for t in range(len(a) - 1):
+            key = (path[-1] if path else -1, a[t]) if share else (c, t)
+            node = index.get(key)
+            if node is None:
+                node = index[key] = len(tokens)
+                tokens.append(a[t])
+                depth.append(t + 1)
+                ancestors.append((ancestors[path[-1]] if path else []) + [node])
+            path.append(node)
+        paths.append(path)
+    return Trie(tokens, depth, ancestors, paths)
+
+
+def _tries(builder: PromptBuilder, rows: Sequence[Row], share: bool) -> tuple[list[list[list[int]]], list[Trie], int]:
+    answers = [[builder.answer_ids(c) for c in r.candidates] for r in rows]
+    made: dict[tuple[str, ...], Trie] = {}  # the rows of a task mostly share one label set: one trie for them
+    tries = []
+    for r, ans in zip(rows, answers):
+        key = tuple(r.candidates)
+        if key not in made:
+            made[key] = answer_trie(ans, share)
+        tries.append(made[key])
+    return answers, tries, max([1] + [d for t in tries for d in t.depth])
+
+
+def _ancestor_rows(trie: Trie, D: int, offset: int = 0) -> list[list[int]]:
+    """Each node's ancestors (and itself) shifted by ``offset``, padded with -1 to the batch's depth ``D``."""
+    return [[offset + k for k in a] + [-1] * (D - len(a)) for a in trie.ancestors]
+
+
+def _pairs(answers, paths, first_at, node_at):
+    """Per (row, candidate), padded to the longest answer W: the kept position predicting each of its tokens (the
+    prompt's last for token 0, then its trie nodes), the token, whether it is a real one."""
+    W = max(len(a) for ans in answers for a in ans)
+    at, tok, valid = [], [], []
+    for i, (ans, path) in enumerate(zip(answers, paths)):
+        for a, nodes in zip(ans, path):
+            at.append([first_at(i)] + [node_at(i, k) for k in nodes] + [0] * (W - len(a)))
+            tok.append(a + [0] * (W - len(a)))
+            valid.append([True] * len(a) + [False] * (W - len(a)))
+    return torch.tensor(at), torch.tensor(tok), torch.tensor(valid)
+
+
+@dataclass
 class PaddedBatch:
-    """One scoring batch as CPU tensors: each row's prompt (left-padded to P) followed by its candidates back to
-    back, each candidate holding all its tokens but the last (that one is only ever predicted, never read).
-    ``segment`` says what each position is (-1 padding, 0 prompt, j + 1 candidate j); the attention mask is
-    derived from it on the device (a B x L x L mask is cheap there, not on the host)."""
+    """One scoring batch as CPU tensors: each row's prompt (left-padded to P) followed by its candidates' trie
+    nodes (:class:`Trie`). ``segment`` says what each position is (-1 padding, 0 prompt, 1 trie node) and
+    ``ancestors`` whom each node sees; the attention mask is derived from them on the device (a B x L x L mask is
+    cheap there, not on the host)."""
 
     ids: torch.Tensor          # [B, L]
-    pos: torch.Tensor          # [B, L] position ids: a candidate's tokens continue from its prompt's end
+    pos: torch.Tensor          # [B, L] position ids: a node continues from its prompt's end at its depth
     segment: torch.Tensor      # [B, L]
+    ancestors: torch.Tensor    # [B, L - P, D] per node: its ancestors and itself, as node indices (-1: none)
     keep: torch.Tensor         # [1 + L - P] positions whose logits are needed: last prompt position and after
     pair_row: torch.Tensor     # [N, W] per (row, candidate): its row ...
     pair_at: torch.Tensor      # [N, W] ... the kept position predicting each of its tokens ...
@@ -68,103 +138,92 @@ class PaddedBatch:
         return _pinned(self)
 
 
-def pad_batch(builder: PromptBuilder, rows: Sequence[Row], prompts: list[list[int]]) -> PaddedBatch:
-    answers = [[builder.answer_ids(c) for c in r.candidates] for r in rows]
+def pad_batch(builder: PromptBuilder, rows: Sequence[Row], prompts: list[list[int]], share: bool = True
+              ) -> PaddedBatch:
+    answers, tries, D = _tries(builder, rows, share)
     B, P = len(rows), max(len(p) for p in prompts)
-    W = max(len(a) for ans in answers for a in ans)
-    # Candidates back to back rather than in slots of the longest one's width: a batch of Fudan rows computes
-    # 4.7% more positions than its prompts instead of 7.0%.
-    L = P + max(sum(len(a) - 1 for a in ans) for ans in answers)
+    La = max(len(t.tokens) for t in tries)
+    L = P + La
     ids = torch.full((B, L), builder.tok.pad_token_id, dtype=torch.long)
     pos = torch.zeros((B, L), dtype=torch.long)
     seg = torch.full((B, L), -1, dtype=torch.long)
-    pair_b, pair_pos, pair_tok, pair_valid = [], [], [], []
-    for i, (p, ans) in enumerate(zip(prompts, answers)):
-        off = P - len(p)
+    anc = torch.full((B, La, D), -1, dtype=torch.long)
+    for i, (p, trie) in enumerate(zip(prompts, tries)):
+        off, n = P - len(p), len(trie.tokens)
         ids[i, off:P] = torch.tensor(p)
         pos[i, off:P] = torch.arange(len(p))
         seg[i, off:P] = 0
-        s = P
-        for j, a in enumerate(ans):
-            n = len(a) - 1
-            ids[i, s:s + n] = torch.tensor(a[:-1])
-            pos[i, s:s + n] = len(p) + torch.arange(n)
-            seg[i, s:s + n] = j + 1
-            # token 0 of the candidate is predicted at kept position 0 (the prompt's last), token t at kept
-            # position 1 + (s - P) + t - 1, the candidate's own token t - 1
-            kept = [0] + [1 + s - P + t for t in range(n)]
-            pair_b.append([i] * W)
-            pair_pos.append(kept + [0] * (W - len(a)))
-            pair_tok.append(a + [0] * (W - len(a)))
-            pair_valid.append([True] * len(a) + [False] * (W - len(a)))
-            s += n
-    return PaddedBatch(ids, pos, seg, torch.cat([torch.tensor([P - 1]), torch.arange(P, L)]), torch.tensor(pair_b),
-                  torch.tensor(pair_pos), torch.tensor(pair_tok), torch.tensor(pair_valid),
-                  [len(a) for a in answers])
+        ids[i, P:P + n] = torch.tensor(trie.tokens, dtype=torch.long)
+        pos[i, P:P + n] = len(p) - 1 + torch.tensor(trie.depth, dtype=torch.long)
+        seg[i, P:P + n] = 1
+        anc[i, :n] = torch.tensor(_ancestor_rows(trie, D), dtype=torch.long).reshape(n, D)
+    # kept position 0 is the prompt's last, kept position 1 + k the row's node k
+    at, tok, valid = _pairs(answers, [t.paths for t in tries], lambda i: 0, lambda i, k: 1 + k)
+    pair_b = torch.tensor([i for i, ans in enumerate(answers) for _ in ans])[:, None].expand_as(at).contiguous()
+    return PaddedBatch(ids, pos, seg, anc, torch.cat([torch.tensor([P - 1]), torch.arange(P, L)]), pair_b, at, tok,
+                       valid, [len(a) for a in answers])
 
 
 @dataclass
 class PackedBatch:
-    """One scoring batch as one sequence without padding, for :func:`llmcls.model.attention.shared_prompt_attention`: every
-    row's prompt, then every row's candidates (each candidate's tokens but its last, as in :class:`PaddedBatch`)."""
+    """One scoring batch as one sequence without padding, for :func:`llmcls.model.attention.shared_prompt_attention`:
+    every row's prompt, then every row's candidates' trie nodes (:class:`Trie`)."""
 
-    ids: torch.Tensor            # [1, T]
-    pos: torch.Tensor            # [1, T] position ids: a candidate's tokens continue from its prompt's end
-    prompt_bounds: torch.Tensor  # [B + 1] where each row's prompt starts and ends (int32, as the kernel takes)
-    answer_rows: torch.Tensor    # [B + 1] the same for each row's candidate tokens, counted after the prompts
-    answer_bounds: torch.Tensor  # [M + 1] the same for each candidate that has tokens here
-    keep: torch.Tensor           # [B + T - n] positions whose logits are needed: each prompt's last, then after
-    pair_at: torch.Tensor        # [N, W] per (row, candidate): the kept position predicting each of its tokens ...
-    pair_tok: torch.Tensor       # [N, W] ... the token ...
-    pair_valid: torch.Tensor     # [N, W] ... and whether it is a real token (candidates differ in length)
-    counts: list[int]            # candidates per row
-    sizes: dict                  # prompt_tokens (n), prompt_max, answer_rows_max, answer_max
+    ids: torch.Tensor              # [1, T]
+    pos: torch.Tensor              # [1, T] position ids: a node continues from its prompt's end at its depth
+    prompt_bounds: torch.Tensor    # [B + 1] where each row's prompt starts and ends (int32, as the kernel takes)
+    answer_rows: torch.Tensor      # [B + 1] the same for each row's nodes, counted after the prompts
+    answer_ancestors: torch.Tensor  # [T - n, D] per node: its ancestors and itself, counted after the prompts (-1)
+    keep: torch.Tensor             # [B + T - n] positions whose logits are needed: each prompt's last, then after
+    pair_at: torch.Tensor          # [N, W] per (row, candidate): the kept position predicting each of its tokens ...
+    pair_tok: torch.Tensor         # [N, W] ... the token ...
+    pair_valid: torch.Tensor       # [N, W] ... and whether it is a real token (candidates differ in length)
+    counts: list[int]              # candidates per row
+    sizes: dict                    # prompt_tokens (n), prompt_max, answer_rows_max
 
     def pin(self) -> "PackedBatch":
         return _pinned(self)
 
 
-def pack_batch(builder: PromptBuilder, rows: Sequence[Row], prompts: list[list[int]]) -> PackedBatch:
-    answers = [[builder.answer_ids(c) for c in r.candidates] for r in rows]
-    B, W = len(rows), max(len(a) for ans in answers for a in ans)
-    n = sum(map(len, prompts))
+def pack_batch(builder: PromptBuilder, rows: Sequence[Row], prompts: list[list[int]], share: bool = True
+               ) -> PackedBatch:
+    answers, tries, D = _tries(builder, rows, share)
+    B, n = len(rows), sum(map(len, prompts))
     ids, pos = [t for p in prompts for t in p], [i for p in prompts for i in range(len(p))]
-    row_ends, own_ends, pairs = [], [], []
-    for i, (p, ans) in enumerate(zip(prompts, answers)):
-        for a in ans:
-            start = len(ids) - n  # where this candidate's tokens start among the kept positions after B
-            ids += a[:-1]
-            pos += range(len(p), len(p) + len(a) - 1)
-            if len(a) > 1:
-                own_ends.append(len(ids) - n)
-            # token 0 is predicted by the row's last prompt position (kept position i), token t by the
-            # candidate's own token t - 1 (kept position B + start + t - 1)
-            pairs.append(([i] + [B + start + t for t in range(len(a) - 1)], a))
-        row_ends.append(len(ids) - n)
+    row_starts, anc = [], []
+    for p, trie in zip(prompts, tries):
+        row_starts.append(len(ids) - n)
+        ids += trie.tokens
+        pos += [len(p) - 1 + d for d in trie.depth]
+        anc += _ancestor_rows(trie, D, row_starts[-1])
+    row_ends = row_starts[1:] + [len(ids) - n]
     bounds = lambda ends: torch.tensor([0] + ends, dtype=torch.int32)  # noqa: E731
     prompt_ends = list(itertools.accumulate(map(len, prompts)))
-    lengths = lambda ends: [b - a for a, b in zip([0] + ends, ends)] or [0]  # noqa: E731
+    # token 0 of row i's candidates is predicted by its last prompt position (kept position i), the rest by
+    # the row's nodes (kept position B + the node's place after the prompts)
+    at, tok, valid = _pairs(answers, [t.paths for t in tries], lambda i: i, lambda i, k: B + row_starts[i] + k)
     return PackedBatch(
-        torch.tensor([ids]), torch.tensor([pos]), bounds(prompt_ends), bounds(row_ends), bounds(own_ends),
-        torch.cat([torch.tensor(prompt_ends) - 1, torch.arange(n, len(ids))]),
-        torch.tensor([at + [0] * (W - len(at)) for at, _ in pairs]),
-        torch.tensor([a + [0] * (W - len(a)) for _, a in pairs]),
-        torch.tensor([[True] * len(a) + [False] * (W - len(a)) for _, a in pairs]),
+        torch.tensor([ids]), torch.tensor([pos]), bounds(prompt_ends), bounds(row_ends),
+        torch.tensor(anc, dtype=torch.long).reshape(len(anc), D),
+        torch.cat([torch.tensor(prompt_ends) - 1, torch.arange(n, len(ids))]), at, tok, valid,
         [len(a) for a in answers],
         # The kernel needs upper bounds only; 2 at least, because torch.compile may specialise compiled layers on
         # an int of 0 or 1 and recompile them when a batch of one-token labels is followed by longer ones.
-        {"prompt_tokens": n, "prompt_max": max(map(len, prompts)), "answer_rows_max": max(2, *lengths(row_ends)),
-         "answer_max": max(2, *lengths(own_ends))})
+        {"prompt_tokens": n, "prompt_max": max(map(len, prompts)),
+         "answer_rows_max": max(2, *(b - a for a, b in zip(row_starts, row_ends)))})
 
 
-def _padded_mask(seg: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive [B, 1, L, L] mask: a prompt token sees the prompt up to itself; a candidate's token sees the whole
-    prompt and its own candidate up to itself, never another candidate. Padding sees only itself, so that no
-    row of the mask is empty."""
-    L = seg.shape[1]
+def _padded_mask(seg: torch.Tensor, anc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [B, 1, L, L] mask: a prompt token sees the prompt up to itself; a trie node sees the whole prompt
+    and its ancestors and itself, never another branch. Padding sees only itself, so that no row of the mask is
+    empty."""
+    B, L = seg.shape
+    La = anc.shape[1]
     idx = torch.arange(L, device=seg.device)
-    q, k = seg[:, :, None], seg[:, None, :]
-    allowed = (idx[:, None] >= idx[None, :]) & (k >= 0) & (q >= 0) & ((k == 0) | (k == q))
+    allowed = (idx[:, None] >= idx[None, :]) & (seg[:, None, :] == 0) & (seg[:, :, None] >= 0)
+    tree = torch.zeros((B, La, La + 1), dtype=torch.bool, device=seg.device)
+    tree.scatter_(2, anc.masked_fill(anc < 0, La), True)  # column La takes the "none" entries, then goes
+    allowed[:, L - La:, L - La:] = tree[..., :La]
     allowed |= torch.eye(L, dtype=torch.bool, device=seg.device)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
@@ -202,7 +261,7 @@ def queue_padded(model, batch: PaddedBatch) -> QueuedScores:
     either: a pageable copy to the GPU can hold the host until the GPU has caught up."""
     dev = compute_device(model)
     to = lambda t: t.to(dev, non_blocking=True)  # noqa: E731
-    mask = _padded_mask(to(batch.segment), compute_dtype(model))
+    mask = _padded_mask(to(batch.segment), to(batch.ancestors), compute_dtype(model))
     out = model(input_ids=to(batch.ids), attention_mask=mask, position_ids=to(batch.pos),
                 logits_to_keep=to(batch.keep), use_cache=False)
     logits = out.logits.float()                                                  # [B, 1 + L - P, V]
@@ -221,7 +280,7 @@ def queue_packed(model, batch: PackedBatch) -> QueuedScores:
     with attention_implementation(model, SHARED_PROMPT_ATTENTION):
         out = model(input_ids=to(batch.ids), position_ids=to(batch.pos), logits_to_keep=to(batch.keep),
                     use_cache=False, prompt_bounds=to(batch.prompt_bounds), answer_rows=to(batch.answer_rows),
-                    answer_bounds=to(batch.answer_bounds), **batch.sizes)
+                    answer_ancestors=to(batch.answer_ancestors), **batch.sizes)
     logits = out.logits[0].float()                                               # [B + T - n, V]
     lse = torch.logsumexp(logits, dim=-1)  # once per kept position, however many candidates read it
     at = to(batch.pair_at)
@@ -231,7 +290,9 @@ def queue_packed(model, batch: PackedBatch) -> QueuedScores:
 
 @torch.no_grad()
 def score_cached(model, builder: PromptBuilder, rows: Sequence[Row], prompts: list[list[int]]) -> list[list[float]]:
-    """Prompt forward with a KV cache, then the candidates' remaining tokens over copies of the cache."""
+    """Prompt forward with a KV cache, then the candidates' remaining tokens over copies of the cache: one copy per
+    candidate, no prefix trie (this layout serves only attention kernels that take no mask, where a trie's
+    branches could not be kept apart)."""
     dev = compute_device(model)
     ids, mask = left_pad(prompts, builder.tok.pad_token_id)
     ids, mask = ids.to(dev), mask.to(dev)

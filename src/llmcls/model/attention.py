@@ -48,13 +48,14 @@ SHARED_PROMPT_ATTENTION = "llmcls_shared_prompt"
 
 
 def shared_prompt_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Scoring attention over one flat batch (:func:`llmcls.layouts.pack_batch`): every row's prompt, then every row's
-    candidates' tokens. A prompt token sees its prompt up to itself; a candidate's token sees its whole prompt and
-    its own candidate up to itself. Three variable-length attention calls (prompts, causal; candidates over their
-    row's prompt; candidates over themselves, causal), the last two merged through their log-sum-exps: nothing is
-    computed for padding or for masked-out pairs, and each prompt once however many candidates follow it. The
-    boundaries come as keyword arguments from the model's forward (ints as ints, so that compiled layers keep
-    them symbolic)."""
+    """Scoring attention over one flat batch (:func:`llmcls.layouts.pack_batch`): every row's prompt, then every
+    row's candidates as a prefix trie (:class:`llmcls.layouts.Trie`). A prompt token sees its prompt up to itself;
+    a trie node sees its whole prompt and its ancestors and itself. Prompts run causal and the nodes over their
+    row's prompt in variable-length attention calls; the nodes over their ancestors (a trie's branches are not
+    contiguous) as a gathered attention over at most depth keys (:func:`ancestor_attention`); those last two are
+    merged through their log-sum-exps. Nothing is computed for padding or for masked-out pairs, each prompt once
+    however many candidates follow it, each shared prefix once. The boundaries come as keyword arguments from the
+    model's forward (ints as ints, so that compiled layers keep them symbolic)."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
     try:
@@ -63,21 +64,41 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
         raise ValueError("shared-prompt attention needs a flat batch's boundaries: its inputs come from "
                          "llmcls.layouts.pack_batch") from None
     groups = getattr(module, "num_key_value_groups", 1)
+    k_own, v_own = key[0, :, n:].transpose(0, 1), value[0, :, n:].transpose(0, 1)  # [T - n, kv heads, head_dim]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, head_dim]
     attend = _varlen_for(query)
     out = attend(q[:n], k[:n], v[:n], pb, pb, pmax, pmax, scale=scaling, window_size=(-1, 0))
     if q.shape[0] > n:
         rows, rmax = kwargs["answer_rows"], kwargs["answer_rows_max"]
-        own, omax = kwargs["answer_bounds"], kwargs["answer_max"]
-        lse = _lse_request()
-        on_prompt, lse_p = attend(q[n:], k[:n], v[:n], rows, pb, rmax, pmax, scale=scaling, return_aux=lse)
-        on_own, lse_o = attend(q[n:], k[n:], v[n:], own, own, omax, omax, scale=scaling, window_size=(-1, 0),
-                               return_aux=lse)
-        # softmax over (prompt keys + own keys) = each part's softmax weighted by its share of the total mass
-        w = torch.sigmoid(lse_p - lse_o).transpose(0, 1)[..., None]             # [T - n, heads, 1]
-        out = torch.cat([out, (on_prompt.float() * w + on_own.float() * (1 - w)).to(out.dtype)])
+        on_prompt, lse_p = attend(q[n:], k[:n], v[:n], rows, pb, rmax, pmax, scale=scaling,
+                                  return_aux=_lse_request())
+        on_own, lse_o = ancestor_attention(q[n:], k_own, v_own, kwargs["answer_ancestors"], scaling)
+        # softmax over (prompt keys + ancestor keys) = each part's softmax weighted by its share of the total mass
+        w = torch.sigmoid(lse_p.float() - lse_o).transpose(0, 1)[..., None]     # [T - n, heads, 1]
+        out = torch.cat([out, (on_prompt.float() * w + on_own * (1 - w)).to(out.dtype)])
     return out[None], None
+
+
+def ancestor_attention(query, key, value, ancestors, scale=None):
+    """Each query over its own few keys: ``ancestors`` [T, D] indexes ``key`` / ``value`` ([T_k, kv heads,
+    head_dim]; -1 for none), ``query`` is [T, heads, head_dim] (heads a multiple of the kv heads, as grouped-query
+    attention shares them). Returns the output in float32 [T, heads, head_dim] and the log-sum-exp [heads, T]
+    (as the variable-length kernel does). One gather of [T, kv heads, head_dim] per depth rather than all at
+    once: a trie is a few levels deep, and its nodes may be many thousands."""
+    t, h, d = query.shape
+    hk = key.shape[1]
+    scale = d ** -0.5 if scale is None else scale
+    q = query.float().reshape(t, hk, h // hk, d)
+    idx = ancestors.clamp(min=0)
+    # a product and a sum over head_dim, not einsum: that would be a batched matmul of T x heads 1 x d x 1 pieces
+    scores = torch.stack([(q * key[idx[:, j]].float()[:, :, None]).sum(-1)
+                          for j in range(ancestors.shape[1])], -1) * scale        # [T, kv heads, groups, D]
+    scores = scores.masked_fill((ancestors < 0)[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    p = torch.exp(scores - lse[..., None])
+    out = sum(p[..., j, None] * value[idx[:, j]].float()[:, :, None] for j in range(ancestors.shape[1]))
+    return out.reshape(t, h, d), lse.reshape(t, h).transpose(0, 1)
 
 
 def shared_prompt_ok(model) -> bool:
