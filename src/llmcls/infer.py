@@ -145,8 +145,10 @@ def generate_batch(model, builder: PromptBuilder, rows: Sequence[Row], max_new_t
 def classify_with(cfg, model, tokenizer, rows: Sequence[Row], **kwargs) -> list[Prediction]:
     """:func:`classify` with a run's settings (its prompt, ``eval.method`` / ``batch_size`` / ``max_new_tokens``,
     ``data.max_length``); ``kwargs`` override or add to them."""
+    from llmcls.windows import settings
+
     opts = dict(method=cfg.eval.method, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                max_length=cfg.data.max_length)
+                max_length=cfg.data.max_length, windows=settings(cfg))
     return classify(model, PromptBuilder(tokenizer, cfg.prompt), rows, **{**opts, **kwargs})
 
 
@@ -158,7 +160,7 @@ def _batches(order: list[int], size: int) -> Iterable[list[int]]:
 def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "score", batch_size: int = 16,
              max_new_tokens: int = 8, max_length: Optional[int] = None, progress: bool = True,
              desc: str = "classify", shard: Optional[tuple[int, int]] = None, calibration=None,
-             abstain_below: Optional[float] = None, lockstep: bool = False) -> list[Prediction]:
+             abstain_below: Optional[float] = None, lockstep: bool = False, windows=None) -> list[Prediction]:
     """Classify rows in batches (longest first, so padding stays small); results come back in input order.
 
     Under torchrun (several processes) each process classifies every world-th batch of the batch plan a single
@@ -167,7 +169,12 @@ def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "
     rank + world, ... of that plan and leaves the other rows None (what each process does under a launch).
     ``lockstep``: every process runs the same number of forwards (FSDP gathers weights in each one, with every
     process taking part), the short ones repeating a batch whose results they drop. ``calibration`` and
-    ``abstain_below``: see :func:`scored_prediction`."""
+    ``abstain_below``: see :func:`scored_prediction`. ``windows`` (:class:`llmcls.windows.WindowSettings`): a
+    text too long for ``max_length`` is read in windows, all scored in one pass over the windows (batched and
+    sharded like rows), their scores combined into one prediction per row."""
+    if windows is not None and windows.active and max_length is not None:
+        return _classify_windows(model, builder, rows, windows, method, batch_size, max_length, progress, desc,
+                                 shard, calibration, abstain_below, lockstep)
     if shard is None and dist.launched():
         mine = classify(model, builder, rows, method, batch_size, max_new_tokens, max_length,
                         progress and dist.is_main(), desc, shard=(dist.rank(), dist.world_size()),
@@ -225,4 +232,21 @@ def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "
                 bar.update(len(idx))
         if queued is not None:
             scored(queued[0], queued[1].result())
+    return preds  # type: ignore[return-value]
+
+
+def _classify_windows(model, builder, rows, windows, method, batch_size, max_length, progress, desc, shard,
+                      calibration, abstain_below, lockstep) -> list[Prediction]:
+    from llmcls.windows import combine, expand, regroup
+
+    if method != "score":
+        raise ValueError("data.long_text=windows combines the windows' candidate scores: it needs eval.method=score")
+    flat, owner = expand(builder, rows, max_length, windows)
+    per_window = classify(model, builder, flat, method, batch_size, max_length=max_length, progress=progress,
+                          desc=f"{desc} ({len(flat)} windows)", shard=shard, lockstep=lockstep)
+    preds: list[Optional[Prediction]] = [None] * len(rows)
+    for i, (r, ps) in enumerate(zip(rows, regroup(per_window, owner, len(rows)))):
+        if all(p is not None for p in ps):  # under shard=, a row's windows may lie in other shards
+            preds[i] = scored_prediction(i, r.candidates, combine([p.logliks for p in ps], windows.combine),
+                                         calibration, abstain_below)
     return preds  # type: ignore[return-value]

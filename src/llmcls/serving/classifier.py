@@ -25,6 +25,7 @@ class Classifier:
     kind: str                      # "run" or "export"
     calibration: Any = None        # llmcls.calibration.Calibration: calibrated probabilities, abstention threshold
     abstain_below: Optional[float] = None  # predict.abstain_below: a threshold over the calibration's
+    windows: Any = None            # llmcls.windows.WindowSettings: long texts read in windows (data.long_text)
     builder: Any = field(init=False)
 
     def __post_init__(self):
@@ -60,14 +61,31 @@ class Classifier:
             from llmcls.encode import PromptBuilder
 
             builder = self._local.builder = PromptBuilder(copy.deepcopy(self.tokenizer), self.prompt)
+        if self._windowed:  # a row's item holds all its windows, so one request row stays one batcher item
+            from llmcls.windows import split
+
+            return [(r, [(w.row, w.prompt) for w in ws])
+                    for r, ws in zip(rows, split(builder, rows, self.max_length, self.windows))]
         return list(zip(rows, prompts_for(builder, rows, self.max_length)))
+
+    @property
+    def _windowed(self) -> bool:
+        return self.windows is not None and self.windows.active and self.max_length is not None
 
     def score(self, prepared: Sequence[tuple[Row, list[int]]]) -> list:
         """One :class:`llmcls.infer.Prediction` per prepared row, all in one :func:`llmcls.infer.score_batch`."""
         from llmcls.infer import score_batch, scored_prediction
 
         rows = [r for r, _ in prepared]
-        logliks = score_batch(self.model, self.builder, rows, prompts=[p for _, p in prepared])
+        if self._windowed:  # every window of every row in one forward, then one prediction per row
+            from llmcls.windows import combine, regroup
+
+            flat = [w for _, ws in prepared for w in ws]
+            owner = [i for i, (_, ws) in enumerate(prepared) for _ in ws]
+            scores = score_batch(self.model, self.builder, [w for w, _ in flat], prompts=[p for _, p in flat])
+            logliks = [combine(g, self.windows.combine) for g in regroup(scores, owner, len(rows))]
+        else:
+            logliks = score_batch(self.model, self.builder, rows, prompts=[p for _, p in prepared])
         return [scored_prediction(i, r.candidates, ll, self.calibration, self.abstain_below)
                 for i, (r, ll) in enumerate(zip(rows, logliks))]
 
@@ -78,7 +96,7 @@ class Classifier:
 
         return classify(self.model, self.builder, rows, method="score", batch_size=max(1, len(rows)),
                         max_length=self.max_length, progress=False, calibration=self.calibration,
-                        abstain_below=self.abstain_below)
+                        abstain_below=self.abstain_below, windows=self.windows)
 
 
 def load_classifier(path: str | Path, device: Optional[str] = None, dtype=None, compile: bool = False) -> Classifier:
@@ -110,13 +128,18 @@ def _load_classifier(path, device, dtype) -> Classifier:
         from llmcls.calibration import Calibration
 
         cal = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
+        from llmcls.rundir import export_config
+        from llmcls.windows import settings
+
         return Classifier(model, tok, PromptConfig(**meta["prompt"]), list(meta["labels"]), meta["max_length"],
-                          p.resolve().name, "export", cal)
+                          p.resolve().name, "export", cal, windows=settings(export_config(p)))
     run = RunDir(p)
     if run.config_file.is_file():
         model, tok, cfg = load_trained(p, device=device, dtype=dtype)
+        from llmcls.windows import settings
+
         return Classifier(model, tok, cfg.prompt, run.labels(), cfg.data.max_length, p.resolve().name, "run",
-                          run.load_calibration())
+                          run.load_calibration(), windows=settings(cfg))
     raise FileNotFoundError(f"{p} is neither a run directory (config.yaml) nor an export ({EXPORT_META})")
 
 
