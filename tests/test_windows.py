@@ -55,6 +55,7 @@ def test_windows_tile_the_text_and_fit(tokenizer, overlap):
             assert w.prompt == b.prompt_ids(w.row)  # the prompt the model reads for this text, as for any row
             assert len(w.prompt) + longest <= L
             assert w.row.candidates == row.candidates and w.row.label == row.label
+            assert row.text[slice(*w.chars)] == w.row.text
 
 
 def test_a_cut_never_splits_a_character(tokenizer):
@@ -82,6 +83,27 @@ def test_max_windows_keeps_evenly_spaced_first_and_last(tokenizer):
     capped = split(b, [row], 128, _settings(max_windows=3))[0]
     assert len(every) > 3 and [(w.start, w.end) for w in capped] == [
         (every[j].start, every[j].end) for j in (0, round((len(every) - 1) / 2), len(every) - 1)]
+
+
+def test_baseline_reads_what_the_windows_read(tokenizer):
+    from llmcls.windows import as_read
+
+    b = PromptBuilder(tokenizer, PromptConfig())
+    rows = _long_rows(2) + [Row("football", CANDS, None)]
+    assert [r.text for r in as_read(b, rows, 128, _settings())] == [r.text for r in rows]
+    capped = as_read(b, rows[:1], 128, _settings(max_windows=2))[0].text
+    ws = split(b, rows[:1], 128, _settings(max_windows=2))[0]
+    assert capped == rows[0].text[slice(*ws[0].chars)] + rows[0].text[slice(*ws[1].chars)]
+    assert len(capped) < len(rows[0].text)
+
+
+def test_bad_window_settings_name_the_key():
+    from llmcls.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.window_overlap"):
+        WindowSettings("windows", -1)
+    with pytest.raises(ConfigError, match="data.max_windows"):
+        WindowSettings("windows", 8, 0)
 
 
 def _log_softmax(xs):

@@ -40,6 +40,16 @@ class WindowSettings:
     max_windows: Optional[int] = 16
     combine: str = "mean"
 
+    def __post_init__(self):
+        from llmcls.config import ConfigError
+
+        if self.overlap < 0:
+            raise ConfigError(f"data.window_overlap={self.overlap}: 0 or more tokens")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise ConfigError(f"data.max_windows={self.max_windows}: 1 or more (null: no cap)")
+        if self.combine not in COMBINE:
+            raise ConfigError(f"eval.window_combine={self.combine!r}: one of {', '.join(COMBINE)}")
+
     @property
     def active(self) -> bool:
         return self.long_text == "windows"
@@ -56,6 +66,7 @@ class Window:
     prompt: list[int]        # its prompt ids (fits max_length with the longest answer)
     start: int               # token span [start, end) of the document's own tokenisation
     end: int
+    chars: tuple[int, int]   # its text's character span in the document's text
 
 
 def _clean(offsets: Sequence[tuple[int, int]], k: int) -> bool:
@@ -112,11 +123,9 @@ def pick(spans_: list[tuple[int, int]], max_windows: Optional[int]) -> list[tupl
     return [spans_[round(j * (k - 1) / (max_windows - 1))] for j in range(max_windows)]
 
 
-def _text(row: Row, offsets, start: int, end: int) -> str:
+def _chars(row: Row, offsets, start: int, end: int) -> tuple[int, int]:
     # Cuts at token starts, so the windows' texts tile the text (whitespace between tokens included).
-    a = 0 if start == 0 else offsets[start][0]
-    b = len(row.text) if end >= len(offsets) else offsets[end][0]
-    return row.text[a:b]
+    return (0 if start == 0 else offsets[start][0]), (len(row.text) if end >= len(offsets) else offsets[end][0])
 
 
 def split(builder: PromptBuilder, rows: Sequence[Row], max_length: int, s: WindowSettings) -> list[list[Window]]:
@@ -141,22 +150,23 @@ def split(builder: PromptBuilder, rows: Sequence[Row], max_length: int, s: Windo
             whole.append(i)
     for i, p in zip(whole, builder.batch_prompt_ids([rows[i] for i in whole]) if whole else []):
         if len(p) <= limits[i]:
-            out[i] = [Window(rows[i], p, 0, len(offsets[i]))]
+            out[i] = [Window(rows[i], p, 0, len(offsets[i]), (0, len(rows[i].text)))]
             del width[i]
         else:
             width[i] = min(width[i], len(offsets[i]) - (len(p) - limits[i]))
     while width:
         todo = list(width)
         cut = {i: pick(spans(offsets[i], width[i], s.overlap), s.max_windows) for i in todo}
-        flat = [(i, a, b, Row(_text(rows[i], offsets[i], a, b), rows[i].candidates, rows[i].label, rows[i].line))
-                for i in todo for a, b in cut[i]]
+        flat = [(i, a, b, Row(rows[i].text[slice(*_chars(rows[i], offsets[i], a, b))], rows[i].candidates,
+                              rows[i].label, rows[i].line)) for i in todo for a, b in cut[i]]
         prompts = builder.batch_prompt_ids([w for *_, w in flat])
         excess: dict[int, int] = {i: 0 for i in todo}
         for (i, *_), p in zip(flat, prompts):
             excess[i] = max(excess[i], len(p) - limits[i])
         for i in todo:
             if excess[i] <= 0:
-                out[i] = [Window(w, p, a, b) for (j, a, b, w), p in zip(flat, prompts) if j == i]
+                out[i] = [Window(w, p, a, b, _chars(rows[i], offsets[i], a, b))
+                          for (j, a, b, w), p in zip(flat, prompts) if j == i]
                 del width[i]
             elif width[i] - excess[i] < 1:
                 raise PromptTooLong(f"row at line {rows[i].line}: no window of its text fits {max_length} tokens")
@@ -203,3 +213,16 @@ def regroup(values: Sequence, owner: Sequence[int], n: int) -> list[list]:
     for o, v in zip(owner, values):
         groups[o].append(v)
     return groups
+
+
+def as_read(builder: PromptBuilder, rows: Sequence[Row], max_length: int, s: WindowSettings) -> list[Row]:
+    """The rows as windows read them: the whole text, or, past ``max_windows``, the text of the windows kept
+    (each character once, in order)."""
+    out = []
+    for r, ws in zip(rows, split(builder, rows, max_length, s)):
+        parts, seen = [], 0
+        for a, b in (w.chars for w in ws):
+            parts.append(r.text[max(a, seen):b])
+            seen = max(seen, b)
+        out.append(r if len(ws) == 1 else Row("".join(parts), r.candidates, r.label, r.line))
+    return out
