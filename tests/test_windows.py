@@ -215,3 +215,34 @@ def test_fudan_windows_tile_and_fit(tokenizer):
         for prev, w in zip(ws, ws[1:]):
             joined += ids[prev.end:w.end]
         assert joined == ids and all(len(w.prompt) + longest <= 384 for w in ws)
+
+
+@pytest.mark.slow
+def test_cli_train_eval_predict_with_windows(tokenizer_dir, tmp_path):
+    """The whole path on a tiny run: training on every window, dev selection and calibration reading windows,
+    eval and predict answering one line per input row."""
+    from conftest import tiny_args
+    from llmcls.cli import main
+    from llmcls.rundir import RunDir
+
+    rows = [{"text": r.text, "category": CANDS, "output": r.label} for r in _long_rows(4)] * 3
+    rows += [{"text": w, "category": CANDS, "output": c} for w, c in
+             (("football", "Sport"), ("election", "Politics"), ("software", "Technology"))] * 2
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    test = write_jsonl(tmp_path / "test.jsonl", rows[::2])
+    out = tmp_path / "run"
+    args = tiny_args(train, test, out, **{"train.max_steps": 2, "train.epochs": 1, "data.dev_fraction": 0.25,
+                                          "eval.every_steps": 1, "train.select_best": "accuracy",
+                                          "data.long_text": "windows", "train.long_text_windows": "all",
+                                          "data.window_overlap": 16, "data.max_windows": 4})
+    assert main(["train", *args]) == 0
+    run = RunDir(out)
+    prep = json.loads(run.data.summary.read_text(encoding="utf-8"))
+    assert prep["windows"]["examples"] > prep["rows"]
+    assert main(["eval", str(out)]) == 0
+    metrics = json.loads(run.eval.metrics.read_text(encoding="utf-8"))
+    assert metrics["long_text"]["long_text"] == "windows"
+    assert len(run.eval.predictions.read_text(encoding="utf-8").splitlines()) == len(rows[::2])
+    pred_out = tmp_path / "pred.jsonl"
+    assert main(["predict", str(out), "-i", str(test), "-o", str(pred_out), "--eval.window_combine", "max"]) == 0
+    assert len(pred_out.read_text(encoding="utf-8").splitlines()) == len(rows[::2])
