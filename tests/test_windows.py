@@ -66,6 +66,20 @@ def test_a_cut_never_splits_a_character(tokenizer):
         assert set(w.row.text) == {"𠀀"}
 
 
+def test_narrow_windows_end_or_fail_clearly(tokenizer):
+    from llmcls.encode import PromptTooLong
+    from llmcls.windows import spans
+
+    off = [(i, i + 1) for i in range(5)]
+    assert spans(off, 1, 3) == [(i, i + 1) for i in range(5)] and spans(off, 0, 0) == spans(off, 1, 0)
+    b = PromptBuilder(tokenizer, PromptConfig())
+    room = b.empty_prompt_length(CANDS) + max(len(b.answer_ids(c)) for c in CANDS)
+    with pytest.raises(PromptTooLong):  # two tokens of room: no window of this text fits
+        split(b, [Row(PIECE * 3, CANDS, None)], room + 2, _settings())
+    with pytest.raises(PromptTooLong, match="no room for the text"):
+        split(b, [Row(PIECE, CANDS, None)], room, _settings())
+
+
 def test_short_text_is_one_window_identical_to_today(tokenizer):
     b = PromptBuilder(tokenizer, PromptConfig())
     rows = [Row("football match report", CANDS, "Sport"), Row(PIECE * 2, CANDS, "Sport")]

@@ -98,7 +98,7 @@ def spans(offsets: Sequence[tuple[int, int]], width: int, overlap: int) -> list[
     """Token spans [start, end) of windows of at most ``width`` tokens covering ``len(offsets)`` tokens,
     neighbours sharing ``min(overlap, width // 2)`` tokens (more where a cut moves back to a character boundary,
     and for the last window, aligned to the end)."""
-    n = len(offsets)
+    n, width = len(offsets), max(1, width)
     if n <= width:
         return [(0, n)]
     overlap = max(0, min(overlap, width // 2))
@@ -149,7 +149,7 @@ def split(builder: PromptBuilder, rows: Sequence[Row], max_length: int, s: Windo
             raise PromptTooLong(
                 f"the prompt without any text is already {empty} tokens; the limit of {limits[i]} leaves no "
                 "room for the text (raise max_length, or shorten the system prompt or the candidates)")
-        width[i] = limits[i] - empty - JOIN_MARGIN
+        width[i] = max(1, limits[i] - empty - JOIN_MARGIN)
         if len(offsets[i]) <= width[i] + 8:  # may fit whole (the template's joins shift a few tokens)
             whole.append(i)
     for i, p in zip(whole, builder.batch_prompt_ids([rows[i] for i in whole]) if whole else []):
