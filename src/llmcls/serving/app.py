@@ -318,6 +318,7 @@ def create_app(clf: Classifier, token: Optional[str] = None, cfg: Optional[Serve
         cal = clf.calibration
         return {"status": "ok", "model": clf.name, "source": clf.kind, "device": clf.device, "dtype": clf.dtype,
                 "labels": len(labels or []), "max_length": clf.max_length, "batcher": batcher.snapshot(),
+                "long_text": vars(clf.windows) if clf.windows is not None else None,
                 "calibration": None if cal is None else {"method": cal.method, "temperature": cal.temperature,
                                                          "threshold": cal.threshold}}
 
