@@ -13,6 +13,10 @@ import time
 from pathlib import Path
 
 
+def _q(s: list[int], p: float) -> int:
+    return s[min(len(s) - 1, int(p * (len(s) - 1) + 0.5))]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
@@ -40,9 +44,8 @@ def main() -> None:
                 counts += [len(w) for w in split(builder, rows[i:i + 256], L,
                                                  WindowSettings("windows", a.overlap, None))]
             s = sorted(counts)
-            q = lambda p: s[min(len(s) - 1, int(p * (len(s) - 1) + 0.5))]  # noqa: E731
             r = {"rows": len(s), "windows": sum(s), "mean": round(sum(s) / len(s), 2),
-                 "p50": statistics.median(s), "p90": q(0.9), "p99": q(0.99), "max": s[-1],
+                 "p50": statistics.median(s), "p90": _q(s, 0.9), "p99": _q(s, 0.99), "max": s[-1],
                  "one_window": sum(c == 1 for c in s), "over_16": sum(c > 16 for c in s),
                  "windows_if_capped_16": sum(min(c, 16) for c in s), "split_s": round(time.perf_counter() - t0, 1)}
             out["results"][f"{name}@{L}"] = r

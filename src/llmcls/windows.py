@@ -172,7 +172,7 @@ def split(builder: PromptBuilder, rows: Sequence[Row], max_length: int, s: Windo
                 out[i] = [Window(w, p, a, b, _chars(rows[i], offsets[i], a, b))
                           for (j, a, b, w), p in zip(flat, prompts) if j == i]
                 del width[i]
-            elif width[i] - excess[i] < 1:
+            elif width[i] - excess[i] - 1 < 1:
                 raise PromptTooLong(f"row at line {rows[i].line}: no window of its text fits {max_length} tokens")
             else:
                 width[i] -= excess[i] + 1
