@@ -6,6 +6,7 @@ Where each stage lives (the CLI, ``cli.py``, is a thin layer over these):
     rundir.py                  the run directory and export folder: their paths, loading a finished run
     data.py                    1  raw jsonl -> validated rows
     encode.py, collate.py      2  prompts, answer-keeping truncation; training batches and loss
+    windows.py                 2  long texts read whole in windows; their scores combined (5)
     model/                     3  load.py (weights, LoRA, placement), attention.py, tiny.py
     trainer.py                 4  HF Trainer arguments, callbacks
     layouts.py, infer.py       5  scoring layouts; classify / generate

@@ -24,19 +24,23 @@ from llmcls.config import Config, ConfigError, iter_fields, load_config
 log = logging.getLogger("llmcls")
 
 ALL = ("",)
+# How eval, predict, calibrate and serve read a text too long for max_length (llmcls.windows).
+WINDOW_KEYS = ("data.long_text", "data.window_overlap", "data.max_windows", "eval.window_combine")
 # Keys (or section prefixes ending in '.') each command reads; an option outside them would be silently ignored,
 # so it is not offered.
 COMMAND_KEYS: dict[str, tuple[str, ...]] = {
     "prepare": ALL, "train": ALL, "run": ALL,
-    "eval": ("eval.method", "eval.batch_size", "eval.max_new_tokens", "eval.log_samples", "eval.compile",
-             "eval.shortlist", "track.",
+    "eval": (*WINDOW_KEYS, "eval.method", "eval.batch_size", "eval.max_new_tokens", "eval.log_samples",
+             "eval.compile", "eval.shortlist", "track.",
              "data.test_file", "data.max_eval_rows", "data.on_invalid", "data.text_field",
              "data.category_field", "data.output_field", "model.device_map"),
-    "predict": ("predict.", "eval.method", "eval.batch_size", "eval.max_new_tokens", "eval.compile", "eval.shortlist",
+    "predict": ("predict.", *WINDOW_KEYS, "eval.method", "eval.batch_size", "eval.max_new_tokens",
+                "eval.compile", "eval.shortlist",
                 "data.text_field", "data.category_field", "model.device_map"),
-    "calibrate": ("calibration.", "eval.batch_size", "eval.compile", "data.dev_file", "model.device_map"),
+    "calibrate": ("calibration.", *WINDOW_KEYS, "eval.batch_size", "eval.compile", "data.dev_file",
+                  "model.device_map"),
     "export": ("export.",),
-    "serve": ("serve.", "predict.abstain_below"),
+    "serve": ("serve.", "predict.abstain_below", *WINDOW_KEYS),
     "baseline": ("baseline.", "data.text_field", "data.category_field", "data.output_field", "data.on_invalid",
                  "data.max_train_rows", "data.max_eval_rows"),
 }
@@ -262,11 +266,12 @@ def cmd_export(args) -> int:
 def cmd_serve(args) -> int:
     from llmcls.rundir import RunDir, export_config, is_export
     from llmcls.serving.app import serve
+    from llmcls.windows import settings
 
     overrides = overrides_from(args)
     cfg = export_config(args.path, overrides) if is_export(args.path) else RunDir(args.path).load_config(overrides)
     serve(args.path, cfg.serve, token=args.token, log_level="warning" if args.quiet else "info",
-          abstain_below=cfg.predict.abstain_below)
+          abstain_below=cfg.predict.abstain_below, windows=settings(cfg))
     return 0
 
 

@@ -93,6 +93,12 @@ class DataConfig:
     truncation: Literal["text", "right"] = f(
         "text", "'text' shortens the text so the answer is always kept; 'right' is the tutorial's cut."
     )
+    long_text: Literal["cut", "windows"] = f(
+        "cut", "A text too long for max_length: 'cut' to its lead, or read whole in 'windows' (each window's prompt "
+        "fits max_length; eval/predict/serve combine their scores, eval.window_combine).")
+    window_overlap: int = f(64, "Tokens of text shared by consecutive windows (at most half a window).")
+    max_windows: Optional[int] = f(16, "Most windows per text; a longer one keeps this many, evenly spaced (first and "
+                                       "last included), and the text between them is not read (null: no cap).")
     max_train_rows: Optional[int] = f(None, "Use only the first N training rows (quick experiments).")
     max_eval_rows: Optional[int] = f(None, "Evaluate only the first N test rows (default: all).")
     dev_file: Optional[str] = f(None, "Raw dev jsonl: scored during training to pick the best step and to calibrate.")
@@ -156,6 +162,9 @@ class TrainConfig:
         0.95, "An earlier dev evaluation replaces the last step only if it beats it in at least this share of "
         "bootstrap resamples of the dev rows (paired; 0: plain best-of, whatever the noise).")
     keep_last: bool = f(False, "Also keep the last step's weights in RUN/last when select_best picks an earlier step.")
+    long_text_windows: Literal["first", "all"] = f(
+        "first", "How training sees a text too long for data.max_length: its 'first' window (the lead, as today) or "
+        "'all' its windows (data.window_overlap, data.max_windows), each an example with the text's label.")
     fsdp: Literal["off", "full_shard", "shard_grad_op"] = f(
         "off", "Shard the model over the processes of a torchrun/accelerate launch (FSDP2, CUDA only): "
         "'full_shard' shards weights, gradients and optimizer state; 'shard_grad_op' keeps weights whole "
@@ -179,6 +188,9 @@ class EvalConfig:
                           "(many labels; 0: all).")
     zero_shot: bool = f(False, "'llmcls run' also scores the base model without fine-tuning (RUN/zero-shot), "
                                "for the report.")
+    window_combine: Literal["mean", "max", "sum"] = f(
+        "mean", "How data.long_text=windows joins a text's window scores: mean (of each window's log-probabilities; "
+        "confidence does not grow with length), max (each candidate's best window) or sum (product of experts).")
     compile: bool = f(False, "torch.compile each decoder layer for eval and predict (GPU: fused kernels; the first "
                              "batches pay ~30 s of compile time, so it pays from a few thousand rows).")
 

@@ -157,8 +157,10 @@ def generate_batch(model, builder: PromptBuilder, rows: Sequence[Row], max_new_t
 def classify_with(cfg, model, tokenizer, rows: Sequence[Row], **kwargs) -> list[Prediction]:
     """:func:`classify` with a run's settings (its prompt, ``eval.method`` / ``batch_size`` / ``max_new_tokens``,
     ``data.max_length``); ``kwargs`` override or add to them."""
+    from llmcls.windows import settings
+
     opts = dict(method=cfg.eval.method, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                max_length=cfg.data.max_length, shortlist=cfg.eval.shortlist)
+                max_length=cfg.data.max_length, shortlist=cfg.eval.shortlist, windows=settings(cfg))
     return classify(model, PromptBuilder(tokenizer, cfg.prompt), rows, **{**opts, **kwargs})
 
 
@@ -171,7 +173,7 @@ def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "
              max_new_tokens: int = 8, max_length: Optional[int] = None, progress: bool = True,
              desc: str = "classify", shard: Optional[tuple[int, int]] = None, calibration=None,
              abstain_below: Optional[float] = None, lockstep: bool = False, lexical=None,
-             shortlist: int = 0) -> list[Prediction]:
+             shortlist: int = 0, windows=None) -> list[Prediction]:
     """Classify rows in batches (longest first, so padding stays small); results come back in input order.
 
     Under torchrun (several processes) each process classifies every world-th batch of the batch plan a single
@@ -182,10 +184,15 @@ def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "
     process taking part), the short ones repeating a batch whose results they drop. ``calibration`` and
     ``abstain_below``: see :func:`scored_prediction`. ``lexical`` (a :class:`llmcls.lexical.LexicalModel`) scores
     every candidate too, for a hybrid calibration and for ``shortlist``: then only each row's ``shortlist``
-    candidates it ranks highest are offered to and scored by the LLM (0: all)."""
+    candidates it ranks highest are offered to and scored by the LLM (0: all). ``windows``
+    (:class:`llmcls.windows.WindowSettings`): a text too long for ``max_length`` is read in windows, all scored in
+    one pass over the windows (batched and sharded like rows), their scores combined into one prediction per row."""
     if shortlist and lexical is None and method == "score":
         raise ValueError("eval.shortlist ranks candidates with the run's TF-IDF model, and this run has none "
                          "(it is fitted when training with eval.shortlist or eval.hybrid set)")
+    if windows is not None and windows.active and max_length is not None:
+        return _classify_windows(model, builder, rows, windows, method, batch_size, max_length, progress, desc,
+                                 shard, calibration, abstain_below, lockstep, lexical, shortlist)
     if shard is None and dist.launched():
         mine = classify(model, builder, rows, method, batch_size, max_new_tokens, max_length,
                         progress and dist.is_main(), desc, shard=(dist.rank(), dist.world_size()),
@@ -216,11 +223,7 @@ def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "
     def prep(idx):  # the next batch's tokens and tensors, made on a thread while the model runs this one
         batch, lex = [rows[i] for i in idx], None
         if lexical is not None and layout is not None:
-            from llmcls.lexical import cut_texts, shortlist_rows
-
-            lex = lexical.candidate_scores(cut_texts(batch, lexical.text,
-                                                     lambda rs: as_read(builder, rs, max_length)))
-            batch, lex = shortlist_rows(batch, lex, shortlist)
+            batch, lex = _lexical_scores(lexical, builder, batch, max_length, None, shortlist)
         prompts = prompts_for(builder, batch, max_length)
         return batch, lex, prompts, (layout.prepare(builder, batch, prompts, pin) if layout is not None else None)
 
@@ -251,4 +254,42 @@ def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "
                 bar.update(len(idx))
         if queued is not None:
             scored(*queued[:3], queued[3].result())
+    return preds  # type: ignore[return-value]
+
+
+def reader(builder: PromptBuilder, max_length: Optional[int], windows=None):
+    """What the LLM reads of each row (a function of rows): the text cut to fit ``max_length`` or, with windows,
+    what the windows read. The TF-IDF model of a hybrid or a baseline with ``text: same`` reads the same."""
+    if windows is not None and windows.active and max_length is not None:
+        from llmcls.windows import as_read as windows_read
+
+        return lambda rs: windows_read(builder, rs, max_length, windows)
+    return lambda rs: as_read(builder, rs, max_length)
+
+
+def _lexical_scores(lexical, builder, rows, max_length, windows, shortlist):
+    """The rows (cut to their shortlist) and their candidates' TF-IDF scores, the text read as the LLM reads it."""
+    from llmcls.lexical import cut_texts, shortlist_rows
+
+    scores = lexical.candidate_scores(cut_texts(rows, lexical.text, reader(builder, max_length, windows)))
+    return shortlist_rows(rows, scores, shortlist)
+
+
+def _classify_windows(model, builder, rows, windows, method, batch_size, max_length, progress, desc, shard,
+                      calibration, abstain_below, lockstep, lexical=None, shortlist=0) -> list[Prediction]:
+    from llmcls.windows import combine, expand, regroup
+
+    if method != "score":
+        raise ValueError("data.long_text=windows combines the windows' candidate scores: it needs eval.method=score")
+    lex = None
+    if lexical is not None:  # the whole document's TF-IDF scores, once per row, not per window
+        rows, lex = _lexical_scores(lexical, builder, rows, max_length, windows, shortlist)
+    flat, owner = expand(builder, rows, max_length, windows)
+    per_window = classify(model, builder, flat, method, batch_size, max_length=max_length, progress=progress,
+                          desc=f"{desc} ({len(flat)} windows)", shard=shard, lockstep=lockstep)
+    preds: list[Optional[Prediction]] = [None] * len(rows)
+    for i, (r, ps) in enumerate(zip(rows, regroup(per_window, owner, len(rows)))):
+        if all(p is not None for p in ps):  # under shard=, a row's windows may lie in other shards
+            preds[i] = scored_prediction(i, r.candidates, combine([p.logliks for p in ps], windows.combine),
+                                         calibration, abstain_below, None if lex is None else lex[i])
     return preds  # type: ignore[return-value]

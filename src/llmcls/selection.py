@@ -25,6 +25,7 @@ from llmcls.files import atomic_dir, atomic_write_json
 from llmcls.infer import classify
 from llmcls.metrics import dev_metrics
 from llmcls.rundir import RunDir, read_json
+from llmcls.windows import settings
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class DevEvaluator(TrainerCallback):
                 preds = classify(self.model, self.builder, self.rows, batch_size=self.cfg.eval.batch_size,
                                  max_length=self.cfg.data.max_length, progress=False, desc="dev",
                                  lockstep=self.cfg.train.fsdp != "off", lexical=self.lexical,
-                                 shortlist=self.cfg.eval.shortlist)
+                                 shortlist=self.cfg.eval.shortlist, windows=settings(self.cfg))
         finally:
             self.model.train(was_training)
         m = dev_metrics(self.rows, preds)

@@ -92,16 +92,18 @@ def baseline(train_file: str | Path, test_file: str | Path, out_dir: Optional[st
 
 def view_of_run(run_dir: str | Path) -> Callable[[list[Row]], list[Row]]:
     """The rows as the run's LLM reads them: its tokenizer, prompt and ``data.max_length`` cut each text
-    (:func:`llmcls.infer.as_read`), so that the baseline reads the same characters."""
+    (:func:`llmcls.infer.as_read`; with ``data.long_text: windows``, what its windows read), so that the baseline
+    reads the same characters."""
     from llmcls.encode import PromptBuilder
-    from llmcls.infer import as_read
+    from llmcls.infer import reader
     from llmcls.model.load import load_tokenizer
     from llmcls.rundir import RunDir
+    from llmcls.windows import settings
 
     run = RunDir(run_dir)
     cfg = run.load_config()
     builder = PromptBuilder(load_tokenizer(cfg.model, str(run.tokenizer)), cfg.prompt)
-    return lambda rows: as_read(builder, rows, cfg.data.max_length)
+    return reader(builder, cfg.data.max_length, settings(cfg))
 
 
 def summary_line(m: dict) -> str:

@@ -20,6 +20,7 @@ from llmcls.files import atomic_write_json, atomic_write_jsonl
 from llmcls.infer import classify_with, record
 from llmcls.metrics import compute_metrics
 from llmcls.rundir import RunDir, model_for_run
+from llmcls.windows import settings
 
 
 def samples_for_tracker(rows, records: list[dict], n: int) -> list[dict]:
@@ -64,6 +65,8 @@ def evaluate(run_dir: str | Path, cfg: Optional[Config] = None, model=None, toke
         "processes": dist.world_size(), "weights": weights,
         "environment": environment(),
     })
+    if settings(cfg).active:  # how long texts were read: the figures depend on it
+        metrics["long_text"] = vars(settings(cfg))
     if method == "score":
         metrics["calibration"] = probability_quality(rows, preds, calibration)
     if not dist.is_main():

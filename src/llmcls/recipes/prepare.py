@@ -20,6 +20,7 @@ from llmcls.data import DataError, read_rows, split_dev, to_instruction, to_raw
 from llmcls.encode import PromptBuilder, PromptTooLong, encode_train
 from llmcls.files import atomic_dir, atomic_write_json, atomic_write_jsonl, sha256_file, sha256_json
 from llmcls.rundir import DataDir
+from llmcls.windows import settings, split
 
 CACHE_VERSION = 2  # 2: the encoded rows carry their label (train.class_weights)
 
@@ -46,8 +47,10 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
     if not train_file:
         raise ValueError("no training file: set data.train_file in the config or pass --train FILE")
     out = DataDir(Path(out_dir))
+    every_window = cfg.train.long_text_windows == "all"
     key = sha256_json({"v": CACHE_VERSION, "input": sha256_file(train_file), "data": vars(cfg.data),
-                       "prompt": vars(cfg.prompt), "tokenizer": _tokenizer_key(tokenizer)})
+                       "prompt": vars(cfg.prompt), "tokenizer": _tokenizer_key(tokenizer),
+                       **({"windows": "all"} if every_window else {})})
     summary_path = out.summary
     if summary_path.is_file() and out.encoded.is_dir():
         cached = json.loads(summary_path.read_text(encoding="utf-8"))
@@ -66,13 +69,19 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
     builder = PromptBuilder(tokenizer, cfg.prompt)
     cols: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "label": []}
     full_lengths, shortened, kept, tutorial_kept = [], 0, 0, 0
-    used = []
+    used, windows_per_row = [], []
     bar = tqdm(total=len(rows), desc="encode", unit="row", disable=not progress)
     for start in range(0, len(rows), 256):
         chunk = rows[start:start + 256]
         for row, ids in zip(chunk, builder.batch_prompt_ids(chunk)):
             try:
                 enc = encode_train(builder, row, cfg.data.max_length, cfg.data.truncation, ids)
+                # train.long_text_windows=all: every window of a long text is an example (windows as eval reads
+                # them); the row's statistics below stay those of the whole text.
+                wins = (split(builder, [row], cfg.data.max_length, settings(cfg))[0]
+                        if every_window and enc.shortened else [])
+                encs = [encode_train(builder, w.row, cfg.data.max_length, cfg.data.truncation, w.prompt)
+                        for w in wins] or [enc]
             except PromptTooLong as e:
                 err = DataError(train_file, row.line, cfg.data.category_field, str(e))
                 if cfg.data.on_invalid != "skip":
@@ -80,10 +89,12 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
                 invalid.append(err)
                 continue
             used.append(row)
-            cols["input_ids"].append(enc.input_ids)
-            cols["labels"].append(enc.labels)
-            cols["length"].append(len(enc.input_ids))
-            cols["label"].append(row.label)
+            windows_per_row.append(len(encs))
+            for e in encs:
+                cols["input_ids"].append(e.input_ids)
+                cols["labels"].append(e.labels)
+                cols["length"].append(len(e.input_ids))
+                cols["label"].append(row.label)
             full_lengths.append(enc.full_length)
             shortened += enc.shortened
             kept += enc.answer_kept
@@ -109,6 +120,10 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
         "shortened": shortened, "answer_kept": kept, "tutorial_answer_kept": tutorial_kept,
         "dev": dev_info, "cache_key": key, "cached": False,
     }
+    if every_window:
+        summary["windows"] = {"long_text_windows": "all", "examples": len(cols["label"]),
+                              "overlap": cfg.data.window_overlap, "max_windows": cfg.data.max_windows,
+                              "per_row": _percentiles(windows_per_row)}
     atomic_write_json(summary_path, summary)
     return summary
 
@@ -128,6 +143,11 @@ def summary_lines(summary: dict) -> list[str]:
     lines.append(f"shortened to {summary['max_length']} tokens: {summary['shortened']}; whole answer kept: "
                  f"{summary['answer_kept']}/{summary['rows']} (the tutorial's right cut keeps an answer token in "
                  f"{summary['tutorial_answer_kept']})")
+    if summary.get("windows"):
+        w = summary["windows"]
+        lines.append(f"every window of a long text trained on: {w['examples']} examples from {summary['rows']} rows "
+                     f"(windows per row: median {w['per_row']['median']}, p90 {w['per_row']['p90']}, "
+                     f"max {w['per_row']['max']})")
     lines += [f"  skipped: {e}" for e in summary["invalid_examples"]]
     if summary.get("dev"):
         d = summary["dev"]

@@ -51,6 +51,9 @@ def plan(cfg: Config, rows: int | None = None) -> dict:
         total = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(steps_per_epoch * cfg.train.epochs)
         out.update(rows=rows, steps_per_epoch=steps_per_epoch, total_steps=total,
                    checkpoints=total // cfg.train.save_steps if cfg.train.save_steps > 0 else 0)
+        if cfg.train.long_text_windows == "all":  # the windows are counted only once the texts are tokenised
+            out["note"] = ("train.long_text_windows=all: one example per window of a long text, so more steps than "
+                           "planned from rows ('llmcls prepare' counts the examples)")
     return out
 
 
@@ -76,14 +79,15 @@ def fit_lexical(cfg: Config, run: RunDir, tokenizer, summary: dict, progress: bo
     """The TF-IDF model of ``eval.hybrid`` / ``eval.shortlist``, fitted on the rows the LLM trains on (the dev rows
     left out), each read as ``baseline.text`` says, into ``RUN/lexical``."""
     from llmcls.encode import PromptBuilder
-    from llmcls.infer import as_read
+    from llmcls.infer import reader
     from llmcls.lexical import LexicalModel, cut_texts
+    from llmcls.windows import settings
 
     rows, _ = read_rows(cfg.data.train_file, cfg.data, limit=cfg.data.max_train_rows)
     dev_lines = set((summary.get("dev") or {}).get("lines", ()))
     rows = [r for r in rows if r.line not in dev_lines]
     builder = PromptBuilder(tokenizer, cfg.prompt)
-    rows = cut_texts(rows, cfg.baseline.text, lambda rs: as_read(builder, rs, cfg.data.max_length))
+    rows = cut_texts(rows, cfg.baseline.text, reader(builder, cfg.data.max_length, settings(cfg)))
     model = LexicalModel.fit(rows, C=cfg.baseline.svm_c, text=cfg.baseline.text, progress=progress)
     model.save(run.lexical)
     log.info("TF-IDF model (%s): %d rows, %d features, %d labels, reading %s", "hybrid" if cfg.eval.hybrid
@@ -127,8 +131,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
         dataset = dataset.add_column("weight", [weights[label] for label in dataset["label"]])
         log.info("class weights (%s): %s", cfg.train.class_weights,
                  ", ".join(f"{k} {v:.3g}" for k, v in sorted(weights.items(), key=lambda kv: -kv[1])[:8]))
-    log.info("data: %d rows, %d shortened, answer kept in %d", summary["rows"], summary["shortened"],
-             summary["answer_kept"])
+    log.info("data: %d rows, %d shortened, answer kept in %d%s", summary["rows"], summary["shortened"],
+             summary["answer_kept"], f"; {len(dataset)} examples, one per window (train.long_text_windows=all)"
+             if summary.get("windows") else "")
 
     # 2. Model --------------------------------------------------------------------------------------------
     if is_tiny:  # materialise the random-init base once, so eval/export load it like any local model
@@ -194,7 +199,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
         "global_step": trainer.state.global_step, "train_loss": result.training_loss,
         "final_logged_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
         "wall_s": round(wall, 2), "resumed_from": checkpoint, **params,
-        "rows": summary["rows"], "tokens_seen": trainer.state.num_input_tokens_seen,
+        "rows": summary["rows"], **({"examples": len(dataset)} if summary.get("windows") else {}),
+        "tokens_seen": trainer.state.num_input_tokens_seen,
         "tokens_per_s": round(trainer.state.num_input_tokens_seen / wall, 1) if wall > 0 else None,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
         "world_size": args.world_size, "fsdp": cfg.train.fsdp,

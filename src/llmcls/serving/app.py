@@ -318,6 +318,7 @@ def create_app(clf: Classifier, token: Optional[str] = None, cfg: Optional[Serve
         cal = clf.calibration
         return {"status": "ok", "model": clf.name, "source": clf.kind, "device": clf.device, "dtype": clf.dtype,
                 "labels": len(labels or []), "max_length": clf.max_length, "batcher": batcher.snapshot(),
+                "long_text": vars(clf.windows) if clf.windows is not None else None,
                 "calibration": None if cal is None else {"method": cal.method, "temperature": cal.temperature,
                                                          "threshold": cal.threshold}}
 
@@ -354,8 +355,10 @@ def running(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warni
 
 
 def serve(path: str | Path, cfg: Optional[ServeConfig] = None, token: Optional[str] = None,
-          log_level: str = "info", abstain_below: Optional[float] = None) -> None:
-    """Load and serve until interrupted, as ``cfg`` (``serve.*``) says. ``token`` defaults to ``$LLMCLS_SERVE_TOKEN``."""
+          log_level: str = "info", abstain_below: Optional[float] = None, windows=None) -> None:
+    """Load and serve until interrupted, as ``cfg`` (``serve.*``) says. ``token`` defaults to ``$LLMCLS_SERVE_TOKEN``.
+    ``windows``: how long texts are read (:class:`llmcls.windows.WindowSettings`; default: as the run or export
+    says)."""
     import uvicorn
 
     import torch
@@ -367,6 +370,7 @@ def serve(path: str | Path, cfg: Optional[ServeConfig] = None, token: Optional[s
     dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     clf = load_classifier(path, cfg.device, dtype, compile=cfg.compile)
     clf.abstain_below = abstain_below
+    clf.windows = windows or clf.windows
     log.info("loaded %s '%s' on %s (%s), %d labels", clf.kind, clf.name, clf.device, clf.dtype,
              len(clf.labels or []))
     uvicorn.run(create_app(clf, token=token, cfg=cfg), host=cfg.host, port=cfg.port, log_level=log_level)

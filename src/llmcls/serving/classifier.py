@@ -27,6 +27,7 @@ class Classifier:
     abstain_below: Optional[float] = None  # predict.abstain_below: a threshold over the calibration's
     lexical: Any = None            # llmcls.lexical.LexicalModel of a hybrid / shortlist run
     shortlist: int = 0             # eval.shortlist: candidates offered to the LLM per row (0: all)
+    windows: Any = None            # llmcls.windows.WindowSettings: long texts read in windows (data.long_text)
     builder: Any = field(init=False)
 
     def __post_init__(self):
@@ -64,21 +65,38 @@ class Classifier:
 
             builder = self._local.builder = PromptBuilder(copy.deepcopy(self.tokenizer), self.prompt)
         lex: list = [None] * len(rows)
-        if self.lexical is not None:
-            from llmcls.infer import as_read
+        if self.lexical is not None:  # the whole text's TF-IDF scores, read as the LLM reads it; the shortlist
+            from llmcls.infer import reader
             from llmcls.lexical import cut_texts, shortlist_rows
 
             lex = self.lexical.candidate_scores(cut_texts(rows, self.lexical.text,
-                                                          lambda rs: as_read(builder, rs, self.max_length)))
+                                                          reader(builder, self.max_length, self.windows)))
             rows, lex = shortlist_rows(rows, lex, self.shortlist)
+        if self._windowed:  # a row's item holds all its windows, so one request row stays one batcher item
+            from llmcls.windows import split
+
+            return [(r, [(w.row, w.prompt) for w in ws], x)
+                    for r, ws, x in zip(rows, split(builder, rows, self.max_length, self.windows), lex)]
         return list(zip(rows, prompts_for(builder, rows, self.max_length), lex))
+
+    @property
+    def _windowed(self) -> bool:
+        return self.windows is not None and self.windows.active and self.max_length is not None
 
     def score(self, prepared: Sequence[tuple[Row, list[int]]]) -> list:
         """One :class:`llmcls.infer.Prediction` per prepared row, all in one :func:`llmcls.infer.score_batch`."""
         from llmcls.infer import score_batch, scored_prediction
 
         rows = [r for r, _, _ in prepared]
-        logliks = score_batch(self.model, self.builder, rows, prompts=[p for _, p, _ in prepared])
+        if self._windowed:  # every window of every row in one forward, then one prediction per row
+            from llmcls.windows import combine, regroup
+
+            flat = [w for _, ws, _ in prepared for w in ws]
+            owner = [i for i, (_, ws, _) in enumerate(prepared) for _ in ws]
+            scores = score_batch(self.model, self.builder, [w for w, _ in flat], prompts=[p for _, p in flat])
+            logliks = [combine(g, self.windows.combine) for g in regroup(scores, owner, len(rows))]
+        else:
+            logliks = score_batch(self.model, self.builder, rows, prompts=[p for _, p, _ in prepared])
         return [scored_prediction(i, r.candidates, ll, self.calibration, self.abstain_below, lex)
                 for i, (r, ll, (_, _, lex)) in enumerate(zip(rows, logliks, prepared))]
 
@@ -89,7 +107,8 @@ class Classifier:
 
         return classify(self.model, self.builder, rows, method="score", batch_size=max(1, len(rows)),
                         max_length=self.max_length, progress=False, calibration=self.calibration,
-                        abstain_below=self.abstain_below, lexical=self.lexical, shortlist=self.shortlist)
+                        abstain_below=self.abstain_below, lexical=self.lexical, shortlist=self.shortlist,
+                        windows=self.windows)
 
 
 def load_classifier(path: str | Path, device: Optional[str] = None, dtype=None, compile: bool = False) -> Classifier:
@@ -122,16 +141,22 @@ def _load_classifier(path, device, dtype) -> Classifier:
 
         cal = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
         from llmcls.lexical import LexicalModel
+        from llmcls.rundir import export_config
+        from llmcls.windows import settings
 
         lexical = LexicalModel.load(p / meta["lexical"]) if meta.get("lexical") else None
         return Classifier(model, tok, PromptConfig(**meta["prompt"]), list(meta["labels"]), meta["max_length"],
-                          p.resolve().name, "export", cal, lexical=lexical, shortlist=meta.get("shortlist", 0))
+                          p.resolve().name, "export", cal, lexical=lexical, shortlist=meta.get("shortlist", 0),
+                          windows=settings(export_config(p)))
     run = RunDir(p)
     if run.config_file.is_file():
         model, tok, cfg = load_trained(p, device=device, dtype=dtype)
+        from llmcls.windows import settings
+
         lexical = run.load_lexical()
         return Classifier(model, tok, cfg.prompt, run.labels(), cfg.data.max_length, p.resolve().name, "run",
-                          run.load_calibration(), lexical=lexical, shortlist=cfg.eval.shortlist if lexical else 0)
+                          run.load_calibration(), lexical=lexical, shortlist=cfg.eval.shortlist if lexical else 0,
+                          windows=settings(cfg))
     raise FileNotFoundError(f"{p} is neither a run directory (config.yaml) nor an export ({EXPORT_META})")
 
 
