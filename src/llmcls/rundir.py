@@ -13,6 +13,7 @@ Run directory (``train.output_dir``)::
     RUN/best/                the best dev evaluation's weights so far (train.select_best), its step and scores
     RUN/last/                the last step's weights when select_best kept an earlier one (train.keep_last)
     RUN/calibration.json     temperature / label biases, abstention threshold, dev figures before and after
+    RUN/thresholds.json      multi-label runs: per-label probability thresholds chosen on the dev set
     RUN/tokenizer/           tokenizer used for training
     RUN/train_log.jsonl      one line per logging step
     RUN/train_summary.json   steps, loss, throughput, memory, versions
@@ -90,6 +91,7 @@ class RunDir:
     best_record = _file("best/llmcls-selection.json")
     last = _file("last")                      # train.keep_last
     calibration = _file("calibration.json")
+    thresholds = _file("thresholds.json")
     model = _file("model")
     tokenizer = _file("tokenizer")
     train_log = _file("train_log.jsonl")
@@ -105,9 +107,9 @@ class RunDir:
 
     def training_outputs(self) -> list[Path]:
         """What ``train --overwrite`` removes: a new training makes all of it stale."""
-        return [self.checkpoints, self.adapter, self.model, self.best, self.last, self.calibration, self.train_log,
-                self.train_summary, self.eval.path, self.eval_last.path, self.zero_shot.path, self.baseline.path,
-                self.report]
+        return [self.checkpoints, self.adapter, self.model, self.best, self.last, self.calibration, self.thresholds,
+                self.train_log, self.train_summary, self.eval.path, self.eval_last.path, self.zero_shot.path,
+                self.baseline.path, self.report]
 
     # ---- state
     @property
@@ -132,6 +134,18 @@ class RunDir:
         """The labels the run was trained on (prepare's summary), sorted; None when unknown."""
         summary = read_json(self.data.summary)
         return sorted(summary["labels"]) if summary and "labels" in summary else None
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether the run was trained multi-label (prepare's summary says)."""
+        return bool((read_json(self.data.summary) or {}).get("multi_label"))
+
+    def load_thresholds(self, cfg: Config):
+        """A multi-label run's dev-chosen thresholds (``thresholds.json``), else ``multilabel.default_threshold``."""
+        from llmcls.multilabel import Thresholds, default_thresholds
+
+        d = read_json(self.thresholds)
+        return Thresholds.from_dict(d) if d else default_thresholds(cfg)
 
     def method(self) -> str:
         return "lora" if self.adapter.is_dir() else "full"

@@ -65,6 +65,10 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, with_baselin
 
 
 def metrics_line(m: dict) -> str:
+    if m.get("multi_label"):
+        return (f"micro-F1 {m['micro_f1']:.4f}  macro-F1 {m['macro_f1']:.4f}  subset accuracy "
+                f"{m['subset_accuracy']:.4f}  Hamming loss {m['hamming_loss']:.4f}  rows {m['rows']}  "
+                f"{m['rows_per_s']} rows/s")
     line = (f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  invalid {m['invalid_rate']:.2%}  "
             f"rows {m['rows']}  {m['rows_per_s']} rows/s")
     cal = m.get("calibration") or {}
