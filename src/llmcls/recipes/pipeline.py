@@ -19,7 +19,8 @@ def after_eval(run_dir: str | Path, cfg: Optional[Config] = None, with_baseline:
     """What follows an evaluation: the baseline on the run's own data (``llmcls run``), then RUN/report.html.
     Neither may fail a finished run: a problem is logged and the run's results stand."""
     run = RunDir(run_dir)
-    if with_baseline and cfg is not None and cfg.data.train_file and cfg.data.test_file:
+    # the baseline is a single-label classifier: nothing to compare a multi-label run with
+    if with_baseline and cfg is not None and cfg.data.train_file and cfg.data.test_file and not run.multi_label:
         from llmcls.recipes.baseline import baseline, summary_line, view_of_run
 
         try:
