@@ -248,3 +248,17 @@ def test_cli_prepare_train_eval_predict_multilabel(tmp_path, tokenizer_dir, caps
     assert [g["labels"] for g in got] == [r["labels"] for r in preds]
     html = (out / "report.html").read_text()
     assert "Multi-label" in html and "Hamming loss" in html
+    # serve and export carry the thresholds: the server's labels are predict's
+    from llmcls.data import read_rows as read
+    from llmcls.serving.app import result
+    from llmcls.serving.classifier import load_classifier
+
+    test_rows, _ = read(test, DataConfig())
+    exp = tmp_path / "export"
+    assert main(["export", str(out), str(exp)]) == 0
+    meta = json.loads((exp / "llmcls.json").read_text())
+    assert meta["format_version"] == 3 and meta["thresholds"]["per_label"] == th["per_label"]
+    for path in (out, exp):
+        clf = load_classifier(path, device="cpu")
+        served = [result(p, 0, clf.thresholds)["labels"] for p in clf.classify(test_rows)]
+        assert served == [g["labels"] for g in got], path

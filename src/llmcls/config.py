@@ -205,7 +205,7 @@ class MultiLabelConfig:
     min_positives: int = f(5, "Dev rows a label must be true in to get its own threshold; rarer labels use the "
                               "global one (chosen on all labels' dev rows together).")
     at_least_one: bool = f(True, "Always predict a row's most probable candidate, even below its threshold.")
-    default_threshold: float = f(0.3, "Probability threshold of every label for a run without dev-chosen "
+    default_threshold: float = f(0.2, "Probability threshold of every label for a run without dev-chosen "
                                       "thresholds (no dev set).")
 
 

@@ -38,7 +38,7 @@ from llmcls.config import Config, check_model, load_config
 
 EXPORT_META = "llmcls.json"
 EXPORT_FORMAT = "llmcls-export"
-EXPORT_VERSION = 2  # 2: llmcls.json may carry "calibration" (an older reader would silently ignore it)
+EXPORT_VERSION = 3  # 2: llmcls.json may carry "calibration" (an older reader would silently ignore it); 3: "thresholds"
 
 
 def read_json(path: Path) -> Optional[dict]:

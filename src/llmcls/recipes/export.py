@@ -121,7 +121,8 @@ def export(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, cf
     metrics = read_json(run.eval.metrics)
     env = environment()
     meta = {
-        "format": EXPORT_FORMAT, "format_version": EXPORT_VERSION,
+        # An older reader would silently drop the thresholds: only an export carrying them needs version 3.
+        "format": EXPORT_FORMAT, "format_version": EXPORT_VERSION if run.multi_label else 2,
         "labels": labels,
         "prompt": {"system": cfg.prompt.system, "user_template": cfg.prompt.user_template,
                    "category_format": cfg.prompt.category_format},
@@ -137,6 +138,8 @@ def export(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, cf
         # probabilities = softmax over the candidates of (loglik + bias[label]) / temperature; abstain below
         # threshold (see examples/classify_with_transformers.py)
         "calibration": calibration.to_dict() if calibration is not None else None,
+        # a multi-label run's per-label thresholds (llmcls.multilabel): labels = every candidate over its threshold
+        "thresholds": run.load_thresholds(cfg).to_dict() if run.multi_label else None,
         "config": to_dict(cfg),
         "llmcls_version": env["versions"].get("llmcls"), "git_commit": env["git_commit"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -25,6 +25,7 @@ class Classifier:
     kind: str                      # "run" or "export"
     calibration: Any = None        # llmcls.calibration.Calibration: calibrated probabilities, abstention threshold
     abstain_below: Optional[float] = None  # predict.abstain_below: a threshold over the calibration's
+    thresholds: Any = None         # llmcls.multilabel.Thresholds: a multi-label model's per-label thresholds
     builder: Any = field(init=False)
 
     def __post_init__(self):
@@ -109,14 +110,17 @@ def _load_classifier(path, device, dtype) -> Classifier:
             tok.pad_token = tok.eos_token
         from llmcls.calibration import Calibration
 
+        from llmcls.multilabel import Thresholds
+
         cal = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
+        th = Thresholds.from_dict(meta["thresholds"]) if meta.get("thresholds") else None
         return Classifier(model, tok, PromptConfig(**meta["prompt"]), list(meta["labels"]), meta["max_length"],
-                          p.resolve().name, "export", cal)
+                          p.resolve().name, "export", cal, thresholds=th)
     run = RunDir(p)
     if run.config_file.is_file():
         model, tok, cfg = load_trained(p, device=device, dtype=dtype)
         return Classifier(model, tok, cfg.prompt, run.labels(), cfg.data.max_length, p.resolve().name, "run",
-                          run.load_calibration())
+                          run.load_calibration(), thresholds=run.load_thresholds(cfg) if run.multi_label else None)
     raise FileNotFoundError(f"{p} is neither a run directory (config.yaml) nor an export ({EXPORT_META})")
 
 
