@@ -262,3 +262,14 @@ def test_cli_prepare_train_eval_predict_multilabel(tmp_path, tokenizer_dir, caps
         clf = load_classifier(path, device="cpu")
         served = [result(p, 0, clf.thresholds)["labels"] for p in clf.classify(test_rows)]
         assert served == [g["labels"] for g in got], path
+
+
+def test_single_label_consumers_name_a_multilabel_row(tmp_path):
+    from llmcls.recipes.baseline import baseline
+
+    rows = [{"text": "football", "category": CANDS, "output": "Sport"},
+            {"text": "election football", "category": CANDS, "output": ["Politics", "Sport"]}]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    with pytest.raises(DataError, match="the TF-IDF baseline is single-label") as e:
+        baseline(path, path, None, DataConfig(), progress=False)
+    assert (e.value.path, e.value.line, e.value.field) == (str(path), 2, "output")

@@ -29,12 +29,12 @@ def is_multi_label(rows: Sequence[Row], setting: str) -> bool:
     return setting == "true" or (setting == "auto" and any(r.labels is not None for r in rows))
 
 
-def refuse_multi(rows: Sequence[Row], path, field: str) -> None:
-    """A single-label run cannot be judged on rows with several true labels: name the first such row."""
+def refuse_multi(rows: Sequence[Row], path, field: str,
+                 why: str = "the run was trained single-label (data.multi_label)") -> None:
+    """Rows with several true labels where only single-label ones can be used: name the first such row."""
     bad = next((r for r in rows if r.labels is not None), None)
     if bad is not None:
-        raise DataError(path, bad.line, field, f"{len(bad.labels)} true labels {bad.labels}, but the run was "
-                                               "trained single-label (data.multi_label)")
+        raise DataError(path, bad.line, field, f"{len(bad.labels)} true labels {bad.labels}, but {why}")
 
 
 @dataclass
