@@ -123,7 +123,7 @@ def _parse_line(raw: bytes, path: Path, lineno: int, cfg: DataConfig, need_label
         elif label not in candidates:
             if not _SPLIT.search(label):
                 raise DataError(path, lineno, cfg.output_field, f"{label!r} is not among the candidates {candidates}")
-            several = _several(_SPLIT.split(label), candidates, path, lineno, cfg)
+            several = _several(parse_candidates(label), candidates, path, lineno, cfg)
     if several is not None:  # a one-label list is an ordinary single-label row
         label, several = (several[0], None) if len(several) == 1 else (None, several)
     return Row(text=text, candidates=candidates, label=label, line=lineno, labels=several)
@@ -139,7 +139,7 @@ def _several(values: list, candidates: list[str], path: Path, lineno: int, cfg: 
         if not isinstance(v, str):
             raise DataError(path, lineno, field, f"label {i + 1} of the list: expected a string, got "
                                                  f"{type(v).__name__}")
-        v = v.strip().strip("[]").strip().strip("'\"")
+        v = v.strip()
         if not v:
             raise DataError(path, lineno, field, f"label {i + 1} of the list is empty")
         if v not in candidates:

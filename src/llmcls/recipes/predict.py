@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional, TextIO
 
 from llmcls import dist
-from llmcls.config import Config
+from llmcls.config import Config, ConfigError
 from llmcls.data import read_rows
 from llmcls.files import atomic_open, refuse_overwrite
 from llmcls.infer import classify_with, record
@@ -50,9 +50,10 @@ def predict(run_dir: str | Path, input_path: Optional[str], output: Optional[str
         if from_stdin:
             Path(input_path).unlink(missing_ok=True)
     multi = run.multi_label
+    if multi and cfg.eval.method != "score":
+        raise ConfigError("a multi-label run predicts by scoring every candidate: eval.method must be score")
     preds = classify_with(cfg, model, tokenizer, rows, progress=progress, desc="predict",
-                          **({"method": "score"} if multi else dict(calibration=run.load_calibration(),
-                                                                    abstain_below=cfg.predict.abstain_below)))
+                          calibration=run.load_calibration(), abstain_below=cfg.predict.abstain_below)
     if not dist.is_main():
         return len(preds)
     if multi:
