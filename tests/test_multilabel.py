@@ -229,6 +229,9 @@ def test_cli_prepare_train_eval_predict_multilabel(tmp_path, tokenizer_dir, caps
     assert main(["train", *args]) == 0
     th = json.loads((out / "thresholds.json").read_text())
     assert th["fitted_on_rows"] == summary["dev"]["rows"] and th["per_label"]
+    # llmcls calibrate scores the dev rows again with the same weights: the same thresholds
+    assert main(["calibrate", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == th
     assert main(["eval", str(out), "--json"]) == 0
     m = json.loads((out / "eval" / "metrics.json").read_text())
     preds = [json.loads(x) for x in (out / "eval" / "predictions.jsonl").read_text().splitlines()]
@@ -273,3 +276,25 @@ def test_single_label_consumers_name_a_multilabel_row(tmp_path):
     with pytest.raises(DataError, match="the TF-IDF baseline is single-label") as e:
         baseline(path, path, None, DataConfig(), progress=False)
     assert (e.value.path, e.value.line, e.value.field) == (str(path), 2, "output")
+
+
+def test_paired_dataset_joins_two_classes_and_uses_each_row_once(tmp_path):
+    from llmcls.cli import main
+    from llmcls.datasets_builtin import pair_rows
+
+    src = [{"text": f"{lab}-{i} " + "x" * 500, "category": [lab, "Other"], "output": lab}
+           for i in range(40) for lab in ("A", "B", "C")]
+    out = pair_rows(src, seed=1, pair_fraction=0.5, max_chars=300)
+    multi = [r for r in out if isinstance(r["output"], list)]
+    assert 0.3 < len(multi) / len(out) < 0.7
+    used = [part.split(" ")[0] for r in out for part in r["text"].split("\n\n")]
+    assert sorted(used) == sorted(r["text"].split(" ")[0] for r in src)  # every source row once
+    for r in multi:
+        a, b = r["output"]
+        assert a != b and {a, b} <= set(r["category"]) and len(r["text"]) == 300 + 2 + 300
+        assert [p.split("-")[0] for p in r["text"].split("\n\n")] == [a, b]
+    d = tmp_path / "src"
+    write_jsonl(d / "train.jsonl", src), write_jsonl(d / "test.jsonl", src[:30])
+    assert main(["make-dataset", "multilabel", "--source", str(d), "--out", str(tmp_path / "ml")]) == 0
+    rows, _ = read_rows(tmp_path / "ml" / "train.jsonl", DataConfig())  # valid input for llmcls
+    assert is_multi_label(rows, "auto") and len(rows) == len(pair_rows(src, seed=0))
