@@ -298,3 +298,15 @@ def test_paired_dataset_joins_two_classes_and_uses_each_row_once(tmp_path):
     assert main(["make-dataset", "multilabel", "--source", str(d), "--out", str(tmp_path / "ml")]) == 0
     rows, _ = read_rows(tmp_path / "ml" / "train.jsonl", DataConfig())  # valid input for llmcls
     assert is_multi_label(rows, "auto") and len(rows) == len(pair_rows(src, seed=0))
+
+
+def test_dry_run_plans_one_example_per_true_label(tmp_path):
+    import yaml
+
+    from llmcls.recipes.train import dry_run
+
+    rows = multilabel_rows(40, 7)
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = load_config(None, {"data.train_file": str(path), "model.name_or_path": "tiny"})
+    plan = yaml.safe_load(dry_run(cfg).split("# plan (nothing was loaded or downloaded)\n")[1])["plan"]
+    assert plan["rows"] == sum(len(r["output"]) if isinstance(r["output"], list) else 1 for r in rows) > 40
