@@ -109,7 +109,7 @@ def main(argv=None) -> int:
 
     out = {"data": {**{k: v for k, v in built.items() if k != "dir"}, "train_rows_used": len(train),
                     "dev_rows": len(dev), "test_rows": len(test), "source": str(args.data),
-                    "built_by": "llmcls.datasets_builtin.make_multilabel (seed %d)" % args.seed},
+                    "built_by": f"llmcls.datasets_builtin.make_multilabel (seed {args.seed})"},
            "features": "TF-IDF character 1-2-grams of the whole (paired, 300+300-character) text", "C": args.C,
            "results": results, "wall_s": round(time.perf_counter() - t0, 1)}
     text = json.dumps(out, ensure_ascii=False, indent=1)

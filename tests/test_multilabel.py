@@ -1,7 +1,6 @@
 """Multi-label rows (docs/MULTILABEL.md): parsing and its errors, one training example per true label, per-label
 thresholds that maximise dev F1, the multi-label metrics, and a whole CLI run on a tiny model."""
 
-import itertools
 import json
 import random
 

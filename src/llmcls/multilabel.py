@@ -118,7 +118,7 @@ def fit_thresholds(probs: Sequence[Sequence[float]], candidates: Sequence[Sequen
             frc.append(at_least_one and i == top)
     if not pairs:
         raise ValueError("no dev rows to choose thresholds on")
-    pooled = [sum((v[i] for v in pairs.values()), []) for i in range(3)]
+    pooled = [[x for v in pairs.values() for x in v[i]] for i in range(3)]
     default, micro = best_threshold(*pooled)
     per_label, dev_f1 = {}, {}
     for label in sorted(pairs):

@@ -65,8 +65,9 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
     if cfg.data.dev_fraction > 0:  # the dev rows leave training before anything is encoded
         rows, dev = split_dev(rows, cfg.data.dev_fraction, cfg.data.split_seed)
         atomic_write_jsonl(out.dev, (to_raw(r, cfg.data) for r in dev))
+        dev_labels = Counter(t for r in dev for t in r.true_labels)
         dev_info = {"file": str(out.dev), "rows": len(dev), "fraction": cfg.data.dev_fraction,
-                    "seed": cfg.data.split_seed, "labels": dict(Counter(t for r in dev for t in r.true_labels).most_common()),
+                    "seed": cfg.data.split_seed, "labels": dict(dev_labels.most_common()),
                     "lines": [r.line for r in dev]}  # lines of the training file: the split can be checked
     builder = PromptBuilder(tokenizer, cfg.prompt)
     cols: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "label": []}
