@@ -114,7 +114,8 @@ def test_score_candidates_runs_on_a_cpu(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["gpu_speed", "multi_gpu", "score_profile", "score_shapes", "serve_load",
-                                    "real_accuracy", "hybrid_offline", "score_candidates"])
+                                    "real_accuracy", "hybrid_offline", "score_candidates",
+                                    "multilabel_offline"])
 def test_every_benchmark_imports_the_installed_package(script):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"],
                          capture_output=True, text=True, timeout=300)
@@ -227,3 +228,15 @@ def test_real_accuracy_table_and_hybrid_read_the_stored_runs(tmp_path):
     have = json.loads(got.read_text())
     for k in ("llm", "svm", "hybrid"):
         assert have[k]["errors"] == want[k]["errors"], k
+
+
+@pytest.mark.slow  # pairs the Fudan rows, trains two TF-IDF logistic regressions: ~4 minutes on 2 cores
+@pytest.mark.skipif(not (FUDAN / "train.jsonl").is_file(), reason="../shared (Fudan rows) is absent")
+def test_multilabel_offline_reproduces_its_json(tmp_path):
+    got = tmp_path / "m.json"
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "multilabel_offline.py"), "--data", str(FUDAN),
+                          "--out", str(got)], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    want = json.loads((ROOT / "docs" / "bench" / "multilabel_offline.json").read_text())
+    have = json.loads(got.read_text())
+    assert have["data"]["train"] == want["data"]["train"] and have["results"] == want["results"]

@@ -10,7 +10,8 @@ Where each stage lives (the CLI, ``cli.py``, is a thin layer over these):
     model/                     3  load.py (weights, LoRA, placement), attention.py, tiny.py
     trainer.py                 4  HF Trainer arguments, callbacks
     layouts.py, infer.py       5  scoring layouts; classify / generate
-    metrics.py                 5  accuracy, macro-F1, confusion matrix
+    metrics.py                 5  accuracy, macro-F1, confusion matrix; multi-label figures
+    multilabel.py              5  multi-label runs: per-label thresholds chosen on the dev set, predicted sets
     reporting/                 6  track.py (SwanLab, TensorBoard), report.py, plots.py
     serving/                   7  classifier.py, batcher.py, app.py
     recipes/                   one file per command: prepare, train, evaluate, predict, export, baseline, pipeline

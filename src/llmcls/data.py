@@ -1,8 +1,10 @@
 """Stage 1 — data: read the tutorial's raw jsonl, validate every row, convert to the instruction format.
 
 Raw rows look like ``{"text": "...", "category": ["Politics", "Education"], "output": "Politics"}``; ``category``
-may also be a string separated by commas or the Chinese enumeration comma 、. Every problem is reported with
-file, line and field; with ``on_invalid="skip"`` bad rows are counted and left out instead.
+may also be a string separated by commas or the Chinese enumeration comma 、. ``output`` may hold several true
+labels (a multi-label row, docs/MULTILABEL.md): a list, or a string with the same separators (one that is itself a
+candidate stays one label). Every problem is reported with file, line and field; with ``on_invalid="skip"`` bad
+rows are counted and left out instead.
 """
 
 from __future__ import annotations
@@ -30,12 +32,19 @@ class DataError(ValueError):
 
 @dataclass
 class Row:
-    """One classification example: the text, its candidate labels and (for training/eval) the true label."""
+    """One classification example: the text, its candidate labels and (for training/eval) the true label; a row
+    with several true labels has them in ``labels`` (candidate order) and ``label`` None."""
 
     text: str
     candidates: list[str]
     label: Optional[str]
     line: int = 0
+    labels: Optional[list[str]] = None
+
+    @property
+    def true_labels(self) -> list[str]:
+        """Every true label: ``labels``, else ``[label]``, else none."""
+        return list(self.labels) if self.labels is not None else ([self.label] if self.label is not None else [])
 
 
 def parse_candidates(value) -> list[str]:
@@ -97,9 +106,12 @@ def _parse_line(raw: bytes, path: Path, lineno: int, cfg: DataConfig, need_label
             raise DataError(path, lineno, cfg.category_field, f"duplicate candidate {dup[0]!r}")
 
     label = obj.get(cfg.output_field)
+    several = None
     if label is None:
         if need_label:
             raise DataError(path, lineno, cfg.output_field, "missing")
+    elif isinstance(label, list):
+        several = _several(label, candidates, path, lineno, cfg)
     else:
         if not isinstance(label, str):
             raise DataError(path, lineno, cfg.output_field, f"expected a string, got {type(label).__name__}")
@@ -109,8 +121,35 @@ def _parse_line(raw: bytes, path: Path, lineno: int, cfg: DataConfig, need_label
                 raise DataError(path, lineno, cfg.output_field, "empty")
             label = None
         elif label not in candidates:
-            raise DataError(path, lineno, cfg.output_field, f"{label!r} is not among the candidates {candidates}")
-    return Row(text=text, candidates=candidates, label=label, line=lineno)
+            if not _SPLIT.search(label):
+                raise DataError(path, lineno, cfg.output_field, f"{label!r} is not among the candidates {candidates}")
+            several = _several(parse_candidates(label), candidates, path, lineno, cfg)
+    if several is not None:  # a one-label list is an ordinary single-label row
+        label, several = (several[0], None) if len(several) == 1 else (None, several)
+    return Row(text=text, candidates=candidates, label=label, line=lineno, labels=several)
+
+
+def _several(values: list, candidates: list[str], path: Path, lineno: int, cfg: DataConfig) -> list[str]:
+    """The true labels of a multi-label ``output`` (a list, or a separated string split), in candidate order."""
+    field = cfg.output_field
+    if not values:
+        raise DataError(path, lineno, field, "empty list of labels")
+    out = []
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise DataError(path, lineno, field, f"label {i + 1} of the list: expected a string, got "
+                                                 f"{type(v).__name__}")
+        v = v.strip()
+        if not v:
+            raise DataError(path, lineno, field, f"label {i + 1} of the list is empty")
+        if v not in candidates:
+            raise DataError(path, lineno, field, f"{v!r} is not among the candidates {candidates}")
+        if v in out:
+            raise DataError(path, lineno, field, f"duplicate label {v!r}")
+        out.append(v)
+    if len(out) > 1 and cfg.multi_label == "false":
+        raise DataError(path, lineno, field, f"{len(out)} true labels {out}, but data.multi_label is false")
+    return sorted(out, key=candidates.index)
 
 
 def iter_rows(path: str | Path, cfg: DataConfig, need_label: bool = True, on_invalid: str | None = None,
@@ -155,7 +194,7 @@ def user_message(row: Row, prompt: PromptConfig) -> str:
 def to_instruction(row: Row, prompt: PromptConfig) -> dict:
     """The tutorial's instruction format (instruction, input, output), plus the parsed candidate list so that
     evaluation never has to parse it back out of the prompt text."""
-    return {"instruction": prompt.system, "input": user_message(row, prompt), "output": row.label,
+    return {"instruction": prompt.system, "input": user_message(row, prompt), "output": row.labels or row.label,
             "category": row.candidates}
 
 
@@ -169,8 +208,8 @@ def split_dev(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], l
 
     rng = np.random.default_rng(seed)
     by_label: dict[str, list[int]] = {}
-    for i, r in enumerate(rows):
-        by_label.setdefault(r.label, []).append(i)
+    for i, r in enumerate(rows):  # a multi-label row goes with its first true label in sorted order
+        by_label.setdefault(r.label if r.labels is None else min(r.labels), []).append(i)
     dev: set[int] = set()
     for label in sorted(by_label):
         idx = by_label[label]
@@ -181,4 +220,5 @@ def split_dev(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], l
 
 def to_raw(row: Row, cfg: DataConfig) -> dict:
     """A row in the input format it was read from (the configured field names)."""
-    return {cfg.text_field: row.text, cfg.category_field: list(row.candidates), cfg.output_field: row.label}
+    return {cfg.text_field: row.text, cfg.category_field: list(row.candidates),
+            cfg.output_field: list(row.labels) if row.labels is not None else row.label}

@@ -50,3 +50,31 @@ def dev_metrics(rows, preds) -> dict:
     m = compute_metrics(truth, [p.pred for p in preds], sorted(set(truth)))
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
             "nll": nll(probs, [r.candidates for r in rows], truth)}
+
+
+def multilabel_metrics(truth: Sequence[Sequence[str]], pred: Sequence[Sequence[str]],
+                       labels: Optional[list[str]] = None) -> dict:
+    """Multi-label figures (scikit-learn on the rows' label sets, binarised over every label given, true or
+    predicted): micro-F1, macro-F1 (averaged, as :func:`compute_metrics` does, over the labels present among the
+    true labels), subset accuracy (the predicted set is exactly the true one), Hamming loss (the share of wrong
+    label decisions over rows x labels) and per-label P/R/F1."""
+    from sklearn.metrics import accuracy_score, f1_score, hamming_loss, precision_recall_fscore_support
+    from sklearn.preprocessing import MultiLabelBinarizer
+
+    classes = sorted(set(labels or []) | {t for ts in truth for t in ts} | {p for ps in pred for p in ps})
+    mlb = MultiLabelBinarizer(classes=classes)
+    y_true, y_pred = mlb.fit_transform(truth), mlb.transform(pred)
+    present = [i for i, c in enumerate(classes) if y_true[:, i].any()]
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, zero_division=0)
+    return {
+        "rows": len(truth),
+        "micro_f1": float(f1_score(y_true, y_pred, average="micro", zero_division=0)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        "subset_accuracy": float(accuracy_score(y_true, y_pred)),
+        "hamming_loss": float(hamming_loss(y_true, y_pred)),
+        "f1_averaged_over": "labels present in the true labels",
+        "mean_true_labels": float(y_true.sum(1).mean()) if len(truth) else 0.0,
+        "mean_predicted_labels": float(y_pred.sum(1).mean()) if len(truth) else 0.0,
+        "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+                      for i, c in enumerate(classes)},
+    }

@@ -13,6 +13,7 @@ Run directory (``train.output_dir``)::
     RUN/best/                the best dev evaluation's weights so far (train.select_best), its step and scores
     RUN/last/                the last step's weights when select_best kept an earlier one (train.keep_last)
     RUN/calibration.json     temperature / label biases, abstention threshold, dev figures before and after
+    RUN/thresholds.json      multi-label runs: per-label probability thresholds chosen on the dev set
     RUN/tokenizer/           tokenizer used for training
     RUN/train_log.jsonl      one line per logging step
     RUN/train_summary.json   steps, loss, throughput, memory, versions
@@ -37,8 +38,8 @@ from llmcls.config import Config, check_model, load_config
 
 EXPORT_META = "llmcls.json"
 EXPORT_FORMAT = "llmcls-export"
-EXPORT_VERSION = 3  # 2: llmcls.json may carry "calibration" (an older reader would silently ignore it); 3: "lexical"
-# and "shortlist" (a TF-IDF model in lexical/ that a hybrid calibration needs)
+EXPORT_VERSION = 3  # 2: llmcls.json may carry "calibration" (an older reader would silently ignore it); 3:
+# "lexical" and "shortlist" (a TF-IDF model in lexical/ that a hybrid calibration needs), "thresholds" (multi-label)
 
 
 def read_json(path: Path) -> Optional[dict]:
@@ -92,6 +93,7 @@ class RunDir:
     last = _file("last")                      # train.keep_last
     calibration = _file("calibration.json")
     lexical = _file("lexical")                # the TF-IDF model of eval.hybrid / eval.shortlist
+    thresholds = _file("thresholds.json")
     model = _file("model")
     tokenizer = _file("tokenizer")
     train_log = _file("train_log.jsonl")
@@ -108,9 +110,8 @@ class RunDir:
     def training_outputs(self) -> list[Path]:
         """What ``train --overwrite`` removes: a new training makes all of it stale."""
         return [self.checkpoints, self.adapter, self.model, self.best, self.last, self.calibration, self.lexical,
-                self.train_log,
-                self.train_summary, self.eval.path, self.eval_last.path, self.zero_shot.path, self.baseline.path,
-                self.report]
+                self.thresholds, self.train_log, self.train_summary, self.eval.path, self.eval_last.path,
+                self.zero_shot.path, self.baseline.path, self.report]
 
     # ---- state
     @property
@@ -135,6 +136,18 @@ class RunDir:
         """The labels the run was trained on (prepare's summary), sorted; None when unknown."""
         summary = read_json(self.data.summary)
         return sorted(summary["labels"]) if summary and "labels" in summary else None
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether the run was trained multi-label (prepare's summary says)."""
+        return bool((read_json(self.data.summary) or {}).get("multi_label"))
+
+    def load_thresholds(self, cfg: Config):
+        """A multi-label run's dev-chosen thresholds (``thresholds.json``), else ``multilabel.default_threshold``."""
+        from llmcls.multilabel import Thresholds, default_thresholds
+
+        d = read_json(self.thresholds)
+        return Thresholds.from_dict(d) if d else default_thresholds(cfg)
 
     def method(self) -> str:
         return "lora" if self.adapter.is_dir() else "full"

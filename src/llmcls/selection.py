@@ -24,6 +24,7 @@ from llmcls.encode import PromptBuilder
 from llmcls.files import atomic_dir, atomic_write_json
 from llmcls.infer import classify
 from llmcls.metrics import dev_metrics
+from llmcls.multilabel import dev_metrics as multi_dev_metrics
 from llmcls.rundir import RunDir, read_json
 from llmcls.windows import settings
 
@@ -157,7 +158,9 @@ class DevEvaluator(TrainerCallback):
                                  shortlist=self.cfg.eval.shortlist, windows=settings(self.cfg))
         finally:
             self.model.train(was_training)
-        m = dev_metrics(self.rows, preds)
+        ml = self.cfg.multilabel
+        m = (multi_dev_metrics(self.rows, preds, ml.default_threshold, ml.at_least_one)
+             if any(r.labels is not None for r in self.rows) else dev_metrics(self.rows, preds))
         entry = {"step": state.global_step, **m}
         self.history = [h for h in self.history if h["step"] != entry["step"]] + [entry]
         self.last_preds, self.last_rows = preds, per_row(self.rows, preds)

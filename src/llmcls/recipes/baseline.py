@@ -22,6 +22,7 @@ import numpy as np
 
 from llmcls.config import ConfigError, DataConfig
 from llmcls.data import Row, read_rows
+from llmcls.multilabel import refuse_multi
 from llmcls.env import environment
 from llmcls.files import atomic_write_json, atomic_write_jsonl
 from llmcls.metrics import compute_metrics
@@ -44,6 +45,8 @@ def baseline(train_file: str | Path, test_file: str | Path, out_dir: Optional[st
     t_start = time.perf_counter()
     train_rows, train_invalid = read_rows(train_file, data_cfg, limit=max_train_rows)
     test_rows, test_invalid = read_rows(test_file, data_cfg, limit=max_test_rows)
+    for path, rows in ((train_file, train_rows), (test_file, test_rows)):  # a single-label classifier
+        refuse_multi(rows, path, data_cfg.output_field, "the TF-IDF baseline is single-label")
     if text == "same" and view is None:
         raise ConfigError("baseline.text=same reads what a run's LLM reads: give the run (llmcls baseline --run "
                           "RUN), or set baseline.text to whole or a number of characters")

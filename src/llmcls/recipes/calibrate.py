@@ -5,6 +5,9 @@ negative log-likelihood of the true labels (``llmcls.calibration``, L-BFGS), and
 lowest confidence threshold whose answered dev rows reach it. Writes ``RUN/calibration.json``; eval, predict, serve
 and export use it from then on. Training calls :func:`fit_and_save` with the dev predictions it already has;
 ``llmcls calibrate RUN`` scores the dev set again with the run's weights (to change the method or the target).
+
+A multi-label run gets per-label thresholds instead (``llmcls.multilabel``, ``RUN/thresholds.json``): its
+probabilities share each row's mass among several true labels, which a single-truth temperature fit would misread.
 """
 
 from __future__ import annotations
@@ -54,9 +57,31 @@ def fit(cfg: Config, rows: Sequence[Row], logliks: Sequence[Sequence[float]],
     return cal, report
 
 
+def fit_thresholds_and_save(run: RunDir, cfg: Config, rows: Sequence[Row], preds: Optional[list]) -> Optional[dict]:
+    """A multi-label run: per-label thresholds chosen on dev predictions, written to ``RUN/thresholds.json``."""
+    from llmcls.multilabel import fit_on
+
+    if preds is None:
+        log.warning("no dev predictions of the selected weights in memory (a resumed run): run 'llmcls calibrate "
+                    "%s' to choose the thresholds", run.path)
+        return None
+    if not all(math.isfinite(x) for p in preds for x in p.logliks):
+        log.warning("the dev scores are not finite (a diverged model?): no thresholds chosen")
+        return None
+    th = fit_on(rows, preds, cfg)
+    out = th.to_dict()
+    atomic_write_json(run.thresholds, out)
+    log.info("thresholds on %d dev rows: %d labels their own, the others %.4f (dev micro-F1 %.4f)", len(rows),
+             len(th.per_label), th.default, th.default_dev_micro_f1)
+    return out
+
+
 def fit_and_save(run: RunDir, cfg: Config, rows: Sequence[Row], preds: Optional[list]) -> Optional[dict]:
     """Fit on dev predictions (:class:`llmcls.infer.Prediction`, with their log-likelihoods) and write
-    ``RUN/calibration.json``; returns what was written (None when there was nothing to fit on)."""
+    ``RUN/calibration.json`` (a multi-label run: ``RUN/thresholds.json``); returns what was written (None when
+    there was nothing to fit on)."""
+    if run.multi_label:
+        return fit_thresholds_and_save(run, cfg, rows, preds)
     if preds is None or cfg.calibration.method == "none":
         if preds is None:
             log.warning("no dev predictions of the selected weights in memory (a resumed run): run "
@@ -90,7 +115,7 @@ def calibrate(run_dir: str | Path, cfg: Optional[Config] = None, model=None, tok
     if dev_file is None or not Path(dev_file).is_file():
         raise FileNotFoundError(f"{run.path}: no dev set to calibrate on (data.dev_file, or data.dev_fraction at "
                                 "training time)")
-    if cfg.calibration.method == "none":
+    if cfg.calibration.method == "none" and not run.multi_label:
         raise ConfigError("calibration.method=none: nothing to fit")
     model, tokenizer, cfg = model_for_run(run.path, cfg, model, tokenizer)
     rows, _ = read_rows(dev_file, cfg.data)
@@ -101,6 +126,10 @@ def calibrate(run_dir: str | Path, cfg: Optional[Config] = None, model=None, tok
 
 def summary_lines(out: dict) -> list[str]:
     """``llmcls calibrate``'s answer: what was fitted and what it gives on the dev rows."""
+    if "per_label" in out:  # a multi-label run's thresholds
+        return [f"thresholds on {out['fitted_on_rows']} dev rows: global {out['default']:.4f} (pooled dev micro-F1 "
+                f"{out['default_dev_micro_f1']:.4f})"] + [
+            f"  {label:<24} {t:.4f}  dev F1 {out['dev_f1'][label]:.4f}" for label, t in out["per_label"].items()]
     r = out["report"]
     b, a = r["before"], r["after"]
     lines = [f"{out['method']} scaling on {r['dev_rows']} dev rows: T = {out['temperature']:.4f}"

@@ -2,6 +2,8 @@
 
 Writes ``RUN/eval/metrics.json`` (accuracy, macro-F1, per-class precision/recall/F1, confusion matrix, invalid
 rate, throughput) and ``RUN/eval/predictions.jsonl`` (row index, truth, prediction, per-candidate probability).
+A multi-label run writes the multi-label figures instead (micro/macro-F1, subset accuracy, Hamming loss, per-label
+P/R/F1) and each row's ``truth`` and predicted ``labels`` lists (docs/MULTILABEL.md).
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from typing import Optional
 import torch
 
 from llmcls import dist
-from llmcls.config import Config, to_dict
+from llmcls.config import Config, ConfigError, to_dict
 from llmcls.data import read_rows
 from llmcls.env import environment
 from llmcls.files import atomic_write_json, atomic_write_jsonl
 from llmcls.infer import classify_with, record
-from llmcls.metrics import compute_metrics
+from llmcls.metrics import compute_metrics, multilabel_metrics
+from llmcls.multilabel import refuse_multi
 from llmcls.rundir import RunDir, model_for_run
 from llmcls.windows import settings
 
@@ -46,6 +49,9 @@ def evaluate(run_dir: str | Path, cfg: Optional[Config] = None, model=None, toke
         raise ValueError("no test file: set data.test_file in the config or pass --data.test_file FILE")
     method = cfg.eval.method
     rows, invalid = read_rows(cfg.data.test_file, cfg.data, limit=cfg.data.max_eval_rows)
+    if run.multi_label:
+        return _evaluate_multi(run, cfg, model, tokenizer, rows, invalid, progress, tracker, weights)
+    refuse_multi(rows, cfg.data.test_file, cfg.data.output_field)
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -82,6 +88,43 @@ def evaluate(run_dir: str | Path, cfg: Optional[Config] = None, model=None, toke
                         if k in ("ece", "brier", "nll")}})
         tracker.log_samples(samples_for_tracker(rows, records, cfg.eval.log_samples))
         tracker.log_eval_details(metrics)
+    return metrics
+
+
+def _evaluate_multi(run: RunDir, cfg: Config, model, tokenizer, rows, invalid, progress, tracker, weights) -> dict:
+    """:func:`evaluate` for a multi-label run: every candidate over its label's threshold (RUN/thresholds.json)."""
+    from llmcls.multilabel import default_thresholds, predicted_sets
+    from llmcls.multilabel import record as multi_record
+
+    if cfg.eval.method != "score":
+        raise ConfigError("a multi-label run is evaluated by scoring every candidate: eval.method must be score")
+    # Thresholds were chosen for the run's own weights, as a calibration is.
+    thresholds = run.load_thresholds(cfg) if weights == "selected" else default_thresholds(cfg)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    preds = classify_with(cfg, model, tokenizer, rows, progress=progress, desc=f"eval (multi-label, {weights})")
+    wall = time.perf_counter() - t0
+    sets = predicted_sets(rows, preds, thresholds)
+    metrics = multilabel_metrics([r.true_labels for r in rows], sets,
+                                 sorted({t for r in rows for t in r.true_labels}))
+    records = [multi_record(r, p, s, with_truth=True) for r, p, s in zip(rows, preds, sets)]
+    metrics.update({
+        "multi_label": True, "accuracy": metrics["subset_accuracy"], "invalid": 0, "invalid_rate": 0.0,
+        "thresholds": {"default": thresholds.default, "per_label": thresholds.per_label,
+                       "at_least_one": thresholds.at_least_one, "from_dev": thresholds.fitted_on_rows > 0},
+        "method": "score", "test_file": str(cfg.data.test_file), "skipped_invalid_rows": len(invalid),
+        "wall_s": round(wall, 3), "rows_per_s": round(len(rows) / wall, 2) if wall > 0 else None,
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
+        "processes": dist.world_size(), "weights": weights, "environment": environment(),
+    })
+    if not dist.is_main():
+        return metrics
+    out = run.results(weights)
+    atomic_write_jsonl(out.predictions, records)
+    atomic_write_json(out.metrics, metrics)
+    if tracker is not None and weights == "selected":
+        tracker.log({f"eval/{k}": metrics[k] for k in ("micro_f1", "macro_f1", "subset_accuracy", "hamming_loss")})
     return metrics
 
 

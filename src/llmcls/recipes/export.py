@@ -123,7 +123,8 @@ def export(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, cf
     metrics = read_json(run.eval.metrics)
     env = environment()
     meta = {
-        "format": EXPORT_FORMAT, "format_version": EXPORT_VERSION,
+        # An older reader would silently drop the thresholds: only an export carrying them needs version 3.
+        "format": EXPORT_FORMAT, "format_version": EXPORT_VERSION if run.multi_label else 2,
         "labels": labels,
         "prompt": {"system": cfg.prompt.system, "user_template": cfg.prompt.user_template,
                    "category_format": cfg.prompt.category_format},
@@ -142,6 +143,8 @@ def export(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, cf
         # the TF-IDF model of a hybrid (calibration.lexical) or a shortlist, as arrays in lexical/
         "lexical": LEXICAL_DIR if run.lexical.is_dir() else None,
         "shortlist": cfg.eval.shortlist if run.lexical.is_dir() else 0,
+        # a multi-label run's per-label thresholds (llmcls.multilabel): labels = every candidate over its threshold
+        "thresholds": run.load_thresholds(cfg).to_dict() if run.multi_label else None,
         "config": to_dict(cfg),
         "llmcls_version": env["versions"].get("llmcls"), "git_commit": env["git_commit"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

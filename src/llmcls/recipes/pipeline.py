@@ -19,7 +19,8 @@ def after_eval(run_dir: str | Path, cfg: Optional[Config] = None, with_baseline:
     """What follows an evaluation: the baseline on the run's own data (``llmcls run``), then RUN/report.html.
     Neither may fail a finished run: a problem is logged and the run's results stand."""
     run = RunDir(run_dir)
-    if with_baseline and cfg is not None and cfg.data.train_file and cfg.data.test_file:
+    # the baseline is a single-label classifier: nothing to compare a multi-label run with
+    if with_baseline and cfg is not None and cfg.data.train_file and cfg.data.test_file and not run.multi_label:
         from llmcls.recipes.baseline import baseline, summary_line, view_of_run
 
         try:
@@ -65,6 +66,10 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, with_baselin
 
 
 def metrics_line(m: dict) -> str:
+    if m.get("multi_label"):
+        return (f"micro-F1 {m['micro_f1']:.4f}  macro-F1 {m['macro_f1']:.4f}  subset accuracy "
+                f"{m['subset_accuracy']:.4f}  Hamming loss {m['hamming_loss']:.4f}  rows {m['rows']}  "
+                f"{m['rows_per_s']} rows/s")
     line = (f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  invalid {m['invalid_rate']:.2%}  "
             f"rows {m['rows']}  {m['rows_per_s']} rows/s")
     cal = m.get("calibration") or {}

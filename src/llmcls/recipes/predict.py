@@ -4,7 +4,8 @@ Each input row needs ``text``; its candidates come from its own ``category`` fie
 fixed label set (``labels=``, default: the labels the run was trained on). Output: one JSON line per input row,
 in input order, with the label and the probability of each candidate (calibrated where the run is), its confidence,
 ``abstain`` where a threshold is set (the run's calibrated one, or ``predict.abstain_below``) and the
-``predict.top_k`` most probable candidates.
+``predict.top_k`` most probable candidates. A multi-label run writes ``labels``, every candidate over its label's
+threshold (``label`` stays the most probable one).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from pathlib import Path
 from typing import Optional, TextIO
 
 from llmcls import dist
-from llmcls.config import Config
+from llmcls.config import Config, ConfigError
 from llmcls.data import read_rows
 from llmcls.files import atomic_open, refuse_overwrite
 from llmcls.infer import classify_with, record
+from llmcls.multilabel import predicted_sets
+from llmcls.multilabel import record as multi_record
 from llmcls.rundir import RunDir, model_for_run
 
 
@@ -46,13 +49,20 @@ def predict(run_dir: str | Path, input_path: Optional[str], output: Optional[str
     finally:
         if from_stdin:
             Path(input_path).unlink(missing_ok=True)
+    multi = run.multi_label
+    if multi and cfg.eval.method != "score":
+        raise ConfigError("a multi-label run predicts by scoring every candidate: eval.method must be score")
     preds = classify_with(cfg, model, tokenizer, rows, progress=progress, desc="predict",
                           calibration=run.load_calibration(), abstain_below=cfg.predict.abstain_below,
                           lexical=run.load_lexical())
     if not dist.is_main():
         return len(preds)
-    lines = [json.dumps(record(r, p, with_truth=False, top_k=cfg.predict.top_k), ensure_ascii=False)
-             for r, p in zip(rows, preds)]
+    if multi:
+        sets = predicted_sets(rows, preds, run.load_thresholds(cfg))
+        recs = [multi_record(r, p, s, with_truth=False) for r, p, s in zip(rows, preds, sets)]
+    else:
+        recs = [record(r, p, with_truth=False, top_k=cfg.predict.top_k) for r, p in zip(rows, preds)]
+    lines = [json.dumps(rec, ensure_ascii=False) for rec in recs]
     if output:
         with atomic_open(output) as fh:
             fh.write("\n".join(lines) + "\n")

@@ -1,5 +1,7 @@
 """Stage 1+2 recipe — ``llmcls prepare``: validate the raw file, write the tutorial's instruction jsonl, encode
-every row and report what the encoding did (rows, invalid, labels, token lengths, shortened, answer kept).
+every row and report what the encoding did (rows, invalid, labels, token lengths, shortened, answer kept). A row
+with several true labels (a multi-label run) becomes one training example per true label: the prompt, then that
+label (docs/MULTILABEL.md).
 
 Outputs are cached on the input file's content, the data and prompt settings and the tokenizer, never on the
 mere existence of a file (the tutorial's ``if not os.path.exists``), so an edited input is always re-read.
@@ -7,6 +9,7 @@ mere existence of a file (the tutorial's ``if not os.path.exists``), so an edite
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from collections import Counter
@@ -16,9 +19,10 @@ from typing import Optional
 from tqdm.auto import tqdm
 
 from llmcls.config import Config
-from llmcls.data import DataError, read_rows, split_dev, to_instruction, to_raw
+from llmcls.data import DataError, Row, read_rows, split_dev, to_instruction, to_raw
 from llmcls.encode import PromptBuilder, PromptTooLong, encode_train
 from llmcls.files import atomic_dir, atomic_write_json, atomic_write_jsonl, sha256_file, sha256_json
+from llmcls.multilabel import is_multi_label
 from llmcls.rundir import DataDir
 from llmcls.windows import settings, split
 
@@ -59,12 +63,14 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
             return cached
 
     rows, invalid = read_rows(train_file, cfg.data, limit=cfg.data.max_train_rows)
+    multi = is_multi_label(rows, cfg.data.multi_label)  # decided on every row read, the dev rows included
     dev_info = None
     if cfg.data.dev_fraction > 0:  # the dev rows leave training before anything is encoded
         rows, dev = split_dev(rows, cfg.data.dev_fraction, cfg.data.split_seed)
         atomic_write_jsonl(out.dev, (to_raw(r, cfg.data) for r in dev))
+        dev_labels = Counter(t for r in dev for t in r.true_labels)
         dev_info = {"file": str(out.dev), "rows": len(dev), "fraction": cfg.data.dev_fraction,
-                    "seed": cfg.data.split_seed, "labels": dict(Counter(r.label for r in dev).most_common()),
+                    "seed": cfg.data.split_seed, "labels": dict(dev_labels.most_common()),
                     "lines": [r.line for r in dev]}  # lines of the training file: the split can be checked
     builder = PromptBuilder(tokenizer, cfg.prompt)
     cols: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "label": []}
@@ -75,13 +81,15 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
         chunk = rows[start:start + 256]
         for row, ids in zip(chunk, builder.batch_prompt_ids(chunk)):
             try:
-                enc = encode_train(builder, row, cfg.data.max_length, cfg.data.truncation, ids)
-                # train.long_text_windows=all: every window of a long text is an example (windows as eval reads
-                # them); the row's statistics below stay those of the whole text.
-                wins = (split(builder, [row], cfg.data.max_length, settings(cfg))[0]
-                        if every_window and enc.shortened else [])
-                encs = [encode_train(builder, w.row, cfg.data.max_length, cfg.data.truncation, w.prompt)
-                        for w in wins] or [enc]
+                encs = []
+                for one in one_per_label(row):  # a multi-label row: one example per true label
+                    enc = encode_train(builder, one, cfg.data.max_length, cfg.data.truncation, ids)
+                    # train.long_text_windows=all: every window of a long text is an example (windows as eval
+                    # reads them); the statistics below stay those of the whole text.
+                    wins = (split(builder, [one], cfg.data.max_length, settings(cfg))[0]
+                            if every_window and enc.shortened else [])
+                    encs.append((one.label, enc, [encode_train(builder, w.row, cfg.data.max_length,
+                                                               cfg.data.truncation, w.prompt) for w in wins] or [enc]))
             except PromptTooLong as e:
                 err = DataError(train_file, row.line, cfg.data.category_field, str(e))
                 if cfg.data.on_invalid != "skip":
@@ -89,17 +97,18 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
                 invalid.append(err)
                 continue
             used.append(row)
-            windows_per_row.append(len(encs))
-            for e in encs:
-                cols["input_ids"].append(e.input_ids)
-                cols["labels"].append(e.labels)
-                cols["length"].append(len(e.input_ids))
-                cols["label"].append(row.label)
-            full_lengths.append(enc.full_length)
-            shortened += enc.shortened
-            kept += enc.answer_kept
-            # The tutorial cuts prompt+answer from the right: an answer token survives iff the prompt is shorter.
-            tutorial_kept += enc.full_length - len(builder.answer_ids(row.label)) < cfg.data.max_length
+            windows_per_row.append(sum(len(es) for _, _, es in encs))
+            for label, enc, examples in encs:
+                for e in examples:
+                    cols["input_ids"].append(e.input_ids)
+                    cols["labels"].append(e.labels)
+                    cols["length"].append(len(e.input_ids))
+                    cols["label"].append(label)
+                full_lengths.append(enc.full_length)
+                shortened += enc.shortened
+                kept += enc.answer_kept
+                # The tutorial cuts prompt+answer from the right: an answer token survives iff the prompt is shorter.
+                tutorial_kept += enc.full_length - len(builder.answer_ids(label)) < cfg.data.max_length
         bar.update(len(chunk))
     bar.close()
 
@@ -110,7 +119,7 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
     with atomic_dir(out.encoded, exists="replace") as tmp:
         Dataset.from_dict(cols).save_to_disk(str(tmp))
 
-    labels = Counter(r.label for r in rows)
+    labels = Counter(t for r in rows for t in r.true_labels)
     summary = {
         "file": str(train_file), "rows": len(rows), "invalid": len(invalid),
         "invalid_examples": [str(e) for e in invalid[:20]],
@@ -124,8 +133,20 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
         summary["windows"] = {"long_text_windows": "all", "examples": len(cols["label"]),
                               "overlap": cfg.data.window_overlap, "max_windows": cfg.data.max_windows,
                               "per_row": _percentiles(windows_per_row)}
+    if multi:  # shortened, answer_kept and the token lengths count training examples, one per true label
+        summary.update(multi_label=True, examples=len(cols["input_ids"]),
+                       rows_with_several_labels=sum(r.labels is not None for r in rows))
     atomic_write_json(summary_path, summary)
     return summary
+
+
+def one_per_label(row: Row) -> list[Row]:
+    """The training examples of a row: itself, or for a multi-label row one per true label (the same prompt, each
+    answered with one of its labels), so that every true label is taught and the scorer's softmax learns to share
+    the probability among them."""
+    if row.labels is None:
+        return [row]
+    return [dataclasses.replace(row, label=label, labels=None) for label in row.labels]
 
 
 def load_encoded(out_dir: str | Path):
@@ -137,6 +158,9 @@ def load_encoded(out_dir: str | Path):
 def summary_lines(summary: dict) -> list[str]:
     """The summary as ``llmcls prepare`` prints it."""
     lines = [f"{summary['rows']} rows ({summary['invalid']} invalid skipped), {summary['num_labels']} labels"]
+    if summary.get("multi_label"):
+        lines.append(f"multi-label: {summary['rows_with_several_labels']} rows with several true labels, "
+                     f"{summary['examples']} training examples (one per true label)")
     lines += [f"  {label:<24} {n}" for label, n in summary["labels"].items()]
     tl = summary["token_lengths"]
     lines.append(f"tokens per row before the cut: median {tl['median']}, p90 {tl['p90']}, max {tl['max']}")

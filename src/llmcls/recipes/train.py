@@ -70,7 +70,7 @@ def dry_run(cfg: Config) -> str:
         read = read[:cfg.data.max_train_rows] if cfg.data.max_train_rows else read
         if cfg.data.dev_fraction > 0:  # the rows the dev split takes out are not trained on
             read, _ = split_dev(read, cfg.data.dev_fraction, cfg.data.split_seed)
-        rows = len(read)
+        rows = sum(len(r.true_labels) for r in read)  # training examples: one per true label (multi-label rows)
     return (yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
             + "# plan (nothing was loaded or downloaded)\n" + yaml.safe_dump({"plan": plan(cfg, rows)}, sort_keys=False))
 

@@ -232,7 +232,8 @@ def _summary(runs: Sequence[RunData]) -> str:
         m, b = d.metrics, d.baseline
         cards = []
         if m:
-            cards.append(("accuracy", _fmt(m["accuracy"], "pct"), m["accuracy"], "candidates", "accuracy"))
+            cards.append(("subset accuracy" if m.get("multi_label") else "accuracy", _fmt(m["accuracy"], "pct"),
+                          m["accuracy"], "candidates", "accuracy"))
             cards.append(("macro-F1", _fmt(m["macro_f1"], "f3"), m["macro_f1"], "candidates", "macro_f1"))
         html_cards = []
         for label, shown, value, bkey, mkey in cards:
@@ -415,6 +416,33 @@ def _evaluation(runs: Sequence[RunData]) -> tuple[str, list[str]]:
     return "".join(parts), plots
 
 
+def _multilabel(runs: Sequence[RunData]) -> str:
+    """Multi-label runs: the set-level figures, then each label's P/R/F1 beside the threshold that decided it."""
+    multi = [d for d in runs if d.metrics and d.metrics.get("multi_label")]
+    if not multi:
+        return ""
+    keys = (("micro_f1", "micro-F1", "f3"), ("macro_f1", "macro-F1", "f3"), ("subset_accuracy", "subset accuracy",
+            "pct"), ("hamming_loss", "Hamming loss", "f3"), ("mean_true_labels", "true labels per row", ""),
+            ("mean_predicted_labels", "predicted labels per row", ""), ("rows", "test rows", ""))
+    parts = [_table(["metric"] + [d.name for d in multi],
+                    [[esc(label)] + [f'<span class="num">{_fmt(d.metrics.get(k), kind)}</span>' for d in multi]
+                     for k, label, kind in keys], "metrics")]
+    parts.append('<p class="k">Each label is predicted when its candidate probability reaches the label\'s '
+                 "threshold (chosen on the dev set; rarer labels share the global one), and the most probable "
+                 "candidate always is where at_least_one is on. Subset accuracy: the predicted set is exactly the "
+                 "true one. Hamming loss: the share of wrong (row, label) decisions.</p>")
+    for d in multi:
+        th = d.metrics.get("thresholds") or {}
+        own = th.get("per_label") or {}
+        rows = [[esc(c), _fmt(v["precision"], "f3"), _fmt(v["recall"], "f3"), _fmt(v["f1"], "f3"),
+                 _fmt(v["support"]), _fmt(own.get(c, th.get("default")), "f3") + ("" if c in own else " (global)")]
+                for c, v in d.metrics["per_class"].items()]
+        src = "dev-chosen" if th.get("from_dev") else "multilabel.default_threshold (no dev set)"
+        parts.append(f"<h3>Per label ({esc(d.name)}; thresholds: {esc(src)})</h3>"
+                     + _table(["label", "precision", "recall", "F1", "support", "threshold"], rows))
+    return "".join(parts)
+
+
 def _confusion(runs: Sequence[RunData]) -> tuple[str, list[str]]:
     parts, plots = [], []
     for d in runs:
@@ -426,6 +454,8 @@ def _confusion(runs: Sequence[RunData]) -> tuple[str, list[str]]:
                           f"confusion matrix of {d.name}"))
         plots.append("confusion")
     if not parts:
+        if any(_dig(d.metrics, "multi_label") for d in runs):
+            return _missing("No confusion matrix for a multi-label run: see the per-label figures above."), []
         return _missing("No confusion matrix (not evaluated)."), []
     return f'<div class="grid">{"".join(parts)}</div>', plots
 
@@ -447,7 +477,9 @@ def _mistakes(runs: Sequence[RunData], n: int) -> str:
             short = text if len(text) <= 400 else text[:400] + " …"
             probs = p.get("probs") or {}
             top = ", ".join(f"{esc(k)} {v:.2f}" for k, v in sorted(probs.items(), key=lambda kv: -kv[1])[:4])
-            rows.append([_fmt(p.get("line")), esc(p.get("truth")), f"<b>{esc(p.get('pred') or INVALID)}</b>",
+            shown = lambda x: ", ".join(x) if isinstance(x, list) else x  # noqa: E731  (multi-label: lists)
+            rows.append([_fmt(p.get("line")), esc(shown(p.get("truth"))),
+                         f"<b>{esc(shown(p.get('labels') or p.get('pred') or INVALID))}</b>",
                          _fmt(p.get("confidence"), "f3"), top or esc(p.get("raw", "")),
                          (f'<span title="{esc(text[:2000])}">{esc(short) or "<i>text unavailable</i>"}</span>',
                           "text")])
@@ -577,6 +609,7 @@ def render_html(runs: Sequence[RunData], top_mistakes: int = 10) -> tuple[str, l
         ("training", "Training curves", train_html),
         ("evaluation", "Evaluation" + (" (LLM vs baseline)" if any(d.baseline for d in runs) else ""), eval_html),
         *([("calibration", "Calibration and abstention", cal_html)] if cal_html else []),
+        *([("multilabel", "Multi-label", ml_html)] if (ml_html := _multilabel(runs)) else []),
         ("confusion", "Confusion matrix", cm_html),
         ("mistakes", "Most confident mistakes", _mistakes(runs, top_mistakes)),
         ("data", "Data and truncation (prepare)", _data(runs)),

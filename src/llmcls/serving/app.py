@@ -198,6 +198,9 @@ def build_schemas(labels: Optional[list[str]], max_texts: int, max_text_chars: i
                                                           "Present when the model has a threshold.")
         top_k: Optional[list[tuple[str, float]]] = Field(
             None, description="The top_k most probable candidates, most probable first (when asked).")
+        labels: Optional[list[str]] = Field(
+            None, description="Multi-label models: every candidate over its label's threshold (and the most "
+                              "probable one), most probable first.")
 
     class ClassifyResponse(BaseModel):
         results: list[Result]
@@ -211,9 +214,12 @@ def build_schemas(labels: Optional[list[str]], max_texts: int, max_text_chars: i
     return Schemas(OneText, ManyTexts, ClassifyRequest, ClassifyResponse, LabelsResponse, Error)
 
 
-def result(p, top_k: int) -> dict:
-    """One ``Result``: the fields old clients read (label, probs) and the newer ones beside them."""
+def result(p, top_k: int, thresholds=None) -> dict:
+    """One ``Result``: the fields old clients read (label, probs) and the newer ones beside them; ``thresholds``
+    (a multi-label model's :class:`llmcls.multilabel.Thresholds`) adds the predicted ``labels``."""
     out = {"label": p.pred, "probs": p.probs, "confidence": p.confidence}
+    if thresholds is not None:
+        out["labels"] = thresholds.select(list(p.probs), list(p.probs.values()))
     if p.abstain is not None:
         out["abstain"] = p.abstain
     if top_k:
@@ -306,7 +312,7 @@ def create_app(clf: Classifier, token: Optional[str] = None, cfg: Optional[Serve
                                 status_code=422)
         # Built as plain JSON: the response model above documents it, and validating our own output again on
         # the event loop would cost every request CPU time that the batching needs.
-        return JSONResponse({"results": [result(p, req.top_k) for p in preds]})
+        return JSONResponse({"results": [result(p, req.top_k, clf.thresholds) for p in preds]})
 
     @app.get("/labels", response_model=s.LabelsResponse, dependencies=auth, responses={
         k: v for k, v in errors.items() if k == 401}, summary="The label set (default candidates)")

@@ -28,6 +28,7 @@ class Classifier:
     lexical: Any = None            # llmcls.lexical.LexicalModel of a hybrid / shortlist run
     shortlist: int = 0             # eval.shortlist: candidates offered to the LLM per row (0: all)
     windows: Any = None            # llmcls.windows.WindowSettings: long texts read in windows (data.long_text)
+    thresholds: Any = None         # llmcls.multilabel.Thresholds: a multi-label model's per-label thresholds
     builder: Any = field(init=False)
 
     def __post_init__(self):
@@ -139,15 +140,18 @@ def _load_classifier(path, device, dtype) -> Classifier:
             tok.pad_token = tok.eos_token
         from llmcls.calibration import Calibration
 
+        from llmcls.multilabel import Thresholds
+
         cal = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
         from llmcls.lexical import LexicalModel
         from llmcls.rundir import export_config
         from llmcls.windows import settings
 
         lexical = LexicalModel.load(p / meta["lexical"]) if meta.get("lexical") else None
+        th = Thresholds.from_dict(meta["thresholds"]) if meta.get("thresholds") else None
         return Classifier(model, tok, PromptConfig(**meta["prompt"]), list(meta["labels"]), meta["max_length"],
                           p.resolve().name, "export", cal, lexical=lexical, shortlist=meta.get("shortlist", 0),
-                          windows=settings(export_config(p)))
+                          windows=settings(export_config(p)), thresholds=th)
     run = RunDir(p)
     if run.config_file.is_file():
         model, tok, cfg = load_trained(p, device=device, dtype=dtype)
@@ -156,7 +160,7 @@ def _load_classifier(path, device, dtype) -> Classifier:
         lexical = run.load_lexical()
         return Classifier(model, tok, cfg.prompt, run.labels(), cfg.data.max_length, p.resolve().name, "run",
                           run.load_calibration(), lexical=lexical, shortlist=cfg.eval.shortlist if lexical else 0,
-                          windows=settings(cfg))
+                          windows=settings(cfg), thresholds=run.load_thresholds(cfg) if run.multi_label else None)
     raise FileNotFoundError(f"{p} is neither a run directory (config.yaml) nor an export ({EXPORT_META})")
 
 
