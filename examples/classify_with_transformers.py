@@ -30,6 +30,11 @@ class ExportedClassifier:
     def __init__(self, folder: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
         folder = Path(folder)
         self.meta = json.loads((folder / "llmcls.json").read_text(encoding="utf-8"))
+        if (self.meta.get("calibration") or {}).get("lexical"):
+            # probabilities = softmax(... + w * TF-IDF score): without the TF-IDF model they would be wrong
+            raise SystemExit(f"{folder} is an LLM + TF-IDF hybrid (eval.hybrid): its probabilities need the TF-IDF "
+                             "model in lexical/, which this transformers-only example does not compute; use "
+                             "llmcls.serving.classifier.load_classifier or 'llmcls serve'")
         self.tok = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
         self.device = device
