@@ -64,22 +64,13 @@ def evaluate(run_dir: str | Path, cfg: Optional[Config] = None, model=None, toke
     labels = sorted({r.label for r in rows})
     metrics = compute_metrics([r.label for r in rows], [p.pred for p in preds], labels)
     records = [record(r, p, with_truth=True) for r, p in zip(rows, preds)]
-    metrics.update({
-        "method": method, "test_file": str(cfg.data.test_file), "skipped_invalid_rows": len(invalid),
-        "wall_s": round(wall, 3), "rows_per_s": round(len(rows) / wall, 2) if wall > 0 else None,
-        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
-        "processes": dist.world_size(), "weights": weights,
-        "environment": environment(),
-    })
+    metrics.update(_how_it_ran(cfg, method, rows, invalid, wall, weights))
     if settings(cfg).active:  # how long texts were read: the figures depend on it
         metrics["long_text"] = vars(settings(cfg))
     if method == "score":
         metrics["calibration"] = probability_quality(rows, preds, calibration)
-    if not dist.is_main():
+    if not _write(run, weights, records, metrics):
         return metrics
-    out = run.results(weights)
-    atomic_write_jsonl(out.predictions, records)
-    atomic_write_json(out.metrics, metrics)
 
     if tracker is not None and weights == "selected":
         tracker.log({"eval/accuracy": metrics["accuracy"], "eval/macro_f1": metrics["macro_f1"],
@@ -113,19 +104,32 @@ def _evaluate_multi(run: RunDir, cfg: Config, model, tokenizer, rows, invalid, p
         "multi_label": True, "accuracy": metrics["subset_accuracy"], "invalid": 0, "invalid_rate": 0.0,
         "thresholds": {"default": thresholds.default, "per_label": thresholds.per_label,
                        "at_least_one": thresholds.at_least_one, "from_dev": thresholds.fitted_on_rows > 0},
-        "method": "score", "test_file": str(cfg.data.test_file), "skipped_invalid_rows": len(invalid),
-        "wall_s": round(wall, 3), "rows_per_s": round(len(rows) / wall, 2) if wall > 0 else None,
-        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
-        "processes": dist.world_size(), "weights": weights, "environment": environment(),
+        **_how_it_ran(cfg, "score", rows, invalid, wall, weights),
     })
-    if not dist.is_main():
+    if not _write(run, weights, records, metrics):
         return metrics
-    out = run.results(weights)
-    atomic_write_jsonl(out.predictions, records)
-    atomic_write_json(out.metrics, metrics)
     if tracker is not None and weights == "selected":
         tracker.log({f"eval/{k}": metrics[k] for k in ("micro_f1", "macro_f1", "subset_accuracy", "hamming_loss")})
     return metrics
+
+
+def _write(run: RunDir, weights: str, records: list[dict], metrics: dict) -> bool:
+    """predictions.jsonl and metrics.json of these weights, by the main process (False elsewhere)."""
+    if not dist.is_main():
+        return False
+    out = run.results(weights)
+    atomic_write_jsonl(out.predictions, records)
+    atomic_write_json(out.metrics, metrics)
+    return True
+
+
+def _how_it_ran(cfg: Config, method: str, rows, invalid, wall: float, weights: str) -> dict:
+    """What every metrics.json records beside the metrics: the file, the speed, the memory, the environment."""
+    return {"method": method, "test_file": str(cfg.data.test_file), "skipped_invalid_rows": len(invalid),
+            "wall_s": round(wall, 3), "rows_per_s": round(len(rows) / wall, 2) if wall > 0 else None,
+            "peak_mem_gib": (round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available()
+                             else None),
+            "processes": dist.world_size(), "weights": weights, "environment": environment()}
 
 
 def probability_quality(rows, preds, calibration) -> dict:
