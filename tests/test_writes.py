@@ -164,3 +164,35 @@ def test_make_dataset_refuses_to_overwrite(tmp_path, capsys):
     assert (out / "test.jsonl").read_text() == "a user's test file\n" and not (out / "train.jsonl").exists()
     assert main([*args, "--overwrite"]) == 0
     assert (out / "train.jsonl").is_file() and (out / "test.jsonl").read_text() != "a user's test file\n"
+
+
+def test_predict_names_stdin_in_a_data_error(tmp_path, monkeypatch):
+    import io
+
+    import llmcls.recipes.predict as pred
+    from llmcls.data import DataError
+
+    cfg = load_config(None, {})
+    monkeypatch.setattr(pred, "model_for_run", lambda path, cfg, model, tok: (None, None, cfg))
+    with pytest.raises(DataError) as e:
+        pred.predict(tmp_path, "-", labels=["A", "B"], cfg=cfg, progress=False,
+                     stdin=io.StringIO('{"text": "fine"}\n{"text": ""}\n'))
+    assert str(e.value).startswith("<stdin>:2: field 'text'"), str(e.value)
+
+
+def test_an_evaluation_replaces_predictions_and_metrics_together(tmp_path):
+    from llmcls.files import write_results
+
+    pred, met = tmp_path / "eval" / "predictions.jsonl", tmp_path / "eval" / "metrics.json"
+    write_results(pred, [{"i": 0}], met, {"accuracy": 0.5})
+    old = pred.read_bytes(), met.read_bytes()
+
+    def rows():  # the disk fills while the predictions are written
+        yield {"i": 1}
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_results(pred, rows(), met, {"accuracy": 0.9})
+    assert (pred.read_bytes(), met.read_bytes()) == old and not _tmp_leftovers(pred.parent)
+    write_results(pred, [{"i": 1}], met, {"accuracy": 0.9})
+    assert json.loads(met.read_text()) == {"accuracy": 0.9}

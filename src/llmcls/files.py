@@ -103,6 +103,50 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         raise
 
 
+@contextmanager
+def atomic_files(*paths: str | Path, encoding: str = "utf-8") -> Iterator[list]:
+    """Several files that form one result (predictions and their metrics): yields one open handle per path; each is
+    written under a temporary name, and only when every one is written and flushed are they renamed into place,
+    one after the other. A failure while writing (a full disk) leaves every old file as it was."""
+    paths = [Path(p) for p in paths]
+    tmps: list[str] = []
+    handles: list = []
+    try:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
+            tmps.append(tmp)
+            handles.append(os.fdopen(fd, "w", encoding=encoding))
+        yield handles
+        mask = _umask()
+        for fh, tmp in zip(handles, tmps):
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+            os.chmod(tmp, 0o666 & ~mask)
+        for tmp, path in zip(tmps, paths):
+            os.replace(tmp, path)
+        for parent in {p.parent for p in paths}:
+            _fsync_dir(parent)
+    except BaseException:
+        for fh in handles:
+            fh.close()
+        for tmp in tmps:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        raise
+
+
+def write_results(predictions: Path, records: Iterable[dict], metrics_path: Path, metrics: dict) -> None:
+    """An evaluation's predictions.jsonl and metrics.json, replaced together (:func:`atomic_files`)."""
+    with atomic_files(predictions, metrics_path) as (fp, fm):
+        for row in records:
+            fp.write(json.dumps(row, ensure_ascii=False) + "\n")
+        fm.write(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_open(path) as fh:
         fh.write(text)

@@ -18,7 +18,7 @@ from llmcls import dist
 from llmcls.config import Config, ConfigError, to_dict
 from llmcls.data import read_rows
 from llmcls.env import environment
-from llmcls.files import atomic_write_json, atomic_write_jsonl
+from llmcls.files import write_results
 from llmcls.infer import classify_with, record
 from llmcls.metrics import compute_metrics, multilabel_metrics
 from llmcls.multilabel import refuse_multi
@@ -78,8 +78,7 @@ def evaluate(run_dir: str | Path, cfg: Optional[Config] = None, model=None, toke
     if not dist.is_main():
         return metrics
     out = run.results(weights)
-    atomic_write_jsonl(out.predictions, records)
-    atomic_write_json(out.metrics, metrics)
+    write_results(out.predictions, records, out.metrics, metrics)  # both or neither
 
     if tracker is not None and weights == "selected":
         tracker.log({"eval/accuracy": metrics["accuracy"], "eval/macro_f1": metrics["macro_f1"],
@@ -121,8 +120,7 @@ def _evaluate_multi(run: RunDir, cfg: Config, model, tokenizer, rows, invalid, p
     if not dist.is_main():
         return metrics
     out = run.results(weights)
-    atomic_write_jsonl(out.predictions, records)
-    atomic_write_json(out.metrics, metrics)
+    write_results(out.predictions, records, out.metrics, metrics)  # both or neither
     if tracker is not None and weights == "selected":
         tracker.log({f"eval/{k}": metrics[k] for k in ("micro_f1", "macro_f1", "subset_accuracy", "hamming_loss")})
     return metrics
