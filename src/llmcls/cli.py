@@ -243,7 +243,8 @@ def cmd_baseline(args) -> int:
 
     cfg = config_from_args(args)
     if args.out:
-        refuse_overwrite(ResultsDir(Path(args.out)).metrics, args.overwrite)
+        for path in (ResultsDir(Path(args.out)).metrics, ResultsDir(Path(args.out)).predictions):
+            refuse_overwrite(path, args.overwrite)
     text = cfg.baseline.text
     if text == "same" and not args.run:  # what the LLM reads is known only from a run
         text = "whole" if "baseline.text" not in overrides_from(args) else text
