@@ -155,8 +155,33 @@ def test_openapi_schema_describes_the_api(client):
     assert cand["items"]["enum"] == sorted(LABELS) and cand["uniqueItems"] is True
     assert text_item["properties"]["text"]["minLength"] == 1
     assert comps["ManyTexts"]["properties"]["inputs"]["maxItems"] == 16
+    # the limits that give 422 are in the schema, so a schema-driven client's valid data passes them
+    assert text_item["properties"]["text"]["maxLength"] == LIMIT // 16  # serve.max_text_chars capped by the body
+    assert cand["maxItems"] == len(LABELS)
+    responses = schema["paths"]["/classify"]["post"]["responses"]
+    assert "prompt too long" in responses["422"]["description"] and "408" in responses
     assert schema["paths"]["/classify"]["post"]["security"] == [{"HTTPBearer": []}]
     assert {"400", "401", "413", "422"} <= set(schema["paths"]["/classify"]["post"]["responses"])
+
+
+def test_a_body_shorter_than_its_content_length_gets_408(classifier):
+    """A client that declares more bytes than it sends must not hold the connection: 408 once
+    serve.body_timeout_s has passed."""
+    from urllib.parse import urlsplit
+
+    from llmcls.serving.app import create_app, running
+
+    app = create_app(classifier, token=None, max_body_bytes=LIMIT, body_timeout_s=0.5)
+    with running(app) as url:
+        u = urlsplit(url)
+        with socket.create_connection((u.hostname, u.port), timeout=10) as sock:
+            sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n" + b'{"text": "foo')
+            t0 = time.monotonic()
+            reply = sock.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert 0.4 < time.monotonic() - t0 < 5
+        assert httpx.post(f"{url}/classify", json={"text": "football"}, timeout=30).status_code == 200
 
 
 # ------------------------------------------------------------------------------------- schema-driven fuzzing

@@ -72,6 +72,15 @@ def test_resume_matches_uninterrupted(tokenizer_dir, learnable_data, tmp_path):
     assert resumed["global_step"] == full["global_step"] == 8
     assert abs(resumed["final_logged_loss"] - full["final_logged_loss"]) < 1e-5
     assert resumed["tokens_seen"] == full["tokens_seen"] > 0  # the count carries over from the checkpoint
+    # the log holds each step once (step 5 was logged before the crash and again after the resume), and the
+    # summary's loss is the whole run's, not only the resumed part's
+    import json
+
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == list(range(1, 9))
+    assert resumed["train_loss"] == pytest.approx(full["train_loss"], rel=1e-4)
+    assert resumed["train_loss_resumed_part"] != pytest.approx(full["train_loss"], rel=1e-4)
     from safetensors.torch import load_file
 
     a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
@@ -185,3 +194,22 @@ def test_quantize_without_bitsandbytes_says_what_to_install(monkeypatch):
     with pytest.raises(ConfigError, match=r"pip install 'llmcls\[qlora\]'"):
         quantization_config("nf4", torch.bfloat16)
     assert quantization_config("none", torch.bfloat16) is None
+
+
+class FailAtStart(TrainerCallback):
+    def on_train_begin(self, args, state, control, **kw):
+        raise ValueError("simulated bad setting")
+
+
+def test_a_failed_start_does_not_block_the_retry(tokenizer_dir, learnable_data, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="simulated"):
+        train(lora_cfg(learnable_data, run), progress=False, callbacks=[FailAtStart()])
+    (run / "checkpoints" / "checkpoint-2").mkdir(parents=True, exist_ok=True)  # half saved: no trainer state
+    (run / ".adapter.999999999.abcdefgh.tmp").mkdir()  # a killed writer's temporary folder
+    short = {"train.max_steps": "2", "train.save_steps": "2"}
+    out = train(lora_cfg(learnable_data, run, **short), progress=False)  # no RunExists: that was no run
+    assert out["global_step"] == 2 and out["resumed_from"] is None
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+    with pytest.raises(RunExists):  # a finished run is still refused
+        train(lora_cfg(learnable_data, run, **short), progress=False)

@@ -219,11 +219,11 @@ def cmd_make_dataset(args) -> int:
             print("llmcls make-dataset: error: multilabel pairs the rows of --source DIR (train.jsonl, test.jsonl)",
                   file=sys.stderr)
             return 2
-        info = make_multilabel(args.source, args.out, seed=args.seed)
+        info = make_multilabel(args.source, args.out, seed=args.seed, overwrite=args.overwrite)
         print(f"wrote {info['train']} training rows ({info['train_multi']} with two labels) and {info['test']} test "
               f"rows ({info['test_multi']} with two labels) to {args.out}")
         return 0
-    info = make_bbc(args.out, seed=args.seed)
+    info = make_bbc(args.out, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote {info['train']} training and {info['test']} test rows ({', '.join(info['labels'])}) to {args.out}")
     return 0
 
@@ -243,7 +243,8 @@ def cmd_baseline(args) -> int:
 
     cfg = config_from_args(args)
     if args.out:
-        refuse_overwrite(ResultsDir(Path(args.out)).metrics, args.overwrite)
+        for path in (ResultsDir(Path(args.out)).metrics, ResultsDir(Path(args.out)).predictions):
+            refuse_overwrite(path, args.overwrite)
     text = cfg.baseline.text
     if text == "same" and not args.run:  # what the LLM reads is known only from a run
         text = "whole" if "baseline.text" not in overrides_from(args) else text
@@ -363,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "test.jsonl to pair.")
     s.add_argument("--out", metavar="DIR", required=True, help="Folder for train.jsonl and test.jsonl.")
     s.add_argument("--seed", type=int, default=0, help="Seed for candidates and the split (default: 0).")
+    s.add_argument("--overwrite", action="store_true", help="Replace train.jsonl and test.jsonl if --out holds them.")
 
     s = _sub(sub, "report", cmd_report, "One self-contained HTML page on one run, or comparing several.",
              "Write an HTML report (no network needed: plots are inlined) with loss and learning-rate curves, "

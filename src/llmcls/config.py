@@ -264,6 +264,8 @@ class ServeConfig:
     max_text_chars: int = f(100_000, "Longest text accepted (422 beyond; also capped so any accepted text fits "
                                      "in max_body_bytes).")
     max_queue_rows: int = f(4096, "Rows waiting beyond this get 503.")
+    body_timeout_s: float = f(30.0, "Seconds a request body may take to arrive (408 beyond): a client that sends "
+                                    "less than its Content-Length does not hold a connection forever.")
     prepare_threads: Optional[int] = f(None, "Threads that tokenise requests (default: min(4, CPU cores)).")
 
 

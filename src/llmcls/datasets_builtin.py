@@ -11,7 +11,18 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from llmcls.files import atomic_write_jsonl
+from llmcls.files import atomic_write_jsonl, refuse_overwrite
+
+SPLITS = ("train", "test")
+
+
+def _write_splits(out: Path, splits: dict[str, list[dict]], overwrite: bool) -> None:
+    """Both files, or neither: every row is built before the first write, and an existing file is refused before
+    anything is written unless ``overwrite``."""
+    for name in splits:
+        refuse_overwrite(out / f"{name}.jsonl", overwrite)
+    for name, rows in splits.items():
+        atomic_write_jsonl(out / f"{name}.jsonl", rows)
 
 TOPICS = {"business": "Business", "entertainment": "Entertainment", "politics": "Politics", "sports": "Sport",
           "tech": "Technology"}
@@ -38,7 +49,8 @@ def bbc_rows(max_chars: int = 2000) -> list[dict]:
     return rows
 
 
-def make_bbc(out_dir: str | Path, seed: int = 0, test_fraction: float = 0.2, max_chars: int = 2000) -> dict:
+def make_bbc(out_dir: str | Path, seed: int = 0, test_fraction: float = 0.2, max_chars: int = 2000,
+             overwrite: bool = False) -> dict:
     """Write ``train.jsonl`` and ``test.jsonl`` in the tutorial's format; returns row counts."""
     from sklearn.model_selection import train_test_split
 
@@ -54,8 +66,7 @@ def make_bbc(out_dir: str | Path, seed: int = 0, test_fraction: float = 0.2, max
     train, test = train_test_split(out_rows, test_size=test_fraction, random_state=seed,
                                    stratify=[r["output"] for r in out_rows])
     out = Path(out_dir)
-    atomic_write_jsonl(out / "train.jsonl", train)
-    atomic_write_jsonl(out / "test.jsonl", test)
+    _write_splits(out, {"train": train, "test": test}, overwrite)
     return {"train": len(train), "test": len(test), "labels": labels, "dir": str(out)}
 
 
@@ -87,20 +98,21 @@ def pair_rows(rows: list[dict], seed: int = 0, pair_fraction: float = 0.5, max_c
 
 
 def make_multilabel(source_dir: str | Path, out_dir: str | Path, seed: int = 0, pair_fraction: float = 0.5,
-                    max_chars: int = 300) -> dict:
+                    max_chars: int = 300, overwrite: bool = False) -> dict:
     """``train.jsonl`` and ``test.jsonl`` of ``source_dir`` (the tutorial's format, e.g. Fudan news) paired by
     :func:`pair_rows` into ``out_dir``, each split from its own rows (no test text is ever seen in training)."""
     import json
 
     src, out = Path(source_dir), Path(out_dir)
     info: dict = {"dir": str(out)}
-    for split in ("train", "test"):
+    splits = {}
+    for split in SPLITS:
         path = src / f"{split}.jsonl"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: the source folder needs train.jsonl and test.jsonl")
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        paired = pair_rows(rows, seed, pair_fraction, max_chars)
-        atomic_write_jsonl(out / f"{split}.jsonl", paired)
+        splits[split] = paired = pair_rows(rows, seed, pair_fraction, max_chars)
         info[split] = len(paired)
         info[f"{split}_multi"] = sum(isinstance(r["output"], list) for r in paired)
+    _write_splits(out, splits, overwrite)
     return info

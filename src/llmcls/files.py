@@ -7,11 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal, Optional
 
 
 def _umask() -> int:
@@ -34,11 +35,58 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _tmp_prefix(target: Path) -> str:
+    """``.NAME.PID.``: the writer's process id in the name lets :func:`clean_leftovers` tell a crashed writer's
+    leftover (process gone) from another process's write in progress."""
+    return f".{target.name}.{os.getpid()}."
+
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]*\.(?P<kind>tmp|old)$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_leftovers(folder: str | Path, names: Optional[set[str]] = None) -> list[Path]:
+    """Remove what a crashed (killed, out of disk) writer left in ``folder``: its ``.NAME.PID.*.tmp`` files and
+    folders; a ``.NAME.PID.*.old`` folder is an earlier result moved aside by ``atomic_dir(exists="replace")``
+    just before the crash, put back when NAME is missing, removed otherwise. A live process's leftovers stay
+    (it may still be writing: another rank, or eval while a train runs). ``names``: only the leftovers of these
+    targets (in a folder that is the user's, not ours). Returns what was removed or restored.
+    Run directories are shared by one host's processes, so a pid check is enough there."""
+    folder = Path(folder)
+    done: list[Path] = []
+    if not folder.is_dir():
+        return done
+    for p in sorted(folder.iterdir()):
+        m = _LEFTOVER.match(p.name)
+        if not m or (names is not None and m["name"] not in names) or _alive(int(m["pid"])):
+            continue
+        target = folder / m["name"]
+        if m["kind"] == "old" and not target.exists():
+            os.rename(p, target)
+        elif p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        done.append(p)
+    return done
+
+
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8"):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as fh:
             yield fh
@@ -53,6 +101,50 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         except FileNotFoundError:
             pass
         raise
+
+
+@contextmanager
+def atomic_files(*paths: str | Path, encoding: str = "utf-8") -> Iterator[list]:
+    """Several files that form one result (predictions and their metrics): yields one open handle per path; each is
+    written under a temporary name, and only when every one is written and flushed are they renamed into place,
+    one after the other. A failure while writing (a full disk) leaves every old file as it was."""
+    paths = [Path(p) for p in paths]
+    tmps: list[str] = []
+    handles: list = []
+    try:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
+            tmps.append(tmp)
+            handles.append(os.fdopen(fd, "w", encoding=encoding))
+        yield handles
+        mask = _umask()
+        for fh, tmp in zip(handles, tmps):
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+            os.chmod(tmp, 0o666 & ~mask)
+        for tmp, path in zip(tmps, paths):
+            os.replace(tmp, path)
+        for parent in {p.parent for p in paths}:
+            _fsync_dir(parent)
+    except BaseException:
+        for fh in handles:
+            fh.close()
+        for tmp in tmps:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        raise
+
+
+def write_results(predictions: Path, records: Iterable[dict], metrics_path: Path, metrics: dict) -> None:
+    """An evaluation's predictions.jsonl and metrics.json, replaced together (:func:`atomic_files`)."""
+    with atomic_files(predictions, metrics_path) as (fp, fm):
+        for row in records:
+            fp.write(json.dumps(row, ensure_ascii=False) + "\n")
+        fm.write(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -97,7 +189,7 @@ def atomic_dir(target: str | Path, exists: Literal["error", "replace", "keep"] =
     drops the new build (another process made the same thing first, e.g. a cache filled on every node)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target), suffix=".tmp", dir=target.parent))
     try:
         yield tmp
         _finalise_tree(tmp)
@@ -107,7 +199,7 @@ def atomic_dir(target: str | Path, exists: Literal["error", "replace", "keep"] =
                 return
             if exists == "error":
                 raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            old = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target), suffix=".old", dir=target.parent))
             os.rmdir(old)
             os.rename(target, old)
             os.rename(tmp, target)

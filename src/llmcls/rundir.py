@@ -120,7 +120,23 @@ class RunDir:
 
     @property
     def started(self) -> bool:
-        return self.checkpoints.is_dir() or self.finished
+        """A run holds a finished step: saved weights, or a checkpoint the Trainer completed (its state file is
+        written last). A start that failed before (a bad setting, out of memory) leaves an empty checkpoints/ or
+        a half-saved checkpoint: that is not a run, and a corrected command may start afresh."""
+        return self.finished or bool(self.checkpoint_steps())
+
+    def checkpoint_steps(self) -> list[int]:
+        """Steps of the complete checkpoints, in order."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(int(c.name.split("-", 1)[1]) for c in self.checkpoints.glob("checkpoint-*")
+                      if c.name.split("-", 1)[1].isdigit() and (c / "trainer_state.json").is_file())
+
+    def failed_start_outputs(self) -> list[Path]:
+        """What a training that stopped before its first complete checkpoint may have left: removed before a new
+        start (the run's config, data and earlier evaluations stay)."""
+        return [self.checkpoints, self.best, self.last, self.lexical, self.thresholds, self.calibration,
+                self.train_log, self.train_summary]
 
     def require(self) -> "RunDir":
         if not self.config_file.is_file():

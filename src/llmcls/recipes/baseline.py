@@ -24,7 +24,7 @@ from llmcls.config import ConfigError, DataConfig
 from llmcls.data import Row, read_rows
 from llmcls.multilabel import refuse_multi
 from llmcls.env import environment
-from llmcls.files import atomic_write_json, atomic_write_jsonl
+from llmcls.files import write_results
 from llmcls.metrics import compute_metrics
 from llmcls.rundir import ResultsDir
 
@@ -85,11 +85,10 @@ def baseline(train_file: str | Path, test_file: str | Path, out_dir: Optional[st
     }
     if out_dir is not None:
         out = ResultsDir(Path(out_dir))
-        atomic_write_jsonl(out.predictions, (
+        write_results(out.predictions, (
             {"index": i, "line": r.line, "truth": r.label, "pred": pa, "pred_candidates": pc,
              "candidates": r.candidates, "scores": {c: float(scores[i, j]) for c, j in col.items()}}
-            for i, (r, pa, pc) in enumerate(zip(test_rows, pred_all, pred_cand))))
-        atomic_write_json(out.metrics, metrics)
+            for i, (r, pa, pc) in enumerate(zip(test_rows, pred_all, pred_cand))), out.metrics, metrics)
     return metrics
 
 

@@ -18,7 +18,7 @@ from llmcls import dist
 from llmcls.config import Config, ConfigError, to_dict
 from llmcls.data import read_rows
 from llmcls.env import environment
-from llmcls.files import atomic_write_json, atomic_write_jsonl
+from llmcls.files import write_results
 from llmcls.infer import classify_with, record
 from llmcls.metrics import compute_metrics, multilabel_metrics
 from llmcls.multilabel import refuse_multi
@@ -118,8 +118,7 @@ def _write(run: RunDir, weights: str, records: list[dict], metrics: dict) -> boo
     if not dist.is_main():
         return False
     out = run.results(weights)
-    atomic_write_jsonl(out.predictions, records)
-    atomic_write_json(out.metrics, metrics)
+    write_results(out.predictions, records, out.metrics, metrics)  # both or neither
     return True
 
 

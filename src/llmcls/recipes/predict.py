@@ -18,7 +18,7 @@ from typing import Optional, TextIO
 
 from llmcls import dist
 from llmcls.config import Config, ConfigError
-from llmcls.data import read_rows
+from llmcls.data import DataError, read_rows
 from llmcls.files import atomic_open, refuse_overwrite
 from llmcls.infer import classify_with, record
 from llmcls.multilabel import predicted_sets
@@ -46,6 +46,11 @@ def predict(run_dir: str | Path, input_path: Optional[str], output: Optional[str
     labels = labels or run.labels()
     try:
         rows, _ = read_rows(input_path, cfg.data, need_label=False, on_invalid="error", labels=labels)
+    except DataError as e:
+        if not from_stdin:
+            raise
+        # the temporary file is an implementation detail: the user gave stdin, and its line numbers are the same
+        raise DataError("<stdin>", e.line, e.field, e.reason) from None
     finally:
         if from_stdin:
             Path(input_path).unlink(missing_ok=True)

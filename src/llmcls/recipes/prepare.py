@@ -21,12 +21,16 @@ from tqdm.auto import tqdm
 from llmcls.config import Config
 from llmcls.data import DataError, Row, read_rows, split_dev, to_instruction, to_raw
 from llmcls.encode import PromptBuilder, PromptTooLong, encode_train
-from llmcls.files import atomic_dir, atomic_write_json, atomic_write_jsonl, sha256_file, sha256_json
+from llmcls.files import atomic_dir, atomic_write_json, atomic_write_jsonl, clean_leftovers, sha256_file, sha256_json
 from llmcls.multilabel import is_multi_label
 from llmcls.rundir import DataDir
 from llmcls.windows import settings, split
 
 CACHE_VERSION = 2  # 2: the encoded rows carry their label (train.class_weights)
+# Characters per token that no tokenizer's vocabulary reaches on ordinary text (Qwen's longest tokens are runs of
+# whitespace or punctuation of about 16 characters; words average 3-5): a text's first max_length * 16 characters
+# hold at least max_length tokens, so a cut there (data.long_text=cut) drops nothing training would have kept.
+CHARS_PER_TOKEN = 16
 
 
 def _tokenizer_key(tok) -> str:
@@ -45,8 +49,6 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
             progress: bool = True) -> dict:
     """Convert, validate and encode the training file into ``out_dir``; returns the summary (also written to
     ``out_dir/prepare.json``). Re-running with the same inputs and settings reuses the outputs."""
-    from datasets import Dataset
-
     train_file = train_file or cfg.data.train_file
     if not train_file:
         raise ValueError("no training file: set data.train_file in the config or pass --train FILE")
@@ -55,12 +57,42 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
     key = sha256_json({"v": CACHE_VERSION, "input": sha256_file(train_file), "data": vars(cfg.data),
                        "prompt": vars(cfg.prompt), "tokenizer": _tokenizer_key(tokenizer),
                        **({"windows": "all"} if every_window else {})})
-    summary_path = out.summary
-    if summary_path.is_file() and out.encoded.is_dir():
-        cached = json.loads(summary_path.read_text(encoding="utf-8"))
+    clean_leftovers(out.path.parent, names={out.path.name})
+    clean_leftovers(out.path)
+    if out.summary.is_file() and out.encoded.is_dir():
+        cached = json.loads(out.summary.read_text(encoding="utf-8"))
         if cached.get("cache_key") == key:
             cached["cached"] = True
             return cached
+    if out.path.is_dir() and any(out.path.iterdir()) and not out.summary.is_file():
+        # the folder is replaced as a whole below: one that is not an earlier prepare's may hold a user's files
+        raise FileExistsError(f"{out.path} holds files that are not 'llmcls prepare' outputs (no "
+                              f"{out.summary.name}); choose an empty or new folder")
+    final = out
+    with atomic_dir(final.path, exists="replace") as tmp:  # every output replaced as a set, or none
+        summary = _prepare_into(cfg, tokenizer, DataDir(tmp), final, train_file, key, progress)
+    return summary
+
+
+def _cut_for_encoding(row: Row, budget: Optional[int]) -> tuple[Row, bool]:
+    """A text longer than ``budget`` characters reduced to its lead before it is tokenised: with data.long_text=cut
+    only the lead is ever kept, and tokenising all of a 20 MB line cost 2.7 GB. ``budget`` is max_length *
+    CHARS_PER_TOKEN, more characters than max_length tokens cover (see the constant), so the cut changes no
+    encoded example; the token-length statistics of such a text count its first ``budget`` characters only."""
+    if budget is None or len(row.text) <= budget:
+        return row, False
+    return dataclasses.replace(row, text=row.text[:budget]), True
+
+
+def _prepare_into(cfg: Config, tokenizer, out: DataDir, final: DataDir, train_file: str, key: str,
+                  progress: bool) -> dict:
+    """Write prepare's outputs into ``out`` (a temporary folder), naming ``final`` where the summary records a
+    path."""
+    from datasets import Dataset
+
+    every_window = cfg.train.long_text_windows == "all"
+    budget = (cfg.data.max_length * CHARS_PER_TOKEN
+              if cfg.data.long_text == "cut" and not every_window else None)  # windows read the whole text
 
     rows, invalid = read_rows(train_file, cfg.data, limit=cfg.data.max_train_rows)
     multi = is_multi_label(rows, cfg.data.multi_label)  # decided on every row read, the dev rows included
@@ -69,7 +101,7 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
         rows, dev = split_dev(rows, cfg.data.dev_fraction, cfg.data.split_seed)
         atomic_write_jsonl(out.dev, (to_raw(r, cfg.data) for r in dev))
         dev_labels = Counter(t for r in dev for t in r.true_labels)
-        dev_info = {"file": str(out.dev), "rows": len(dev), "fraction": cfg.data.dev_fraction,
+        dev_info = {"file": str(final.dev), "rows": len(dev), "fraction": cfg.data.dev_fraction,
                     "seed": cfg.data.split_seed, "labels": dict(dev_labels.most_common()),
                     "lines": [r.line for r in dev]}  # lines of the training file: the split can be checked
     builder = PromptBuilder(tokenizer, cfg.prompt)
@@ -79,10 +111,11 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
     bar = tqdm(total=len(rows), desc="encode", unit="row", disable=not progress)
     for start in range(0, len(rows), 256):
         chunk = rows[start:start + 256]
-        for row, ids in zip(chunk, builder.batch_prompt_ids(chunk)):
+        cut = [_cut_for_encoding(r, budget) for r in chunk]
+        for row, (short, was_cut), ids in zip(chunk, cut, builder.batch_prompt_ids([c for c, _ in cut])):
             try:
                 encs = []
-                for one in one_per_label(row):  # a multi-label row: one example per true label
+                for one in one_per_label(short):  # a multi-label row: one example per true label
                     enc = encode_train(builder, one, cfg.data.max_length, cfg.data.truncation, ids)
                     # train.long_text_windows=all: every window of a long text is an example (windows as eval
                     # reads them); the statistics below stay those of the whole text.
@@ -105,7 +138,7 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
                     cols["length"].append(len(e.input_ids))
                     cols["label"].append(label)
                 full_lengths.append(enc.full_length)
-                shortened += enc.shortened
+                shortened += enc.shortened or was_cut
                 kept += enc.answer_kept
                 # The tutorial cuts prompt+answer from the right: an answer token survives iff the prompt is shorter.
                 tutorial_kept += enc.full_length - len(builder.answer_ids(label)) < cfg.data.max_length
@@ -136,7 +169,7 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
     if multi:  # shortened, answer_kept and the token lengths count training examples, one per true label
         summary.update(multi_label=True, examples=len(cols["input_ids"]),
                        rows_with_several_labels=sum(r.labels is not None for r in rows))
-    atomic_write_json(summary_path, summary)
+    atomic_write_json(out.summary, summary)
     return summary
 
 

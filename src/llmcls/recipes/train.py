@@ -23,12 +23,12 @@ from llmcls import dist
 from llmcls.config import Config, check_launch, check_training, save_config, to_dict
 from llmcls.data import read_rows
 from llmcls.env import environment
-from llmcls.files import atomic_dir, atomic_write_json
+from llmcls.files import atomic_dir, atomic_write_json, clean_leftovers
 from llmcls.model.load import load_model, load_tokenizer, resolve_dtype, resolve_model_path, trainable_summary
 from llmcls.model.tiny import TINY, build_tiny
 from llmcls.recipes.calibrate import fit_and_save
 from llmcls.recipes.prepare import load_encoded, prepare
-from llmcls.reporting.track import JsonlLogCallback, Tracker
+from llmcls.reporting.track import JsonlLogCallback, Tracker, trim_log, whole_run_loss
 from llmcls.rundir import RunDir
 from llmcls.selection import DevEvaluator
 from llmcls.trainer import (build_trainer, class_weights, fsdp_loading, full_state_dict, prepare_for_training,
@@ -94,10 +94,10 @@ def fit_lexical(cfg: Config, run: RunDir, tokenizer, summary: dict, progress: bo
              else "shortlist", len(rows), model.features, len(model.labels), cfg.baseline.text)
 
 
-def _last_checkpoint(ckpt_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+def _last_checkpoint(run: RunDir) -> str | None:
+    """The last complete checkpoint (a half-saved one from a crash has no trainer state to resume from)."""
+    steps = run.checkpoint_steps()
+    return str(run.checkpoints / f"checkpoint-{steps[-1]}") if steps else None
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: bool = True,
@@ -113,9 +113,15 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
                         "or choose another train.output_dir")
     # Under a launcher, rank 0 alone writes the run directory; the others wait for it, then read (dist.py).
     if dist.is_main():
+        clean_leftovers(run.path)  # temporary files and folders of a writer that was killed
         if overwrite and not resume:
-            for p in run.training_outputs():
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            stale = run.training_outputs()
+        elif not run.started:  # what a failed start left is no run: the retry starts afresh
+            stale = run.failed_start_outputs()
+        else:
+            stale = []
+        for p in stale:
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         run.path.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.train.seed)
 
@@ -184,9 +190,12 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
     trainer = build_trainer(model, tokenizer, dataset, args, callbacks=[
         JsonlLogCallback(run.train_log, echo=dist.is_main()), *tracker.callbacks,
         *(callbacks or [])], packing=cfg.train.packing, dev=dev)
-    checkpoint = _last_checkpoint(run.checkpoints) if resume else None
+    checkpoint = _last_checkpoint(run) if resume else None
     if resume and checkpoint is None:
         log.warning("no checkpoint in %s; starting from the beginning", run.checkpoints)
+    resumed_step = run.checkpoint_steps()[-1] if checkpoint else 0
+    if checkpoint and dist.is_main():
+        trim_log(run.train_log, resumed_step)  # the steps after the checkpoint are logged again
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -196,7 +205,12 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
 
     # 4. Save (rank 0 only) ---------------------------------------------------------------------------------
     out = {
-        "global_step": trainer.state.global_step, "train_loss": result.training_loss,
+        "global_step": trainer.state.global_step,
+        # the Trainer's figure covers the steps this process trained; after --resume, the whole run's is joined
+        # from the losses logged before the checkpoint (reporting.track.whole_run_loss)
+        "train_loss": (whole_run_loss(trainer.state.log_history, resumed_step, result.training_loss,
+                                      trainer.state.global_step) if checkpoint else result.training_loss),
+        **({"train_loss_resumed_part": result.training_loss} if checkpoint else {}),
         "final_logged_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
         "wall_s": round(wall, 2), "resumed_from": checkpoint, **params,
         "rows": summary["rows"], **({"examples": len(dataset)} if summary.get("windows") else {}),

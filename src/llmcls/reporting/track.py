@@ -18,7 +18,7 @@ from typing import Any, Optional
 from transformers import TrainerCallback
 
 from llmcls.config import TrackConfig
-from llmcls.files import atomic_write_json
+from llmcls.files import atomic_open, atomic_write_json
 from llmcls.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -197,6 +197,47 @@ def confusion_heatmap(labels: list[str], matrix: list[list[int]]):
         yaxis_opts=opts.AxisOpts(name="truth", type_="category"),
     )
     return chart
+
+
+def trim_log(path: str | Path, step: int) -> int:
+    """Keep the lines of ``train_log.jsonl`` up to ``step`` (the checkpoint a run resumes from): the steps after
+    it are trained again and logged again, so their first lines would repeat (with the crash's last, perhaps half
+    written, line). Rewritten atomically; returns the lines dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        with atomic_open(path) as fh:
+            fh.write("".join(k + "\n" for k in kept))
+    return dropped
+
+
+def whole_run_loss(log_history: list[dict], resumed_from: int, resumed_loss: float, final_step: int) -> float:
+    """The mean training loss over the whole run, when the Trainer's own figure covers only the steps since
+    ``resumed_from``: each loss logged up to the checkpoint is the mean of the steps since the previous log, so
+    they are weighted by those steps, then joined with the resumed part's mean weighted by its steps. Steps between
+    the checkpoint's last log and the checkpoint itself (logging_steps not dividing save_steps) are left out."""
+    total, steps, prev = 0.0, 0, 0
+    for h in log_history:
+        if "loss" in h and isinstance(h.get("step"), int) and prev < h["step"] <= resumed_from:
+            total += h["loss"] * (h["step"] - prev)
+            steps += h["step"] - prev
+            prev = h["step"]
+    after = max(final_step - resumed_from, 0)
+    if steps + after == 0:
+        return resumed_loss
+    return (total + resumed_loss * after) / (steps + after)
 
 
 class JsonlLogCallback(TrainerCallback):

@@ -20,6 +20,7 @@ Limits are the ``serve.*`` settings (``llmcls.config.ServeConfig``).
 # No ``from __future__ import annotations`` here: the request models are built at run time from the label set,
 # and FastAPI/pydantic must see their annotations as objects, not as strings naming local variables.
 
+import asyncio
 import hmac
 import logging
 import os
@@ -41,10 +42,13 @@ TOKEN_ENV = "LLMCLS_SERVE_TOKEN"
 
 class BodyLimit:
     """Refuses bodies over ``limit`` bytes with 413 before the app parses them: by the declared Content-Length,
-    and by counting for chunked uploads (which declare none). The body is buffered here, at most ``limit``."""
+    and by counting for chunked uploads (which declare none). The body is buffered here, at most ``limit`` (0: no
+    limit). A body that has not fully arrived ``timeout`` seconds after the request began gets 408: uvicorn's
+    keep-alive timeout covers idle connections only, so a client sending less than its Content-Length would
+    otherwise hold a connection (and its buffer) for as long as it likes."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout: Optional[float] = None):
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -55,16 +59,21 @@ class BodyLimit:
                 size = int(declared)
             except ValueError:
                 return await self._reply(send, 400, "invalid Content-Length header")
-            if size > self.limit:
+            if self.limit and size > self.limit:
                 return await self._reply(send, 413, f"request body larger than {self.limit} bytes")
         messages, total = [], 0
+        deadline = None if not self.timeout else asyncio.get_running_loop().time() + self.timeout
         while True:
-            msg = await receive()
+            try:
+                msg = await (receive() if deadline is None else
+                             asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time())))
+            except asyncio.TimeoutError:
+                return await self._reply(send, 408, f"request body not received within {self.timeout:g} s")
             if msg["type"] != "http.request":  # the client disconnected
                 messages.append(msg)
                 break
             total += len(msg.get("body", b""))
-            if total > self.limit:
+            if self.limit and total > self.limit:
                 return await self._reply(send, 413, f"request body larger than {self.limit} bytes")
             messages.append(msg)
             if not msg.get("more_body", False):
@@ -278,7 +287,12 @@ def create_app(clf: Classifier, token: Optional[str] = None, cfg: Optional[Serve
 
     auth = [Depends(require_token)] if token else []
     errors = {400: {"model": s.Error, "description": "Malformed JSON."},
+              408: {"model": s.Error, "description": f"Body not received within {cfg.body_timeout_s:g} s."},
               413: {"model": s.Error, "description": f"Body over {cfg.max_body_bytes} bytes."},
+              422: {"model": s.Error, "description": (
+                  f"A field outside the schema's limits (a text over {max_text_chars} characters, over "
+                  f"{cfg.max_texts} texts, an unknown candidate), or a prompt too long for the model's "
+                  f"{clf.max_length} tokens even with the text cut (too many or too long candidates).")},
               503: {"model": s.Error, "description": "Queue full; retry later."}}
     if token:
         errors[401] = {"model": s.Error, "description": "Missing or wrong bearer token."}
@@ -330,8 +344,8 @@ def create_app(clf: Classifier, token: Optional[str] = None, cfg: Optional[Serve
 
     app.state.batcher = batcher
     app.state.classifier = clf
-    if cfg.max_body_bytes:
-        app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
+    if cfg.max_body_bytes or cfg.body_timeout_s:
+        app.add_middleware(BodyLimit, limit=cfg.max_body_bytes, timeout=cfg.body_timeout_s)
     return app
 
 
