@@ -99,20 +99,31 @@ def record(row: Row, p: Prediction, with_truth: bool, top_k: int = 0) -> dict:
     return rec
 
 
+def _budgets(builder: PromptBuilder, rows: Sequence[Row], max_length: int) -> list[int]:
+    return [max_length - max(len(builder.answer_ids(c)) for c in r.candidates) for r in rows]
+
+
 def prompts_for(builder: PromptBuilder, rows: Sequence[Row], max_length: Optional[int]) -> list[list[int]]:
     """Prompt ids, with texts shortened exactly as in training: prompt + longest answer fit ``max_length``."""
     if max_length is None:
         return builder.batch_prompt_ids(rows)
-    return fit_prompts(builder, rows, [max_length - max(len(builder.answer_ids(c)) for c in r.candidates)
-                                       for r in rows])
+    return fit_prompts(builder, rows, _budgets(builder, rows, max_length))
 
 
 def as_read(builder: PromptBuilder, rows: Sequence[Row], max_length: Optional[int]) -> list[Row]:
     """The rows as the model reads them: each text cut exactly as :func:`prompts_for` cuts it."""
     if max_length is None:
         return list(rows)
-    budgets = [max_length - max(len(builder.answer_ids(c)) for c in r.candidates) for r in rows]
-    return [r for r, _ in fit_rows(builder, rows, budgets)]
+    return [r for r, _ in fit_rows(builder, rows, _budgets(builder, rows, max_length))]
+
+
+def read_and_prompts(builder: PromptBuilder, rows: Sequence[Row], max_length: Optional[int]
+                     ) -> tuple[list[Row], list[list[int]]]:
+    """:func:`as_read` and :func:`prompts_for` from one pass of the tokenizer (what the hybrid needs per batch)."""
+    if max_length is None:
+        return list(rows), builder.batch_prompt_ids(rows)
+    pairs = fit_rows(builder, rows, _budgets(builder, rows, max_length))
+    return [r for r, _ in pairs], [p for _, p in pairs]
 
 
 @torch.no_grad()
@@ -221,10 +232,18 @@ def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "
     pin = layout is not None and layout.name != "cached" and compute_device(model).type == "cuda"
 
     def prep(idx):  # the next batch's tokens and tensors, made on a thread while the model runs this one
-        batch, lex = [rows[i] for i in idx], None
+        batch, lex, prompts = [rows[i] for i in idx], None, None
         if lexical is not None and layout is not None:
-            batch, lex = _lexical_scores(lexical, builder, batch, max_length, None, shortlist)
-        prompts = prompts_for(builder, batch, max_length)
+            from llmcls.lexical import cut_texts, shortlist_rows
+
+            if lexical.text == "same":  # the cut texts and the prompts from one tokenizer pass
+                read, prompts = read_and_prompts(builder, batch, max_length)
+            else:
+                read = cut_texts(batch, lexical.text)
+            short, lex = shortlist_rows(batch, lexical.candidate_scores(read), shortlist)
+            if any(a is not b for a, b in zip(short, batch)):  # a shortlist changes the prompt's candidate list
+                batch, prompts = short, None
+        prompts = prompts if prompts is not None else prompts_for(builder, batch, max_length)
         return batch, lex, prompts, (layout.prepare(builder, batch, prompts, pin) if layout is not None else None)
 
     def scored(idx, batch, lex, lls):
