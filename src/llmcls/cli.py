@@ -13,8 +13,11 @@ command that calls a recipe; splitting it would put the commands' options in sev
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
+import re
 import sys
 import typing
 from pathlib import Path
@@ -22,6 +25,11 @@ from pathlib import Path
 from llmcls.config import Config, ConfigError, iter_fields, load_config
 
 log = logging.getLogger("llmcls")
+
+# Kept here, not imported from llmcls.serving.app, so that building the parser imports no web or model library
+# (tests check it matches).
+TOKEN_ENV = "LLMCLS_SERVE_TOKEN"
+DEBUG_ENV = "LLMCLS_DEBUG"
 
 ALL = ("",)
 # How eval, predict, calibrate and serve read a text too long for max_length (llmcls.windows).
@@ -114,12 +122,12 @@ def _print_json(m: dict) -> None:
 
 # ----------------------------------------------------------------------------------------------- commands
 def cmd_prepare(args) -> int:
+    cfg = config_from_args(args, {"data.on_invalid": "skip"} if args.skip_invalid else None)
     from llmcls.model.load import load_tokenizer, resolve_model_path
     from llmcls.model.tiny import TINY
     from llmcls.recipes.prepare import prepare, summary_lines
     from llmcls.rundir import RunDir
 
-    cfg = config_from_args(args, {"data.on_invalid": "skip"} if args.skip_invalid else None)
     path = None if cfg.model.name_or_path == TINY or cfg.model.tokenizer else resolve_model_path(cfg.model)
     tok = load_tokenizer(cfg.model, path)
     out = args.out or str(RunDir(cfg.train.output_dir).data.path)
@@ -132,10 +140,19 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    from llmcls.recipes.train import dry_run, train
+def _training_config(args) -> Config:
+    """The config of train/run, with every check that needs no library done before the heavy imports."""
+    from llmcls.config import check_training
 
     cfg = config_from_args(args)
+    check_training(cfg)
+    return cfg
+
+
+def cmd_train(args) -> int:
+    cfg = _training_config(args)
+    from llmcls.recipes.train import dry_run, train
+
     if args.dry_run:
         if _is_main():  # under a launcher: one plan, not one per process
             print(dry_run(cfg), end="")
@@ -147,10 +164,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_run(args) -> int:
+    cfg = _training_config(args)
     from llmcls.recipes.pipeline import run
     from llmcls.recipes.train import dry_run
 
-    cfg = config_from_args(args)
     if args.dry_run:
         if _is_main():
             print(dry_run(cfg), end="")
@@ -160,13 +177,15 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from llmcls.recipes.evaluate import eval_tracker, evaluate
-    from llmcls.recipes.pipeline import after_eval, metrics_line
-    from llmcls.rundir import RunDir, load_trained
+    from llmcls.rundir import RunDir
 
     run = RunDir(args.run_dir)
     weights = "base" if args.zero_shot else args.weights
     cfg = run.load_config(overrides_from(args))
+    from llmcls.recipes.evaluate import eval_tracker, evaluate
+    from llmcls.recipes.pipeline import after_eval, metrics_line
+    from llmcls.rundir import load_trained
+
     model, tok, cfg = load_trained(run.path, cfg, weights=weights)
     tracker = eval_tracker(run.path, cfg) if weights == "selected" else None
     m = evaluate(run.path, cfg, model, tok, tracker=tracker, weights=weights)
@@ -184,26 +203,59 @@ def cmd_eval(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from llmcls.recipes.calibrate import calibrate, summary_lines
     from llmcls.rundir import RunDir
 
     run = RunDir(args.run_dir)
-    out = calibrate(run.path, run.load_config(overrides_from(args)), progress=not args.json)
+    cfg = run.load_config(overrides_from(args))
+    from llmcls.recipes.calibrate import calibrate, summary_lines
+
+    out = calibrate(run.path, cfg, progress=not args.json)
     if _is_main():
         print(json.dumps(out, ensure_ascii=False) if args.json else "\n".join(summary_lines(out)))
     return 0
 
 
+def parse_labels(text: str) -> list[str]:
+    """``--labels``: 'A,B,C', or a JSON list for labels that contain a comma ('["A, B", "C"]')."""
+    if text.lstrip().startswith("["):
+        try:
+            labels = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"--labels: not a JSON list of strings ({e})") from None
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise ConfigError("--labels: a JSON list must hold strings only")
+    else:
+        labels = text.split(",")
+    labels = [x.strip() for x in labels]
+    if not all(labels):
+        raise ConfigError(f"--labels {text!r}: an empty label")
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ConfigError(f"--labels: {dup[0]!r} is given twice")
+    return labels
+
+
 def cmd_predict(args) -> int:
     from llmcls.files import refuse_overwrite
-    from llmcls.recipes.predict import predict
-    from llmcls.rundir import RunDir, load_trained
+    from llmcls.rundir import RunDir
 
-    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    labels = parse_labels(args.labels) if args.labels is not None else None
     if args.output:
+        if Path(args.output).is_dir():
+            raise ConfigError(f"--output {args.output}: is a directory; give a file name")
         refuse_overwrite(args.output, args.overwrite)  # before the model is loaded
     run = RunDir(args.run_dir)
-    model, tok, cfg = load_trained(run.path, run.load_config(overrides_from(args)))
+    cfg = run.load_config(overrides_from(args))
+    trained = run.labels()
+    if labels and trained:
+        unknown = [x for x in labels if x not in trained]
+        if unknown:  # scoring works on any words, but these were never trained on: say so
+            log.warning("--labels: %s not among the run's training labels (%s)", ", ".join(map(repr, unknown)),
+                        ", ".join(trained))
+    from llmcls.recipes.predict import predict
+    from llmcls.rundir import load_trained
+
+    model, tok, cfg = load_trained(run.path, cfg)
     n = predict(run.path, args.input, args.output, labels, cfg, args.overwrite, progress=args.output is not None,
                 model=model, tokenizer=tok)
     if args.output and _is_main():
@@ -237,11 +289,11 @@ def cmd_report(args) -> int:
 
 
 def cmd_baseline(args) -> int:
+    cfg = config_from_args(args)
     from llmcls.files import refuse_overwrite
     from llmcls.recipes.baseline import baseline, summary_line, view_of_run
     from llmcls.rundir import ResultsDir
 
-    cfg = config_from_args(args)
     if args.out:
         refuse_overwrite(ResultsDir(Path(args.out)).metrics, args.overwrite)
     text = cfg.baseline.text
@@ -260,10 +312,11 @@ def cmd_baseline(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from llmcls.recipes.export import export
     from llmcls.rundir import RunDir
 
     cfg = RunDir(args.run_dir).load_config(overrides_from(args))
+    from llmcls.recipes.export import export
+
     try:
         meta = export(args.run_dir, args.out_dir, overwrite=args.overwrite, cfg=cfg)
     except ValueError as e:
@@ -275,11 +328,12 @@ def cmd_export(args) -> int:
 
 def cmd_serve(args) -> int:
     from llmcls.rundir import RunDir, export_config, is_export
-    from llmcls.serving.app import serve
-    from llmcls.windows import settings
 
     overrides = overrides_from(args)
     cfg = export_config(args.path, overrides) if is_export(args.path) else RunDir(args.path).load_config(overrides)
+    from llmcls.serving.app import serve
+    from llmcls.windows import settings
+
     serve(args.path, cfg.serve, token=args.token, log_level="warning" if args.quiet else "info",
           abstain_below=cfg.predict.abstain_below, windows=settings(cfg))
     return 0
@@ -289,6 +343,7 @@ def cmd_serve(args) -> int:
 def _sub(sub, name: str, func, help: str, description: str | None = None, config_file: bool = False,
          config: bool = True):
     s = sub.add_parser(name, help=help, description=description or help, allow_abbrev=False)
+    s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     if config:
         add_config_options(s, name, config_file)
     s.set_defaults(func=func)
@@ -299,12 +354,21 @@ def _run_dir(s) -> None:
     s.add_argument("run_dir", metavar="RUN_DIR", help="Run directory written by 'llmcls train'.")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from llmcls.serving.app import TOKEN_ENV
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line (the usage text is one --help away), exit status 2 like every input error."""
 
-    p = argparse.ArgumentParser(prog="llmcls", allow_abbrev=False, description="Fine-tune a chat LLM into a text classifier: prepare -> train -> eval -> predict, report, export, serve. `llmcls COMMAND --help` documents each command and every setting it takes (--section.key).",
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+DEBUG_HELP = f"On an error, print the Python traceback too (same as {DEBUG_ENV}=1)."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="llmcls", allow_abbrev=False, description="Fine-tune a chat LLM into a text classifier: prepare -> train -> eval -> predict, report, export, serve. `llmcls COMMAND --help` documents each command and every setting it takes (--section.key).",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quiet", "-q", action="store_true", help="Only warnings and errors in the log.")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = _sub(sub, "prepare", cmd_prepare, "Validate and convert the raw data; report lengths and truncation.",
@@ -407,24 +471,68 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf|-nan", re.IGNORECASE)
+
+
+def _negative_values(argv: list[str]) -> list[str]:
+    """``--train.lr -1e-3`` as ``--train.lr=-1e-3``: argparse reads a token like '-1e-3' as an option, so the value
+    would be lost in an 'expected one argument' error instead of reaching the range check."""
+    out: list[str] = []
+    for tok in argv:
+        if out and _NUMBER.fullmatch(tok) and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={tok}"
+        else:
+            out.append(tok)
+    return out
+
+
+# Errors that are the user's input (a setting, a file, a row): their message is the whole report. Named by module
+# so that reporting one imports nothing; a class whose module was never imported cannot have been raised.
+_INPUT_ERRORS = (("llmcls.config", "ConfigError"), ("llmcls.data", "DataError"), ("llmcls.encode", "PromptTooLong"),
+                 ("llmcls.model.load", "ModelNotFound"), ("llmcls.recipes.train", "RunExists"))
+
+
+def _is(e: BaseException, module: str, name: str) -> bool:
+    cls = getattr(sys.modules.get(module), name, None)
+    return cls is not None and isinstance(e, cls)
+
+
+def error_line(e: BaseException) -> tuple[int, str]:
+    """(exit status, one line) for an exception that ended a command: 2 for bad input, settings, files and the
+    system (disk full, permissions), 1 for anything else (a bug: the line says how to get the traceback)."""
+    if any(_is(e, m, n) for m, n in _INPUT_ERRORS) or isinstance(e, (FileExistsError, FileNotFoundError)):
+        return 2, str(e)
+    if isinstance(e, OSError) and e.strerror:
+        where = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+        cause = "no space left on the device" if e.errno == errno.ENOSPC else e.strerror
+        return 2, f"{where}: {cause}" if where else cause
+    if isinstance(e, RecursionError):
+        return 2, "input nested too deeply to read"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return 1, (f"{type(e).__name__}: {first} (an unexpected error: run again with --debug or {DEBUG_ENV}=1 for "
+               "the traceback)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_negative_values(sys.argv[1:] if argv is None else list(argv)))
+    debug = args.debug or os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes", "on")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from llmcls.data import DataError
-    from llmcls.dist import OtherRankFailed
-    from llmcls.encode import PromptTooLong
-    from llmcls.model.load import ModelNotFound
-    from llmcls.recipes.train import RunExists
-
     try:
         return args.func(args)
-    except OtherRankFailed:  # rank 0 reports the error itself
-        return 2
-    except (ConfigError, DataError, PromptTooLong, ModelNotFound, RunExists, FileNotFoundError,
-            FileExistsError) as e:
-        print(f"llmcls {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"llmcls {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if _is(e, "llmcls.dist", "OtherRankFailed"):  # rank 0 reports the error itself
+            return 2
+        if debug:
+            raise
+        status, line = error_line(e)
+        print(f"llmcls {args.command}: error: {line}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":
