@@ -466,12 +466,16 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     tree: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a directory, not a config file")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
             tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+        except (UnicodeDecodeError, RecursionError) as e:
+            raise ConfigError(f"{path}: not a UTF-8 YAML file ({type(e).__name__})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return config_from_dict(tree, overrides, str(path) if path else None)
