@@ -246,12 +246,6 @@ def cmd_predict(args) -> int:
         refuse_overwrite(args.output, args.overwrite)  # before the model is loaded
     run = RunDir(args.run_dir)
     cfg = run.load_config(overrides_from(args))
-    trained = run.labels()
-    if labels and trained:
-        unknown = [x for x in labels if x not in trained]
-        if unknown:  # scoring works on any words, but these were never trained on: say so
-            log.warning("--labels: %s not among the run's training labels (%s)", ", ".join(map(repr, unknown)),
-                        ", ".join(trained))
     from llmcls.recipes.predict import predict
     from llmcls.rundir import load_trained
 

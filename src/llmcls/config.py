@@ -34,25 +34,32 @@ def f(default: Any, doc: str, check: Optional[typing.Callable[[Any], Optional[st
     return field(default=default, metadata=meta)
 
 
-# Value checks for ``f(..., check=...)``: each returns the problem with a value, or None. None values (an unset
-# optional setting) always pass.
-def at_least(low: float):
-    return lambda v: None if v is None or v >= low else f"must be {low} or more"
-
-
-def above(low: float):
-    return lambda v: None if v is None or v > low else f"must be more than {low}"
-
-
-def within(low: float, high: float, high_open: bool = False):
-    def check(v):
-        ok = v is None or (low <= v < high if high_open else low <= v <= high)
-        return None if ok else f"must be in [{low}, {high}{')' if high_open else ']'}"
+# Value checks for ``f(..., check=...)``: each returns the problem with a value, or None, and carries its rule in
+# words (``.rule``), which --help and the README's table show. None values (an unset optional setting) pass.
+def _rule(check, rule: str):
+    check.rule = rule
     return check
 
 
+def at_least(low: float):
+    return _rule(lambda v: None if v is None or v >= low else f"must be {low} or more", f"{low} or more")
+
+
+def above(low: float):
+    return _rule(lambda v: None if v is None or v > low else f"must be more than {low}", f"more than {low}")
+
+
+def within(low: float, high: float, high_open: bool = False):
+    rule = f"[{low}, {high}{')' if high_open else ']'}"
+
+    def check(v):
+        ok = v is None or (low <= v < high if high_open else low <= v <= high)
+        return None if ok else f"must be in {rule}"
+    return _rule(check, rule)
+
+
 def one_of(*choices: str):
-    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+    return _rule(lambda v: None if v in choices else f"must be one of {', '.join(choices)}", ", ".join(choices))
 
 
 def template_fields(*names: str):
@@ -70,7 +77,7 @@ def template_fields(*names: str):
             return (f"names {{{unknown[0]}}}; a template may use only "
                     f"{', '.join('{' + n + '}' for n in names)}")
         return None
-    return check
+    return _rule(check, "a template naming only " + " and ".join("{" + n + "}" for n in names))
 
 
 # The transformers SchedulerType values that need no extra arguments (tests check this list against the installed
@@ -151,7 +158,7 @@ class DataConfig:
         check=at_least(1))
     max_train_rows: Optional[int] = f(None, "Use only the first N training rows (quick experiments).",
         check=at_least(1))
-    max_eval_rows: Optional[int] = f(None, "Evaluate only the first N test rows, N >= 1 (default: all).",
+    max_eval_rows: Optional[int] = f(None, "Evaluate only the first N test rows (default: all).",
                                       check=at_least(1))
     dev_file: Optional[str] = f(None, "Raw dev jsonl: scored during training to pick the best step and to calibrate.")
     dev_fraction: float = f(0.0, "Without dev_file: this share of each label's training rows (at least one row "
@@ -192,9 +199,7 @@ class TrainConfig:
     batch_size: int = f(4, "Rows per device per micro-batch.", check=at_least(1))
     grad_accum: int = f(4, "Micro-batches per optimizer step.", check=at_least(1))
     lr: float = f(1e-4, "Peak learning rate.", check=above(0))
-    lr_scheduler: str = f("linear", "Learning-rate schedule: linear, cosine, cosine_with_restarts, polynomial, "
-                                    "constant, constant_with_warmup or inverse_sqrt (transformers' names).",
-        check=one_of(*SCHEDULERS))
+    lr_scheduler: str = f("linear", "Learning-rate schedule (transformers' names).", check=one_of(*SCHEDULERS))
     warmup_ratio: float = f(0.0, "Fraction of steps spent warming up the learning rate.", check=within(0, 1))
     weight_decay: float = f(0.0, "AdamW weight decay.", check=at_least(0))
     logging_steps: int = f(10, "Log loss and learning rate every N optimizer steps.", check=at_least(1))
@@ -497,7 +502,9 @@ def iter_fields(cls: type = Config, prefix: str = ""):
             yield from iter_fields(tp, key)
         else:
             default = fl.default if fl.default is not dataclasses.MISSING else fl.default_factory()
-            yield key, tp, default, fl.metadata.get("doc", "")
+            rule = getattr(fl.metadata.get("check"), "rule", None)
+            doc = fl.metadata.get("doc", "")
+            yield key, tp, default, f"{doc} Allowed: {rule}." if rule else doc
 
 
 # ------------------------------------------------------------------------------------- cross-field checks
