@@ -76,6 +76,14 @@ def _bad_rows(folder: Path) -> None:
                                   *[json.dumps(ROW)] * 2])
 
 
+def _labelled(folder: Path) -> None:
+    rows = [json.dumps({"text": f"{w} {w} text {i}", "category": ["Sport", "Politics"],
+                        "output": "Sport" if w == "football" else "Politics"})
+            for i in range(40) for w in ("football", "election")]
+    _jsonl(folder / "train.jsonl", rows)
+    _jsonl(folder / "test.jsonl", rows[:20])
+
+
 def _source(folder: Path) -> None:
     rows = [json.dumps({"text": f"text number {i} " * 4, "category": ["A", "B", "C"], "output": "ABC"[i % 3]})
             for i in range(120)]
@@ -106,6 +114,8 @@ CASES = [
     Case("export llmcls.json of another format", ["serve", "EXPORT"], setup=_export('{"format": "other"}')),
     Case("export llmcls.json a list", ["serve", "EXPORT"], setup=_export("[1, 2]")),
     Case("run directory missing", ["eval", "NOPE"]),
+    Case("eval test file is a directory", ["eval", "RUN", "--data.test_file", "RUN"], setup=_run_dir),
+    Case("predict --input DIR", ["predict", "RUN", "--input", "RUN"], setup=_run_dir),
     # 5. nonsense accepted silently before
     Case("epochs 0", ["train", "--train.epochs", "0"]),
     Case("eval --max-rows 0", ["eval", "RUN", "--max-rows", "0"], setup=_run_dir),
@@ -123,6 +133,10 @@ CASES = [
          setup=_source, needs_mount="ro"),
     Case("full disk", ["make-dataset", "multilabel", "--source", "src", "--out", "mnt/out"], setup=_source,
          needs_mount="full", output=("mnt",)),
+    Case("baseline --out on a read-only folder", ["baseline", "--train", "train.jsonl", "--test", "test.jsonl",
+         "--out", "mnt/out"], setup=_labelled, needs_mount="ro"),
+    Case("prepare --out on a read-only folder", ["prepare", "--model.name_or_path", "tiny", "--train", "train.jsonl",
+         "--out", "mnt/out"], setup=_labelled, needs_mount="ro"),
 ]
 
 

@@ -146,7 +146,40 @@ def _training_config(args) -> Config:
 
     cfg = config_from_args(args)
     check_training(cfg)
+    if not args.dry_run:
+        writable(cfg.train.output_dir, "train.output_dir")
     return cfg
+
+
+def _input_file(path, what: str) -> None:
+    """An input file that cannot be read stops the command before a model is loaded, not after."""
+    if path and path != "-" and not Path(path).is_file():
+        raise ConfigError(f"{what} {path}: {'is a directory' if Path(path).is_dir() else 'not found'}")
+
+
+def writable(path: str | Path, what: str) -> None:
+    """Refuse an output that cannot be written (a read-only file system, no permission, a file where a folder must
+    be) before the work that would produce it; a full disk still shows only when writing."""
+    p = Path(path).absolute()
+    at = p if p.is_dir() else p.parent
+    while not at.exists():
+        at = at.parent
+    if not at.is_dir():
+        raise ConfigError(f"{what} {path}: {at} is a file, not a folder")
+    if not os.access(at, os.W_OK):  # also false for root on a read-only mount
+        raise ConfigError(f"{what} {path}: cannot write in {at} (read-only file system or no permission)")
+
+
+# Options naming what a command writes; eval and calibrate write into the run directory.
+OUTPUT_OPTIONS = {"out": "--out", "out_dir": "OUT_DIR", "output": "--output"}
+
+
+def _check_outputs(args) -> None:
+    for attr, what in OUTPUT_OPTIONS.items():
+        if getattr(args, attr, None):
+            writable(getattr(args, attr), what)
+    if args.command in ("eval", "calibrate") and Path(args.run_dir).is_dir():
+        writable(args.run_dir, "RUN_DIR")
 
 
 def cmd_train(args) -> int:
@@ -182,6 +215,7 @@ def cmd_eval(args) -> int:
     run = RunDir(args.run_dir)
     weights = "base" if args.zero_shot else args.weights
     cfg = run.load_config(overrides_from(args))
+    _input_file(cfg.data.test_file, "data.test_file")
     from llmcls.recipes.evaluate import eval_tracker, evaluate
     from llmcls.recipes.pipeline import after_eval, metrics_line
     from llmcls.rundir import load_trained
@@ -240,6 +274,7 @@ def cmd_predict(args) -> int:
     from llmcls.rundir import RunDir
 
     labels = parse_labels(args.labels) if args.labels is not None else None
+    _input_file(args.input, "--input")
     if args.output:
         if Path(args.output).is_dir():
             raise ConfigError(f"--output {args.output}: is a directory; give a file name")
@@ -486,6 +521,15 @@ _INPUT_ERRORS = (("llmcls.config", "ConfigError"), ("llmcls.data", "DataError"),
                  ("llmcls.model.load", "ModelNotFound"), ("llmcls.recipes.train", "RunExists"))
 
 
+def _raised_here(e: BaseException) -> bool:
+    """Whether llmcls itself raised ``e`` (its ValueErrors are refusals written for the user); one from inside a
+    library is a bug to report with the traceback."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(Path(__file__).parent)
+
+
 def _is(e: BaseException, module: str, name: str) -> bool:
     cls = getattr(sys.modules.get(module), name, None)
     return cls is not None and isinstance(e, cls)
@@ -493,7 +537,7 @@ def _is(e: BaseException, module: str, name: str) -> bool:
 
 def error_line(e: BaseException) -> tuple[int, str]:
     """(exit status, one line) for an exception that ended a command: 2 for bad input, settings, files and the
-    system (disk full, permissions), 1 for anything else (a bug: the line says how to get the traceback)."""
+    system (disk full, permissions) and llmcls's own refusals, 1 for anything else (a bug: the line says how to get the traceback)."""
     if any(_is(e, m, n) for m, n in _INPUT_ERRORS) or isinstance(e, (FileExistsError, FileNotFoundError)):
         return 2, str(e)
     if isinstance(e, OSError) and e.strerror:
@@ -502,6 +546,8 @@ def error_line(e: BaseException) -> tuple[int, str]:
         return 2, f"{where}: {cause}" if where else cause
     if isinstance(e, RecursionError):
         return 2, "input nested too deeply to read"
+    if isinstance(e, ValueError) and _raised_here(e):
+        return 2, str(e)
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return 1, (f"{type(e).__name__}: {first} (an unexpected error: run again with --debug or {DEBUG_ENV}=1 for "
                "the traceback)")
@@ -513,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
+        _check_outputs(args)
         return args.func(args)
     except KeyboardInterrupt:
         if debug:
