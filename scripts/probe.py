@@ -116,6 +116,8 @@ CASES = [
     Case("run directory missing", ["eval", "NOPE"]),
     Case("eval test file is a directory", ["eval", "RUN", "--data.test_file", "RUN"], setup=_run_dir),
     Case("predict --input DIR", ["predict", "RUN", "--input", "RUN"], setup=_run_dir),
+    Case("train data file missing", ["train", "--data.train_file", "nope.jsonl"]),
+    Case("prepare --train missing", ["prepare", "--train", "nope.jsonl", "--model.name_or_path", "tiny"]),
     # 5. nonsense accepted silently before
     Case("epochs 0", ["train", "--train.epochs", "0"]),
     Case("eval --max-rows 0", ["eval", "RUN", "--max-rows", "0"], setup=_run_dir),

@@ -147,14 +147,20 @@ def _training_config(args) -> Config:
     cfg = config_from_args(args)
     check_training(cfg)
     if not args.dry_run:
+        _input_file(cfg.data.train_file, "data.train_file")
         writable(cfg.train.output_dir, "train.output_dir")
     return cfg
 
 
 def _input_file(path, what: str) -> None:
-    """An input file that cannot be read stops the command before a model is loaded, not after."""
-    if path and path != "-" and not Path(path).is_file():
-        raise ConfigError(f"{what} {path}: {'is a directory' if Path(path).is_dir() else 'not found'}")
+    """An input file that cannot be read stops the command before a model is loaded, not after. A missing name
+    without a file suffix is left to the reader: it may be a dataset id rather than a path."""
+    if not path or path == "-" or Path(path).is_file():
+        return
+    if Path(path).is_dir():
+        raise ConfigError(f"{what} {path}: is a directory, not a data file")
+    if Path(path).suffix or path.startswith(("/", ".", "~")):
+        raise ConfigError(f"{what} {path}: not found")
 
 
 def writable(path: str | Path, what: str) -> None:
@@ -170,11 +176,15 @@ def writable(path: str | Path, what: str) -> None:
         raise ConfigError(f"{what} {path}: cannot write in {at} (read-only file system or no permission)")
 
 
-# Options naming what a command writes; eval and calibrate write into the run directory.
+# Options naming what a command reads and writes; eval and calibrate also write into the run directory.
+INPUT_OPTIONS = {"train": "--train", "test": "--test", "input": "--input"}
 OUTPUT_OPTIONS = {"out": "--out", "out_dir": "OUT_DIR", "output": "--output"}
 
 
-def _check_outputs(args) -> None:
+def _check_files(args) -> None:
+    for attr, what in INPUT_OPTIONS.items():
+        if isinstance(getattr(args, attr, None), str):
+            _input_file(getattr(args, attr), what)
     for attr, what in OUTPUT_OPTIONS.items():
         if getattr(args, attr, None):
             writable(getattr(args, attr), what)
@@ -274,7 +284,6 @@ def cmd_predict(args) -> int:
     from llmcls.rundir import RunDir
 
     labels = parse_labels(args.labels) if args.labels is not None else None
-    _input_file(args.input, "--input")
     if args.output:
         if Path(args.output).is_dir():
             raise ConfigError(f"--output {args.output}: is a directory; give a file name")
@@ -560,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        _check_outputs(args)
+        _check_files(args)
         return args.func(args)
     except KeyboardInterrupt:
         if debug:
