@@ -204,7 +204,8 @@ def run_case(case: Case, python: str = sys.executable, timeout: float = 120) -> 
                 "traceback": "Traceback (most recent call last)" in p.stderr, "changed_outside": outside,
                 "tmp_left": tmps, "wall_s": round(wall, 2)})
     if case.expect == 0:
-        rec["ok"] = p.returncode == 0 and all(s in p.stdout for s in case.stdout_has) and not rec["traceback"] and not tmps
+        rec["ok"] = (p.returncode == 0 and all(s in p.stdout for s in case.stdout_has) and not rec["traceback"]
+                     and not tmps)
     else:
         rec["ok"] = (p.returncode == case.expect and len(err) == 1 and not rec["traceback"] and not outside
                      and not tmps)

@@ -3,7 +3,6 @@ command; here its fast cases must each end with their exit status, one line on s
 touched outside the command's output and no ``*.tmp``. Below it, the fixes the probe cannot see from outside."""
 
 import importlib.util
-import json
 import logging
 import os
 import subprocess
@@ -60,7 +59,7 @@ def test_a_config_error_imports_no_model_library():
 
 
 def test_unexpected_errors_are_one_line_with_status_1():
-    from llmcls.cli import error_line
+    from llmcls.errors import error_line
 
     assert error_line(KeyError("x")) == (1, "KeyError: 'x' (an unexpected error: run again with --debug or "
                                             "LLMCLS_DEBUG=1 for the traceback)")
@@ -101,6 +100,10 @@ def test_duplicate_rows_are_counted():
     rows = [Row("a", ["x", "y"], "x"), Row("a", ["x", "y"], "x"), Row("a", ["x", "y"], "y"), Row("a", ["x"], "x")]
     assert count_duplicates(rows) == 1
     assert count_duplicates(rows + rows) == 5
+    summary = {"rows": 4, "invalid": 0, "num_labels": 2, "labels": {}, "invalid_examples": [], "max_length": 8,
+               "token_lengths": {"median": 1, "p90": 1, "max": 1}, "shortened": 0, "answer_kept": 4,
+               "tutorial_answer_kept": 4, "duplicates": 1}
+    assert any(line.startswith("duplicate rows") and line.endswith(": 1") for line in summary_lines(summary))
 
 
 def test_eval_warns_naming_labels_never_trained(caplog):

@@ -6,14 +6,13 @@ command takes is :data:`COMMAND_KEYS`; the older short spellings (``--batch-size
 options (:data:`ALIASES`). Commands that start from a file take it with ``--config``; ``eval``, ``predict``,
 ``export`` and ``serve`` start from the run's (or the export's) own config and apply the options over it.
 
-Just over 400 lines on purpose: eleven commands' parsers, each option with its help text, and one short function per
+About 500 lines on purpose: eleven commands' parsers, each option with its help text, and one short function per
 command that calls a recipe; splitting it would put the commands' options in several places.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import os
@@ -23,13 +22,13 @@ import typing
 from pathlib import Path
 
 from llmcls.config import Config, ConfigError, iter_fields, load_config
+from llmcls.errors import DEBUG_ENV, error_line, input_file, is_error, writable
 
 log = logging.getLogger("llmcls")
 
 # Kept here, not imported from llmcls.serving.app, so that building the parser imports no web or model library
 # (tests check it matches).
 TOKEN_ENV = "LLMCLS_SERVE_TOKEN"
-DEBUG_ENV = "LLMCLS_DEBUG"
 
 ALL = ("",)
 # How eval, predict, calibrate and serve read a text too long for max_length (llmcls.windows).
@@ -147,33 +146,9 @@ def _training_config(args) -> Config:
     cfg = config_from_args(args)
     check_training(cfg)
     if not args.dry_run:
-        _input_file(cfg.data.train_file, "data.train_file")
+        input_file(cfg.data.train_file, "data.train_file")
         writable(cfg.train.output_dir, "train.output_dir")
     return cfg
-
-
-def _input_file(path, what: str) -> None:
-    """An input file that cannot be read stops the command before a model is loaded, not after. A missing name
-    without a file suffix is left to the reader: it may be a dataset id rather than a path."""
-    if not path or path == "-" or Path(path).is_file():
-        return
-    if Path(path).is_dir():
-        raise ConfigError(f"{what} {path}: is a directory, not a data file")
-    if Path(path).suffix or path.startswith(("/", ".", "~")):
-        raise ConfigError(f"{what} {path}: not found")
-
-
-def writable(path: str | Path, what: str) -> None:
-    """Refuse an output that cannot be written (a read-only file system, no permission, a file where a folder must
-    be) before the work that would produce it; a full disk still shows only when writing."""
-    p = Path(path).absolute()
-    at = p if p.is_dir() else p.parent
-    while not at.exists():
-        at = at.parent
-    if not at.is_dir():
-        raise ConfigError(f"{what} {path}: {at} is a file, not a folder")
-    if not os.access(at, os.W_OK):  # also false for root on a read-only mount
-        raise ConfigError(f"{what} {path}: cannot write in {at} (read-only file system or no permission)")
 
 
 # Options naming what a command reads and writes; eval and calibrate also write into the run directory.
@@ -184,7 +159,7 @@ OUTPUT_OPTIONS = {"out": "--out", "out_dir": "OUT_DIR", "output": "--output"}
 def _check_files(args) -> None:
     for attr, what in INPUT_OPTIONS.items():
         if isinstance(getattr(args, attr, None), str):
-            _input_file(getattr(args, attr), what)
+            input_file(getattr(args, attr), what)
     for attr, what in OUTPUT_OPTIONS.items():
         if getattr(args, attr, None):
             writable(getattr(args, attr), what)
@@ -225,7 +200,7 @@ def cmd_eval(args) -> int:
     run = RunDir(args.run_dir)
     weights = "base" if args.zero_shot else args.weights
     cfg = run.load_config(overrides_from(args))
-    _input_file(cfg.data.test_file, "data.test_file")
+    input_file(cfg.data.test_file, "data.test_file")
     from llmcls.recipes.evaluate import eval_tracker, evaluate
     from llmcls.recipes.pipeline import after_eval, metrics_line
     from llmcls.rundir import load_trained
@@ -525,44 +500,6 @@ def _negative_values(argv: list[str]) -> list[str]:
     return out
 
 
-# Errors that are the user's input (a setting, a file, a row): their message is the whole report. Named by module
-# so that reporting one imports nothing; a class whose module was never imported cannot have been raised.
-_INPUT_ERRORS = (("llmcls.config", "ConfigError"), ("llmcls.data", "DataError"), ("llmcls.encode", "PromptTooLong"),
-                 ("llmcls.model.load", "ModelNotFound"), ("llmcls.recipes.train", "RunExists"))
-
-
-def _raised_here(e: BaseException) -> bool:
-    """Whether llmcls itself raised ``e`` (its ValueErrors are refusals written for the user); one from inside a
-    library is a bug to report with the traceback."""
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(Path(__file__).parent)
-
-
-def _is(e: BaseException, module: str, name: str) -> bool:
-    cls = getattr(sys.modules.get(module), name, None)
-    return cls is not None and isinstance(e, cls)
-
-
-def error_line(e: BaseException) -> tuple[int, str]:
-    """(exit status, one line) for an exception that ended a command: 2 for bad input, settings, files and the
-    system (disk full, permissions) and llmcls's own refusals, 1 for anything else (a bug: the line says how to get the traceback)."""
-    if any(_is(e, m, n) for m, n in _INPUT_ERRORS) or isinstance(e, (FileExistsError, FileNotFoundError)):
-        return 2, str(e)
-    if isinstance(e, OSError) and e.strerror:
-        where = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
-        cause = "no space left on the device" if e.errno == errno.ENOSPC else e.strerror
-        return 2, f"{where}: {cause}" if where else cause
-    if isinstance(e, RecursionError):
-        return 2, "input nested too deeply to read"
-    if isinstance(e, ValueError) and _raised_here(e):
-        return 2, str(e)
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return 1, (f"{type(e).__name__}: {first} (an unexpected error: run again with --debug or {DEBUG_ENV}=1 for "
-               "the traceback)")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_negative_values(sys.argv[1:] if argv is None else list(argv)))
     debug = args.debug or os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes", "on")
@@ -577,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmcls {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        if _is(e, "llmcls.dist", "OtherRankFailed"):  # rank 0 reports the error itself
+        if is_error(e, "llmcls.dist", "OtherRankFailed"):  # rank 0 reports the error itself
             return 2
         if debug:
             raise
