@@ -128,7 +128,7 @@ def test_every_command_documents_its_config_keys_and_old_flags():
     ("train.batch_size", "0", "1 or more"), ("train.batch_size", "-4", "1 or more"),
     ("train.grad_accum", 0, "1 or more"), ("train.lr", "-1e-3", "more than 0"), ("lora.r", 0, "1 or more"),
     ("eval.batch_size", -1, "1 or more"), ("serve.max_batch", 0, "1 or more"), ("data.max_eval_rows", 0, "1 or more"),
-    ("train.warmup_ratio", 1.5, "[0, 1]"), ("train.lr", "nan", "more than 0"),
+    ("train.warmup_ratio", 1.0, "[0, 1)"), ("train.lr", "nan", "more than 0"),
     ("train.lr_scheduler", "cosin", "one of linear, cosine"),
     ("prompt.user_template", "Text: {txt} {category}", "names {txt}"),
     ("prompt.user_template", "Text: {text", "not a valid template"),

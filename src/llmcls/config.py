@@ -200,10 +200,11 @@ class TrainConfig:
     grad_accum: int = f(4, "Micro-batches per optimizer step.", check=at_least(1))
     lr: float = f(1e-4, "Peak learning rate.", check=above(0))
     lr_scheduler: str = f("linear", "Learning-rate schedule (transformers' names).", check=one_of(*SCHEDULERS))
-    warmup_ratio: float = f(0.0, "Fraction of steps spent warming up the learning rate.", check=within(0, 1))
+    warmup_ratio: float = f(0.0, "Fraction of steps spent warming up the learning rate.",
+        check=within(0, 1, high_open=True))
     weight_decay: float = f(0.0, "AdamW weight decay.", check=at_least(0))
     logging_steps: int = f(10, "Log loss and learning rate every N optimizer steps.", check=at_least(1))
-    save_steps: int = f(100, "Save a checkpoint every N optimizer steps.", check=at_least(1))
+    save_steps: int = f(100, "Save a checkpoint every N optimizer steps (0: none).", check=at_least(0))
     save_total_limit: Optional[int] = f(None, "Keep at most N checkpoints (default: all).", check=at_least(1))
     gradient_checkpointing: bool = f(True, "Recompute activations in backward to save memory.")
     seed: int = f(42, "Random seed (data order, LoRA init, dropout).")
