@@ -122,3 +122,49 @@ def test_every_command_documents_its_config_keys_and_old_flags():
         b = sub[cmd].parse_args([*rest, f"--{key}", "1"])
         assert getattr(a, f"cfg:{key}") == getattr(b, f"cfg:{key}") == "1"
     assert "--train.lr" not in sub["serve"].format_help()  # serve does not read it: not offered
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("train.batch_size", "0", "1 or more"), ("train.batch_size", "-4", "1 or more"),
+    ("train.grad_accum", 0, "1 or more"), ("train.lr", "-1e-3", "more than 0"), ("lora.r", 0, "1 or more"),
+    ("eval.batch_size", -1, "1 or more"), ("serve.max_batch", 0, "1 or more"), ("data.max_eval_rows", 0, "1 or more"),
+    ("train.warmup_ratio", 1.0, "[0, 1)"), ("train.lr", "nan", "more than 0"),
+    ("train.lr_scheduler", "cosin", "one of linear, cosine"),
+    ("prompt.user_template", "Text: {txt} {category}", "names {txt}"),
+    ("prompt.user_template", "Text: {text", "not a valid template"),
+])
+def test_values_out_of_range_are_refused_naming_the_key(key, value, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, {key: value})
+    assert str(e.value).startswith(f"{key}=") and words in str(e.value)
+
+
+def test_value_checks_apply_to_yaml_files_and_leave_valid_values(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  grad_accum: 0\n")
+    with pytest.raises(ConfigError, match="train.grad_accum=0: must be 1 or more"):
+        load_config(p)
+    c = load_config(None, {"train.max_steps": -1, "data.max_eval_rows": None, "prompt.user_template": "{{x}} {text}"})
+    assert c.train.max_steps == -1 and c.data.max_eval_rows is None
+
+
+def test_scheduler_choices_are_transformers_names():
+    from transformers import SchedulerType
+
+    from llmcls.config import SCHEDULERS
+
+    assert set(SCHEDULERS) <= {s.value for s in SchedulerType}
+
+
+def test_nothing_to_train_is_refused():
+    from llmcls.config import check_training
+
+    with pytest.raises(ConfigError, match="nothing to train"):
+        check_training(load_config(None, {"train.epochs": 0}))
+    check_training(load_config(None, {"train.epochs": 0, "train.max_steps": 3}))
+
+
+def test_help_shows_the_allowed_range():
+    keys = dict((k, doc) for k, _, _, doc in iter_fields(Config))
+    assert keys["train.batch_size"].endswith("Allowed: 1 or more.")
+    assert "Allowed:" not in keys["train.seed"]

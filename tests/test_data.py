@@ -87,3 +87,24 @@ def test_cache_is_keyed_on_content_not_existence(tmp_path, tokenizer):
     lines = (tmp_path / "out" / "train.instruct.jsonl").read_text().splitlines()
     row = json.loads(lines[0])
     assert set(row) >= {"instruction", "input", "output"} and row["input"].startswith("Text: 国务院")
+
+
+def test_rows_no_tokenizer_or_parser_can_take_are_invalid_rows(tmp_path):
+    ok = {"text": "fine", "category": ["x", "y"], "output": "x"}
+    p = tmp_path / "bad.jsonl"
+    p.write_text("\n".join([
+        '{"text": "a\\ud800b", "category": ["x", "y"], "output": "x"}',   # unpaired surrogate escape
+        "[" * 100_000 + "]" * 100_000,                                    # nested past the recursion limit
+        '{"text": "t", "n": ' + "9" * 5000 + ', "category": ["x"], "output": "x"}',  # int over 4300 digits
+        json.dumps(ok), '{"text": "ok \\ud83d\\ude00", "category": ["x"], "output": "x"}']) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: field 'text': an unpaired surrogate"):
+        read_rows(p, DataConfig())
+    rows, invalid = read_rows(p, DataConfig(), on_invalid="skip")
+    assert [r.text for r in rows] == ["fine", "ok \U0001F600"]  # a proper surrogate pair is a character
+    assert [e.line for e in invalid] == [1, 2, 3]
+    assert "nested too deeply" in str(invalid[1]) and "4300 digits" in str(invalid[2])
+
+
+def test_a_directory_is_not_a_data_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is a directory"):
+        read_rows(tmp_path, DataConfig())

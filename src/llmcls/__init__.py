@@ -16,4 +16,5 @@ Where each stage lives (the CLI, ``cli.py``, is a thin layer over these):
     serving/                   7  classifier.py, batcher.py, app.py
     recipes/                   one file per command: prepare, train, evaluate, predict, export, baseline, pipeline
     dist.py, files.py, env.py  processes, atomic writes, versions
+    errors.py                  how a command reports what is wrong; checks of its files before anything loads
 """

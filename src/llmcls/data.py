@@ -78,8 +78,16 @@ def _parse_line(raw: bytes, path: Path, lineno: int, cfg: DataConfig, need_label
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(path, lineno, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise DataError(path, lineno, None, "invalid JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer with more digits than Python converts
+        raise DataError(path, lineno, None, f"invalid JSON: {str(e).split(':')[0]}") from None
     if not isinstance(obj, dict):
         raise DataError(path, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
+    if "\\u" in line.lower():  # only an escape can make a lone surrogate, which no tokenizer can encode
+        field = next((k for k, v in obj.items() if not _encodable(v)), None)
+        if field is not None:
+            raise DataError(path, lineno, field, "an unpaired surrogate escape (e.g. \\ud800): not valid text")
 
     text = obj.get(cfg.text_field)
     if text is None:
@@ -129,6 +137,14 @@ def _parse_line(raw: bytes, path: Path, lineno: int, cfg: DataConfig, need_label
     return Row(text=text, candidates=candidates, label=label, line=lineno, labels=several)
 
 
+def _encodable(value) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return True
+    except (UnicodeEncodeError, RecursionError):
+        return False
+
+
 def _several(values: list, candidates: list[str], path: Path, lineno: int, cfg: DataConfig) -> list[str]:
     """The true labels of a multi-label ``output`` (a list, or a separated string split), in candidate order."""
     field = cfg.output_field
@@ -158,6 +174,8 @@ def iter_rows(path: str | Path, cfg: DataConfig, need_label: bool = True, on_inv
     are appended to ``invalid`` and skipped. Blank lines are ignored."""
     path = Path(path)
     on_invalid = on_invalid or cfg.on_invalid
+    if path.is_dir():
+        raise FileNotFoundError(f"{path}: is a directory, not a data file")
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     with open(path, "rb") as fh:

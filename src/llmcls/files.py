@@ -95,11 +95,13 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a result is made to be read by others
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.filename is None:  # a failed write (disk full) names no file by itself
+            e.filename = str(path)
         raise
 
 

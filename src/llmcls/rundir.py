@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from llmcls.config import Config, check_model, load_config
+from llmcls.config import Config, ConfigError, check_model, load_config
 
 EXPORT_META = "llmcls.json"
 EXPORT_FORMAT = "llmcls-export"
@@ -253,15 +253,20 @@ def is_export(path: str | Path) -> bool:
 def read_export_meta(path: str | Path) -> dict:
     """``llmcls.json`` of an export folder, checked for the fields a server needs."""
     meta_path = Path(path) / EXPORT_META
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{meta_path} is not an llmcls export (format {meta.get('format')!r})")
-    if meta.get("format_version", 0) > EXPORT_VERSION:
-        raise ValueError(f"{meta_path} has format_version {meta['format_version']}; this llmcls reads "
-                         f"up to {EXPORT_VERSION}: upgrade llmcls")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # also a file that is not UTF-8
+        raise ConfigError(f"{meta_path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ConfigError(f"{meta_path} is not an llmcls export (format {found!r})")
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or version > EXPORT_VERSION:
+        raise ConfigError(f"{meta_path} has format_version {version!r}; this llmcls reads "
+                          f"up to {EXPORT_VERSION}: upgrade llmcls")
     for key in ("labels", "prompt", "max_length"):
         if key not in meta:
-            raise ValueError(f"{meta_path} lacks '{key}'")
+            raise ConfigError(f"{meta_path} lacks '{key}'")
     return meta
 
 
@@ -270,5 +275,8 @@ def export_config(path: str | Path, overrides: Optional[dict[str, Any]] = None) 
     from llmcls.config import config_from_dict
 
     meta = read_export_meta(path)
-    return config_from_dict(meta.get("config") or {}, overrides, str(Path(path) / EXPORT_META))
+    tree = meta.get("config") or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{Path(path) / EXPORT_META}: 'config' is not a mapping of sections")
+    return config_from_dict(tree, overrides, str(Path(path) / EXPORT_META))
 

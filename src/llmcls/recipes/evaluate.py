@@ -8,6 +8,7 @@ P/R/F1) and each row's ``truth`` and predicted ``labels`` lists (docs/MULTILABEL
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Optional
@@ -24,6 +25,17 @@ from llmcls.metrics import compute_metrics, multilabel_metrics
 from llmcls.multilabel import refuse_multi
 from llmcls.rundir import RunDir, model_for_run
 from llmcls.windows import settings
+
+log = logging.getLogger(__name__)
+
+
+def warn_unseen_labels(rows, trained: list[str] | None, path) -> list[str]:
+    """True labels of the test rows that no training row had: the model can only guess them, which the metrics
+    alone do not say."""
+    unseen = sorted({t for r in rows for t in r.true_labels} - set(trained)) if trained else []
+    if unseen:
+        log.warning("%s: true labels never seen in training: %s", path, ", ".join(map(repr, unseen)))
+    return unseen
 
 
 def samples_for_tracker(rows, records: list[dict], n: int) -> list[dict]:
@@ -49,6 +61,7 @@ def evaluate(run_dir: str | Path, cfg: Optional[Config] = None, model=None, toke
         raise ValueError("no test file: set data.test_file in the config or pass --data.test_file FILE")
     method = cfg.eval.method
     rows, invalid = read_rows(cfg.data.test_file, cfg.data, limit=cfg.data.max_eval_rows)
+    warn_unseen_labels(rows, run.labels(), cfg.data.test_file)
     if run.multi_label:
         return _evaluate_multi(run, cfg, model, tokenizer, rows, invalid, progress, tracker, weights)
     refuse_multi(rows, cfg.data.test_file, cfg.data.output_field)

@@ -11,6 +11,7 @@ threshold (``label`` stays the most probable one).
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +25,8 @@ from llmcls.infer import classify_with, record
 from llmcls.multilabel import predicted_sets
 from llmcls.multilabel import record as multi_record
 from llmcls.rundir import RunDir, model_for_run
+
+log = logging.getLogger(__name__)
 
 
 def predict(run_dir: str | Path, input_path: Optional[str], output: Optional[str] = None,
@@ -43,7 +46,12 @@ def predict(run_dir: str | Path, input_path: Optional[str], output: Optional[str
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as tmp:
             tmp.write(text)
         input_path = tmp.name
-    labels = labels or run.labels()
+    trained = run.labels()
+    unknown = [x for x in labels or [] if trained and x not in trained]
+    if unknown:  # scoring works on any words, but these were never trained on: say so
+        log.warning("labels %s are not among the run's training labels (%s)", ", ".join(map(repr, unknown)),
+                    ", ".join(trained))
+    labels = labels or trained
     try:
         rows, _ = read_rows(input_path, cfg.data, need_label=False, on_invalid="error", labels=labels)
     except DataError as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import statistics
 from collections import Counter
 from pathlib import Path
@@ -31,6 +32,8 @@ CACHE_VERSION = 2  # 2: the encoded rows carry their label (train.class_weights)
 # whitespace or punctuation of about 16 characters; words average 3-5): a text's first max_length * 16 characters
 # hold at least max_length tokens, so a cut there (data.long_text=cut) drops nothing training would have kept.
 CHARS_PER_TOKEN = 16
+
+log = logging.getLogger(__name__)
 
 
 def _tokenizer_key(tok) -> str:
@@ -95,6 +98,10 @@ def _prepare_into(cfg: Config, tokenizer, out: DataDir, final: DataDir, train_fi
               if cfg.data.long_text == "cut" and not every_window else None)  # windows read the whole text
 
     rows, invalid = read_rows(train_file, cfg.data, limit=cfg.data.max_train_rows)
+    duplicates = count_duplicates(rows)
+    if duplicates:
+        log.warning("%s: %d rows repeat an earlier row (same text, candidates and labels); kept", train_file,
+                    duplicates)
     multi = is_multi_label(rows, cfg.data.multi_label)  # decided on every row read, the dev rows included
     dev_info = None
     if cfg.data.dev_fraction > 0:  # the dev rows leave training before anything is encoded
@@ -160,7 +167,7 @@ def _prepare_into(cfg: Config, tokenizer, out: DataDir, final: DataDir, train_fi
         "max_length": cfg.data.max_length, "truncation": cfg.data.truncation,
         "token_lengths": _percentiles(full_lengths), "trained_tokens": sum(cols["length"]),
         "shortened": shortened, "answer_kept": kept, "tutorial_answer_kept": tutorial_kept,
-        "dev": dev_info, "cache_key": key, "cached": False,
+        "dev": dev_info, "cache_key": key, "cached": False, "duplicates": duplicates,
     }
     if every_window:
         summary["windows"] = {"long_text_windows": "all", "examples": len(cols["label"]),
@@ -188,6 +195,18 @@ def load_encoded(out_dir: str | Path):
     return load_from_disk(str(DataDir(Path(out_dir)).encoded))
 
 
+def count_duplicates(rows: list[Row]) -> int:
+    """Rows repeating an earlier row (same text, candidates and true labels): kept, as the file asks, but counted,
+    since they weigh their label twice and can leak into a dev split."""
+    seen: set = set()
+    n = 0
+    for r in rows:
+        key = (r.text, tuple(r.candidates), tuple(r.true_labels))
+        n += key in seen
+        seen.add(key)
+    return n
+
+
 def summary_lines(summary: dict) -> list[str]:
     """The summary as ``llmcls prepare`` prints it."""
     lines = [f"{summary['rows']} rows ({summary['invalid']} invalid skipped), {summary['num_labels']} labels"]
@@ -206,6 +225,9 @@ def summary_lines(summary: dict) -> list[str]:
                      f"(windows per row: median {w['per_row']['median']}, p90 {w['per_row']['p90']}, "
                      f"max {w['per_row']['max']})")
     lines += [f"  skipped: {e}" for e in summary["invalid_examples"]]
+    if summary.get("duplicates"):
+        lines.append(f"duplicate rows (same text, candidates and labels as an earlier row; kept): "
+                     f"{summary['duplicates']}")
     if summary.get("dev"):
         d = summary["dev"]
         lines.append(f"dev set: {d['rows']} rows ({d['fraction']:.0%} of each label, seed {d['seed']}) in {d['file']}")

@@ -156,7 +156,7 @@ def build_schemas(labels: Optional[list[str]], max_texts: int, max_text_chars: i
 
     from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
 
-    Label = Literal[tuple(labels)] if labels else Annotated[str, Field(min_length=1, max_length=200)]
+    Label = Literal[tuple(labels)] if labels else Annotated[str, Field(min_length=1, max_length=200, pattern=r"\S")]
     Text = Annotated[str, Field(min_length=1, max_length=max_text_chars, pattern=r"\S",
                                 description="The text to classify (not empty, not only whitespace)."),
                      AfterValidator(_encodable)]
