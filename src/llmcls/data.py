@@ -22,11 +22,12 @@ _SPLIT = re.compile(r"\s*[,，、]\s*")
 
 
 class DataError(ValueError):
-    """A row of an input file is invalid; the message names the file, the line and the field."""
+    """A row of an input file is invalid; the message names the file, the line (jsonl, csv) or, where a source
+    has no lines (parquet, a JSON list, a dataset), the row index (``unit="row"``), and the field."""
 
-    def __init__(self, path: str | Path, line: int, field: str | None, message: str):
-        self.path, self.line, self.field, self.reason = str(path), line, field, message
-        where = f"{path}:{line}"
+    def __init__(self, path: str | Path, line: int, field: str | None, message: str, unit: str = "line"):
+        self.path, self.line, self.field, self.reason, self.unit = str(path), line, field, message, unit
+        where = f"{path}:{line}" if unit == "line" else f"{path}:row {line}"
         super().__init__(f"{where}: field '{field}': {message}" if field else f"{where}: {message}")
 
 
@@ -78,6 +79,11 @@ def _parse_line(raw: bytes, path: Path, lineno: int, cfg: DataConfig, need_label
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(path, lineno, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+    return _parse_obj(obj, path, lineno, cfg, need_label, labels)
+
+
+def _parse_obj(obj, path, lineno: int, cfg: DataConfig, need_label: bool, labels: Optional[list[str]]) -> Row:
+    """One record, whatever the file format, validated as a jsonl line is."""
     if not isinstance(obj, dict):
         raise DataError(path, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
 
@@ -152,25 +158,154 @@ def _several(values: list, candidates: list[str], path: Path, lineno: int, cfg: 
     return sorted(out, key=candidates.index)
 
 
-def iter_rows(path: str | Path, cfg: DataConfig, need_label: bool = True, on_invalid: str | None = None,
-              labels: Optional[list[str]] = None, invalid: Optional[list[DataError]] = None) -> Iterator[Row]:
-    """Yield valid rows of a raw jsonl file. Bad rows raise :class:`DataError` or, with ``on_invalid="skip"``,
-    are appended to ``invalid`` and skipped. Blank lines are ignored."""
+HUB_PREFIXES = ("hf:", "modelscope:")
+
+
+def source_exists(path: str | Path) -> bool:
+    """Whether a data source is there to read: a file, a local dataset folder, or a hub id (checked on reading)."""
+    return str(path).startswith(HUB_PREFIXES) or Path(path).exists()
+
+
+def source_fingerprint(path: str | Path) -> str:
+    """A content hash of a data source, for prepare's cache: a file's bytes, a folder's files (names and bytes);
+    a hub id is hashed as its name (a dataset that changes on the hub under the same id is not noticed: pin a
+    split or prepare afresh)."""
+    from llmcls.files import sha256_file, sha256_json
+
+    text = str(path)
+    if text.startswith(HUB_PREFIXES):
+        return sha256_json({"hub": text})
+    p = Path(path)
+    if p.is_dir():
+        return sha256_json({str(f.relative_to(p)): sha256_file(f) for f in sorted(p.rglob("*")) if f.is_file()})
+    return sha256_file(p)
+
+
+def _hub_id(source: str) -> tuple[str, str, Optional[str]]:
+    """``hf:owner/name[:split]`` -> (hub, name, split)."""
+    hub, _, rest = source.partition(":")
+    name, _, split = rest.partition(":")
+    if not name:
+        raise ValueError(f"{source}: expected {hub}:owner/name[:split]")
+    return hub, name, split or None
+
+
+def _load_dataset_rows(source: str | Path):
+    """Records of a dataset: ``hf:owner/name[:split]`` (datasets.load_dataset: the Hub, or its local cache when
+    HF_DATASETS_OFFLINE=1; a local folder works too), ``modelscope:owner/name[:split]`` (ModelScope's MsDataset,
+    its cache when offline), or a local folder (one written by ``Dataset.save_to_disk``, or one of data files that
+    ``load_dataset(folder)`` reads). The split defaults to ``train``."""
+    import datasets
+
+    text = str(source)
+    if text.startswith("modelscope:"):
+        _, name, split = _hub_id(text)
+        try:
+            from modelscope.msdatasets import MsDataset
+        except ImportError:
+            raise ValueError(f"{text}: reading a ModelScope dataset needs the modelscope package "
+                             "(pip install modelscope)") from None
+        ds = MsDataset.load(name, split=split or "train")
+        return ds.to_hf_dataset() if hasattr(ds, "to_hf_dataset") else ds
+    if text.startswith("hf:"):
+        _, name, split = _hub_id(text)
+        ds = datasets.load_dataset(name, split=split or "train")
+    else:
+        folder = Path(text)
+        if (folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file():
+            ds = datasets.load_from_disk(str(folder))  # save_to_disk's layout: load_dataset cannot read it
+        else:
+            ds = datasets.load_dataset(str(folder))
+        split = None
+    if isinstance(ds, (datasets.DatasetDict, dict)):
+        split = split or "train"
+        if split not in ds:
+            raise ValueError(f"{text}: no split {split!r} (it has {sorted(ds)}); name one as {text}:SPLIT")
+        ds = ds[split]
+    return ds
+
+
+def _records(path: str | Path) -> Iterator[tuple[int, str, object]]:
+    """(number, unit, record) of every record of a source: jsonl lines stay raw bytes (parsed by
+    :func:`_parse_line`, which reports undecodable bytes); csv rows are dicts numbered by the line they start on;
+    parquet, JSON-list and dataset rows are dicts numbered by their 0-based row index."""
+    text = str(path)
+    if text.startswith(HUB_PREFIXES) or Path(text).is_dir():
+        for i, rec in enumerate(_load_dataset_rows(text)):
+            yield i, "row", rec
+        return
     path = Path(path)
-    on_invalid = on_invalid or cfg.on_invalid
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".csv" or suffix == ".tsv":
+        import csv
+
+        # The csv module, not pandas or datasets' csv loader: every cell stays a string (a text "2024" is not
+        # turned into a number) and line_num gives the line a row starts on, even when a quoted cell spans lines.
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
+            start = reader.line_num + 1
+            try:
+                for rec in reader:
+                    if any(v for v in rec.values() if isinstance(v, str) and v.strip()):
+                        # an empty cell is a missing value, as in a jsonl row without the key
+                        yield start, "line", {k: v for k, v in rec.items() if k is not None and v not in ("", None)}
+                    start = reader.line_num + 1
+            except UnicodeDecodeError as e:
+                raise DataError(path, start, None, f"undecodable bytes (not UTF-8) at byte {e.start}") from None
+            except csv.Error as e:
+                raise DataError(path, start, None, f"invalid CSV: {e}") from None
+        return
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for rec in batch.to_pylist():
+                yield -1, "row", rec
+        return
+    if suffix == ".json":
+        with open(path, "rb") as fh:
+            head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        if head.startswith(b"["):  # a JSON list of objects; anything else is read as JSON lines
+            try:
+                items = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DataError(path, getattr(e, "lineno", 0), None, f"invalid JSON: {e}") from None
+            for i, rec in enumerate(items):
+                yield i, "row", rec
+            return
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
+            if raw.strip():
+                yield lineno, "raw", raw.rstrip(b"\r\n")
+
+
+def iter_rows(path: str | Path, cfg: DataConfig, need_label: bool = True, on_invalid: str | None = None,
+              labels: Optional[list[str]] = None, invalid: Optional[list[DataError]] = None) -> Iterator[Row]:
+    """Yield valid rows of a data source: jsonl (blank lines ignored), .json (a list of objects, or JSON lines),
+    .csv / .tsv (a header row names the columns), .parquet, a local dataset folder, or ``hf:owner/name[:split]``
+    / ``modelscope:owner/name[:split]``. Bad rows raise :class:`DataError` or, with ``on_invalid="skip"``, are
+    appended to ``invalid`` and skipped."""
+    on_invalid = on_invalid or cfg.on_invalid
+    index = -1
+    for number, unit, rec in _records(path):
+        index += 1
+        if number < 0:  # parquet: the row index, counted here across record batches
+            number = index
+        try:
+            if unit == "raw":
+                yield _parse_line(rec, Path(path), number, cfg, need_label, labels)
                 continue
             try:
-                yield _parse_line(raw.rstrip(b"\r\n"), path, lineno, cfg, need_label, labels)
+                yield _parse_obj(rec, path, number, cfg, need_label, labels)
             except DataError as e:
-                if on_invalid != "skip":
-                    raise
-                if invalid is not None:
-                    invalid.append(e)
+                raise DataError(e.path, e.line, e.field, e.reason, unit) from None
+        except DataError as e:
+            if on_invalid != "skip":
+                raise
+            if invalid is not None:
+                invalid.append(e)
 
 
 def read_rows(path: str | Path, cfg: DataConfig, need_label: bool = True, on_invalid: str | None = None,

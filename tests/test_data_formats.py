@@ -1,0 +1,109 @@
+"""Data as users have it: csv, parquet, a JSON list and dataset folders read like jsonl, with errors that name the
+file, the line (csv) or row index (parquet, JSON list, dataset), and the field."""
+
+import csv
+import json
+
+import pytest
+
+from conftest import learnable_rows, tiny_args, write_jsonl
+
+ROWS = learnable_rows(24, 7)
+
+
+def _csv(path, rows):
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "category", "output"])
+        for r in rows:  # category as one separated string: how a spreadsheet holds it
+            w.writerow([r["text"], "、".join(r["category"]), r["output"]])
+    return path
+
+
+def _parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def _json_list(path, rows):
+    path.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+    return path
+
+
+def _saved_dataset(path, rows):
+    import datasets
+
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
+
+def _hf_folder(path, rows):
+    """A folder of data files, as a dataset repository holds them: ``hf:FOLDER`` loads it as load_dataset does."""
+    path.mkdir()
+    write_jsonl(path / "train.jsonl", rows)
+    return f"hf:{path}"
+
+
+@pytest.mark.parametrize("writer,name", [(_csv, "d.csv"), (_parquet, "d.parquet"), (_json_list, "d.json"),
+                                         (_saved_dataset, "saved"), (_hf_folder, "repo")])
+def test_every_format_gives_the_jsonl_rows(tmp_path, writer, name):
+    from llmcls.config import DataConfig
+    from llmcls.data import read_rows
+
+    cfg = DataConfig()
+    want, _ = read_rows(write_jsonl(tmp_path / "d.jsonl", ROWS), cfg)
+    got, invalid = read_rows(writer(tmp_path / name, ROWS), cfg)
+    assert not invalid
+    assert [(r.text, r.candidates, r.label) for r in got] == [(r.text, r.candidates, r.label) for r in want]
+
+
+def test_column_mapping_applies_to_csv(tmp_path):
+    from llmcls.config import DataConfig
+    from llmcls.data import read_rows
+
+    path = tmp_path / "renamed.csv"
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["body", "choices", "gold"])
+        w.writerow(["football match", "Sport,Politics", "Sport"])
+    rows, _ = read_rows(path, DataConfig(text_field="body", category_field="choices", output_field="gold"))
+    assert (rows[0].text, rows[0].candidates, rows[0].label) == ("football match", ["Sport", "Politics"], "Sport")
+
+
+def test_bad_rows_name_file_line_or_row_and_field(tmp_path):
+    from llmcls.config import DataConfig
+    from llmcls.data import DataError, read_rows
+
+    rows = [dict(r) for r in ROWS[:4]]
+    rows[2] = {**rows[2], "output": "Weather"}
+    rows[1] = {**rows[1], "text": "a text\nover two lines"}  # quoted cell: the bad row starts on line 4, not 3
+    path = _csv(tmp_path / "bad.csv", rows)
+    with pytest.raises(DataError) as e:
+        read_rows(path, DataConfig())
+    assert str(e.value).startswith(f"{path}:5: field 'output': 'Weather' is not among")
+    assert (e.value.line, e.value.field) == (5, "output")
+
+    pq = _parquet(tmp_path / "bad.parquet", [ROWS[0], {**ROWS[1], "text": " "}])
+    with pytest.raises(DataError, match=r"bad\.parquet:row 1: field 'text': empty"):
+        read_rows(pq, DataConfig())
+    # skipped, not fatal, when asked: the good rows stay, the bad one is counted with its location
+    good, invalid = read_rows(pq, DataConfig(), on_invalid="skip")
+    assert len(good) == 1 and [(i.line, i.unit, i.field) for i in invalid] == [(1, "row", "text")]
+
+
+def test_csv_trains_through_the_cli(tmp_path, tokenizer_dir):
+    from llmcls.cli import main
+    from llmcls.rundir import RunDir
+
+    train = _csv(tmp_path / "train.csv", learnable_rows(32, 8))
+    test = _parquet(tmp_path / "test.parquet", learnable_rows(8, 9))
+    out = tmp_path / "run"
+    assert main(["train", *tiny_args(train, test, out, **{"train.max_steps": 2, "train.epochs": 1})]) == 0
+    summary = json.loads(RunDir(out).data.summary.read_text())
+    assert summary["rows"] == 32 and summary["invalid"] == 0
+    assert main(["eval", str(out), "--test", str(test)]) == 0
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["rows"] == 8
