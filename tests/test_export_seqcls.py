@@ -96,7 +96,7 @@ def test_onnx_flag_needs_seq_cls(trained_run, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_onnx_runtime_matches_torch(trained_run, tmp_path):
+def test_onnx_runtime_matches_torch(lora_run, tmp_path):
     import time
 
     import onnxruntime as ort
@@ -105,12 +105,12 @@ def test_onnx_runtime_matches_torch(trained_run, tmp_path):
     from llmcls.cli import main
 
     out = tmp_path / "onnx"
-    assert main(["export", str(trained_run), str(out), "--as", "seq-cls", "--onnx"]) == 0
+    assert main(["export", str(lora_run), str(out), "--as", "seq-cls", "--onnx"]) == 0
     meta = json.loads((out / "llmcls.json").read_text())["seq_cls"]
     tok = AutoTokenizer.from_pretrained(out)
     tok.padding_side = "left"
     seq = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
-    rows = [json.loads(l) for l in open(meta_test(trained_run), encoding="utf-8")]
+    rows = [json.loads(l) for l in open(meta_test(lora_run), encoding="utf-8")]
     texts = [meta["prompt_prefix"] + r["text"] + meta["prompt_suffix"] for r in rows]
     enc = tok(texts, padding=True, return_tensors="np")
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])

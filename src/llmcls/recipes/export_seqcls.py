@@ -211,6 +211,13 @@ def export_seq_cls(run_dir: str | Path, out_dir: str | Path, overwrite: bool = F
     if run.multi_label:
         raise ValueError("--as seq-cls exports a single-label classifier (softmax over the labels); this run is "
                          "multi-label: use the causal-LM export")
+    if onnx:  # before the merge: a missing exporter should not cost a model load
+        try:
+            import onnx as _onnx  # noqa: F401
+            import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter)
+        except ImportError as e:
+            raise ValueError(f"--onnx needs the onnx and onnxscript packages ({e.name} is missing): "
+                             "pip install 'llmcls[onnx]'") from None
     cfg = cfg or run.load_config()
     device = device or cfg.export.device
     if dtype is None and cfg.export.dtype != "auto":
