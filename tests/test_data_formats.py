@@ -60,6 +60,35 @@ def test_every_format_gives_the_jsonl_rows(tmp_path, writer, name):
     assert [(r.text, r.candidates, r.label) for r in got] == [(r.text, r.candidates, r.label) for r in want]
 
 
+def test_modelscope_id_reads_the_downloaded_files(tmp_path, monkeypatch):
+    """ModelScope cannot be reached here: its download is replaced by a folder laid out as the tutorial's dataset
+    repository (train.jsonl, test.jsonl); the split picks the file."""
+    import importlib
+
+    from llmcls.config import DataConfig
+    from llmcls.data import read_rows
+
+    repo = tmp_path / "zh_cls_fudan-news"
+    write_jsonl(repo / "train.jsonl", ROWS[:10])
+    write_jsonl(repo / "test.jsonl", ROWS[10:13])
+    ms = importlib.import_module("modelscope.hub.snapshot_download")  # the module; the package attribute is the function
+    asked = []
+    monkeypatch.setattr(ms, "dataset_snapshot_download", lambda name: asked.append(name) or str(repo))
+    train, _ = read_rows("modelscope:swift/zh_cls_fudan-news", DataConfig())
+    test, _ = read_rows("modelscope:swift/zh_cls_fudan-news:test", DataConfig())
+    assert asked == ["swift/zh_cls_fudan-news"] * 2
+    assert [r.text for r in train] == [r["text"] for r in ROWS[:10]]
+    assert [r.text for r in test] == [r["text"] for r in ROWS[10:13]]
+
+
+def test_missing_split_is_named(tmp_path):
+    from llmcls.config import DataConfig
+    from llmcls.data import read_rows
+
+    with pytest.raises(ValueError, match=r"hf:.*:dev"):
+        read_rows(_hf_folder(tmp_path / "repo", ROWS) + ":dev", DataConfig())
+
+
 def test_column_mapping_applies_to_csv(tmp_path):
     from llmcls.config import DataConfig
     from llmcls.data import read_rows

@@ -192,24 +192,32 @@ def _hub_id(source: str) -> tuple[str, str, Optional[str]]:
 
 def _load_dataset_rows(source: str | Path):
     """Records of a dataset: ``hf:owner/name[:split]`` (datasets.load_dataset: the Hub, or its local cache when
-    HF_DATASETS_OFFLINE=1; a local folder works too), ``modelscope:owner/name[:split]`` (ModelScope's MsDataset,
-    its cache when offline), or a local folder (one written by ``Dataset.save_to_disk``, or one of data files that
+    HF_DATASETS_OFFLINE=1; a local folder works too), ``modelscope:owner/name[:split]`` (the repository's
+    data files through ModelScope's snapshot download and its cache), or a local folder (one written by ``Dataset.save_to_disk``, or one of data files that
     ``load_dataset(folder)`` reads). The split defaults to ``train``."""
     import datasets
 
     text = str(source)
     if text.startswith("modelscope:"):
+        # The repository's files (ModelScope's own cache, which it fills once online), then read as a folder of
+        # data files: MsDataset itself needs modelscope's [datasets] extras that plain installs lack.
+        _, name, split = _hub_id(text)
+        from modelscope.hub.snapshot_download import dataset_snapshot_download
+
+        try:
+            folder = dataset_snapshot_download(name)
+        except Exception as e:  # network or hub errors: one line naming the source and what to do
+            raise ValueError(f"{text}: could not fetch the dataset from ModelScope ({type(e).__name__}: {e}); "
+                             "fetch it once online, or point the data file at its downloaded files") from None
+        ds = datasets.load_dataset(str(folder))
+        split = split or "train"
+    elif text.startswith("hf:"):
         _, name, split = _hub_id(text)
         try:
-            from modelscope.msdatasets import MsDataset
-        except ImportError:
-            raise ValueError(f"{text}: reading a ModelScope dataset needs the modelscope package "
-                             "(pip install modelscope)") from None
-        ds = MsDataset.load(name, split=split or "train")
-        return ds.to_hf_dataset() if hasattr(ds, "to_hf_dataset") else ds
-    if text.startswith("hf:"):
-        _, name, split = _hub_id(text)
-        ds = datasets.load_dataset(name, split=split or "train")
+            ds = datasets.load_dataset(name, split=split or "train")
+        except (FileNotFoundError, ConnectionError, ValueError) as e:  # not found, offline without a cache, no split
+            raise ValueError(f"{text}: datasets could not load it ({type(e).__name__}: {str(e).splitlines()[0]})"
+                             ) from None
     else:
         folder = Path(text)
         if (folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file():
