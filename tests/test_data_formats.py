@@ -89,6 +89,18 @@ def test_missing_split_is_named(tmp_path):
         read_rows(_hf_folder(tmp_path / "repo", ROWS) + ":dev", DataConfig())
 
 
+def test_report_finds_texts_by_line_or_row(tmp_path):
+    from llmcls.data import texts_at
+
+    rows = [{**r, "text": f"{r['text']} #{i}"} for i, r in enumerate(ROWS[:5])]
+    rows[1]["text"] = "two\nlines"  # csv: the rows after it start a line later
+    assert texts_at(_csv(tmp_path / "t.csv", rows), "text", {2, 3, 5}) == {2: rows[0]["text"], 3: "two\nlines",
+                                                                            5: rows[2]["text"]}
+    assert texts_at(_parquet(tmp_path / "t.parquet", rows), "text", {0, 4}) == {0: rows[0]["text"],
+                                                                                4: rows[4]["text"]}
+    assert texts_at(write_jsonl(tmp_path / "t.jsonl", rows), "text", {2}) == {2: "two\nlines"}
+
+
 def test_column_mapping_applies_to_csv(tmp_path):
     from llmcls.config import DataConfig
     from llmcls.data import read_rows

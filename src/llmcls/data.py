@@ -1,4 +1,5 @@
-"""Stage 1 — data: read the tutorial's raw jsonl, validate every row, convert to the instruction format.
+"""Stage 1 — data: read the tutorial's raw jsonl (or csv, parquet, a JSON list, a dataset: :func:`iter_rows`),
+validate every row, convert to the instruction format.
 
 Raw rows look like ``{"text": "...", "category": ["Politics", "Education"], "output": "Politics"}``; ``category``
 may also be a string separated by commas or the Chinese enumeration comma 、. ``output`` may hold several true
@@ -253,8 +254,11 @@ def _records(path: str | Path) -> Iterator[tuple[int, str, object]]:
         # turned into a number) and line_num gives the line a row starts on, even when a quoted cell spans lines.
         with open(path, encoding="utf-8-sig", newline="") as fh:
             reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
-            start = reader.line_num + 1
+            start = 1
             try:
+                if reader.fieldnames is None:  # reads the header, so line_num counts it (an empty file: no rows)
+                    return
+                start = reader.line_num + 1
                 for rec in reader:
                     if any(v for v in rec.values() if isinstance(v, str) and v.strip()):
                         # an empty cell is a missing value, as in a jsonl row without the key
@@ -287,6 +291,24 @@ def _records(path: str | Path) -> Iterator[tuple[int, str, object]]:
         for lineno, raw in enumerate(fh, start=1):
             if raw.strip():
                 yield lineno, "raw", raw.rstrip(b"\r\n")
+
+
+def texts_at(path: str | Path, text_field: str, numbers: set[int]) -> dict[int, str]:
+    """The texts of the records numbered ``numbers`` (``Row.line``: a line, or a row index), unvalidated; for the
+    report, which shows the text of each mistake."""
+    out: dict[int, str] = {}
+    index = -1
+    for number, unit, rec in _records(path):
+        index += 1
+        number = index if number < 0 else number
+        if number not in numbers:
+            continue
+        try:
+            obj = json.loads(rec) if unit == "raw" else rec
+            out[number] = str(obj.get(text_field, ""))
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            pass
+    return out
 
 
 def iter_rows(path: str | Path, cfg: DataConfig, need_label: bool = True, on_invalid: str | None = None,
