@@ -126,6 +126,9 @@ def test_bad_rows_name_file_line_or_row_and_field(tmp_path):
         read_rows(path, DataConfig())
     assert str(e.value).startswith(f"{path}:5: field 'output': 'Weather' is not among")
     assert (e.value.line, e.value.field) == (5, "output")
+    first = _csv(tmp_path / "first.csv", [{**ROWS[0], "text": " "}])  # the header is line 1
+    with pytest.raises(DataError, match=r"first\.csv:2: field 'text': empty"):
+        read_rows(first, DataConfig())
 
     pq = _parquet(tmp_path / "bad.parquet", [ROWS[0], {**ROWS[1], "text": " "}])
     with pytest.raises(DataError, match=r"bad\.parquet:row 1: field 'text': empty"):
