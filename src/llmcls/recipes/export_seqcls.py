@@ -225,11 +225,10 @@ def export_seq_cls(run_dir: str | Path, out_dir: str | Path, overwrite: bool = F
     dtype = dtype or _base_dtype(run, cfg)
     cfg.model.quantize = "none"  # as the causal-LM export: the adapter goes into the unquantised base
     model, tok, cfg = load_trained(run.path, cfg, device=device, dtype=dtype)
-    first_tokens(tok, labels)  # refuse before the merge and the measurement
+    token_ids = first_tokens(tok, labels)  # refuses shared first tokens before the merge and the measurement
     if run.method() == "lora":
         model = model.merge_and_unload()
     model.eval()
-    token_ids = first_tokens(tok, labels)
     seq = build_seq_cls(model, labels, token_ids, tok.pad_token_id)
     prefix, suffix = prompt_parts(PromptBuilder(tok, cfg.prompt), labels)
     agree = agreement(cfg, model, seq, tok, labels)
