@@ -329,9 +329,21 @@ def cmd_export(args) -> int:
     from llmcls.rundir import RunDir
 
     cfg = RunDir(args.run_dir).load_config(overrides_from(args))
+    if args.onnx and args.export_as != "seq-cls":
+        print("llmcls export: error: --onnx exports the sequence classifier: add --as seq-cls", file=sys.stderr)
+        return 2
     from llmcls.recipes.export import export
 
     try:
+        if args.export_as == "seq-cls":
+            from llmcls.recipes.export_seqcls import export_seq_cls
+
+            meta = export_seq_cls(args.run_dir, args.out_dir, overwrite=args.overwrite, cfg=cfg, onnx=args.onnx)
+            agree = meta["seq_cls"]["agreement"]
+            print(f"exported a {len(meta['labels'])}-label sequence classifier to {args.out_dir}"
+                  + (f" (agrees with the exact scorer on {agree['agreement']:.2%} of {agree['rows']} test rows)"
+                     if agree else ""))
+            return 0
         meta = export(args.run_dir, args.out_dir, overwrite=args.overwrite, cfg=cfg)
     except ValueError as e:
         print(f"llmcls export: error: {e}", file=sys.stderr)
@@ -474,6 +486,12 @@ def build_parser() -> argparse.ArgumentParser:
     _run_dir(s)
     s.add_argument("out_dir", metavar="OUT_DIR", help="Folder to create.")
     s.add_argument("--overwrite", action="store_true", help="Replace OUT_DIR if it exists.")
+    s.add_argument("--as", dest="export_as", choices=("causal-lm", "seq-cls"), default="causal-lm",
+                   help="causal-lm (default): the merged chat model, scored exactly. seq-cls: a "
+                        "*ForSequenceClassification whose logits are the LM head's rows for the labels' first tokens "
+                        "(pipeline('text-classification') loads it); labels must differ in their first token.")
+    s.add_argument("--onnx", action="store_true", help="With --as seq-cls: also write model.onnx (torch.onnx, "
+                                                       "dynamo exporter) for ONNX Runtime.")
 
     s = _sub(sub, "serve", cmd_serve, "Serve a run or an export over HTTP (POST /classify), batching requests.",
              "HTTP JSON API: POST /classify, GET /labels, GET /health, GET /openapi.json. Concurrent requests share "

@@ -138,8 +138,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_file: Optional[str] = f(None, "Raw training jsonl: rows of text, category (candidates), output.")
-    test_file: Optional[str] = f(None, "Raw test jsonl in the same format (used by eval).")
+    train_file: Optional[str] = f(None, "Training data: rows of text, category (candidates), output: a .jsonl, "
+                                       ".json (list), .csv/.tsv or .parquet file, a local dataset folder, or "
+                                       "hf:/modelscope:owner/name[:split].")
+    test_file: Optional[str] = f(None, "Test data in any of train_file's forms (used by eval).")
     text_field: str = f("text", "Field holding the text to classify.")
     category_field: str = f("category", "Field holding the candidate labels (list or comma/、-separated).")
     output_field: str = f("output", "Field holding the true label.")
@@ -160,7 +162,8 @@ class DataConfig:
         check=at_least(1))
     max_eval_rows: Optional[int] = f(None, "Evaluate only the first N test rows (default: all).",
                                       check=at_least(1))
-    dev_file: Optional[str] = f(None, "Raw dev jsonl: scored during training to pick the best step and to calibrate.")
+    dev_file: Optional[str] = f(None, "Dev data (train_file's forms): scored during training to pick the best step "
+                                     "and to calibrate.")
     dev_fraction: float = f(0.0, "Without dev_file: this share of each label's training rows (at least one row "
                                  "of every label that has two) becomes the dev set, taken out of training and "
                                  "recorded in RUN/data.", check=within(0, 1, high_open=True))

@@ -1,4 +1,5 @@
-"""Stage 1 — data: read the tutorial's raw jsonl, validate every row, convert to the instruction format.
+"""Stage 1 — data: read the tutorial's raw jsonl (or csv, parquet, a JSON list, a dataset: :func:`iter_rows`),
+validate every row, convert to the instruction format.
 
 Raw rows look like ``{"text": "...", "category": ["Politics", "Education"], "output": "Politics"}``; ``category``
 may also be a string separated by commas or the Chinese enumeration comma 、. ``output`` may hold several true
@@ -22,11 +23,12 @@ _SPLIT = re.compile(r"\s*[,，、]\s*")
 
 
 class DataError(ValueError):
-    """A row of an input file is invalid; the message names the file, the line and the field."""
+    """A row of an input file is invalid; the message names the file, the line (jsonl, csv) or, where a source
+    has no lines (parquet, a JSON list, a dataset), the row index (``unit="row"``), and the field."""
 
-    def __init__(self, path: str | Path, line: int, field: str | None, message: str):
-        self.path, self.line, self.field, self.reason = str(path), line, field, message
-        where = f"{path}:{line}"
+    def __init__(self, path: str | Path, line: int, field: str | None, message: str, unit: str = "line"):
+        self.path, self.line, self.field, self.reason, self.unit = str(path), line, field, message, unit
+        where = f"{path}:{line}" if unit == "line" else f"{path}:row {line}"
         super().__init__(f"{where}: field '{field}': {message}" if field else f"{where}: {message}")
 
 
@@ -82,12 +84,18 @@ def _parse_line(raw: bytes, path: Path, lineno: int, cfg: DataConfig, need_label
         raise DataError(path, lineno, None, "invalid JSON: nested too deeply") from None
     except ValueError as e:  # e.g. an integer with more digits than Python converts
         raise DataError(path, lineno, None, f"invalid JSON: {str(e).split(':')[0]}") from None
-    if not isinstance(obj, dict):
-        raise DataError(path, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
-    if "\\u" in line.lower():  # only an escape can make a lone surrogate, which no tokenizer can encode
+    if isinstance(obj, dict) and "\\u" in line.lower():
+        # only a JSON escape can make a lone surrogate (a decoded file cannot), which no tokenizer can encode
         field = next((k for k, v in obj.items() if not _encodable(v)), None)
         if field is not None:
             raise DataError(path, lineno, field, "an unpaired surrogate escape (e.g. \\ud800): not valid text")
+    return _parse_obj(obj, path, lineno, cfg, need_label, labels)
+
+
+def _parse_obj(obj, path, lineno: int, cfg: DataConfig, need_label: bool, labels: Optional[list[str]]) -> Row:
+    """One record, whatever the file format, validated as a jsonl line is."""
+    if not isinstance(obj, dict):
+        raise DataError(path, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
 
     text = obj.get(cfg.text_field)
     if text is None:
@@ -168,27 +176,195 @@ def _several(values: list, candidates: list[str], path: Path, lineno: int, cfg: 
     return sorted(out, key=candidates.index)
 
 
-def iter_rows(path: str | Path, cfg: DataConfig, need_label: bool = True, on_invalid: str | None = None,
-              labels: Optional[list[str]] = None, invalid: Optional[list[DataError]] = None) -> Iterator[Row]:
-    """Yield valid rows of a raw jsonl file. Bad rows raise :class:`DataError` or, with ``on_invalid="skip"``,
-    are appended to ``invalid`` and skipped. Blank lines are ignored."""
+HUB_PREFIXES = ("hf:", "modelscope:")
+
+
+def source_exists(path: str | Path) -> bool:
+    """Whether a data source is there to read: a file, a local dataset folder, or a hub id (checked on reading)."""
+    return str(path).startswith(HUB_PREFIXES) or Path(path).exists()
+
+
+def source_fingerprint(path: str | Path) -> str:
+    """A content hash of a data source, for prepare's cache: a file's bytes, a folder's files (names and bytes);
+    a hub id is hashed as its name (a dataset that changes on the hub under the same id is not noticed: pin a
+    split or prepare afresh)."""
+    from llmcls.files import sha256_file, sha256_json
+
+    text = str(path)
+    if text.startswith(HUB_PREFIXES):
+        return sha256_json({"hub": text})
+    p = Path(path)
+    if p.is_dir():
+        return sha256_json({str(f.relative_to(p)): sha256_file(f) for f in sorted(p.rglob("*")) if f.is_file()})
+    return sha256_file(p)
+
+
+def _hub_id(source: str) -> tuple[str, str, Optional[str]]:
+    """``hf:owner/name[:split]`` -> (hub, name, split)."""
+    hub, _, rest = source.partition(":")
+    name, _, split = rest.partition(":")
+    if not name:
+        raise ValueError(f"{source}: expected {hub}:owner/name[:split]")
+    return hub, name, split or None
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow")
+
+
+def is_dataset_folder(folder: str | Path) -> bool:
+    """A folder that holds a dataset: one written by ``save_to_disk``, or data files ``load_dataset`` reads."""
+    folder = Path(folder)
+    return ((folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file()
+            or any(f.suffix.lower() in DATA_SUFFIXES for f in folder.rglob("*") if f.is_file()))
+
+
+def _load_dataset_rows(source: str | Path):
+    """Records of a dataset: ``hf:owner/name[:split]`` (datasets.load_dataset: the Hub, or its local cache when
+    HF_DATASETS_OFFLINE=1; a local folder works too), ``modelscope:owner/name[:split]`` (the repository's
+    data files through ModelScope's snapshot download and its cache), or a local folder (one written by ``Dataset.save_to_disk``, or one of data files that
+    ``load_dataset(folder)`` reads). The split defaults to ``train``."""
+    import datasets
+
+    text = str(source)
+    if text.startswith("modelscope:"):
+        # The repository's files (ModelScope's own cache, which it fills once online), then read as a folder of
+        # data files: MsDataset itself needs modelscope's [datasets] extras that plain installs lack.
+        _, name, split = _hub_id(text)
+        from modelscope.hub.snapshot_download import dataset_snapshot_download
+
+        try:
+            folder = dataset_snapshot_download(name)
+        except Exception as e:  # network or hub errors: one line naming the source and what to do
+            raise ValueError(f"{text}: could not fetch the dataset from ModelScope ({type(e).__name__}: {e}); "
+                             "fetch it once online, or point the data file at its downloaded files") from None
+        ds = datasets.load_dataset(str(folder))
+        split = split or "train"
+    elif text.startswith("hf:"):
+        _, name, split = _hub_id(text)
+        try:
+            ds = datasets.load_dataset(name, split=split or "train")
+        except (FileNotFoundError, ConnectionError, ValueError) as e:  # not found, offline without a cache, no split
+            raise ValueError(f"{text}: datasets could not load it ({type(e).__name__}: {str(e).splitlines()[0]})"
+                             ) from None
+    else:
+        folder = Path(text)
+        if not is_dataset_folder(folder):
+            raise FileNotFoundError(f"{folder}: is a directory with no data files or saved dataset in it")
+        if (folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file():
+            ds = datasets.load_from_disk(str(folder))  # save_to_disk's layout: load_dataset cannot read it
+        else:
+            ds = datasets.load_dataset(str(folder))
+        split = None
+    if isinstance(ds, (datasets.DatasetDict, dict)):
+        split = split or "train"
+        if split not in ds:
+            raise ValueError(f"{text}: no split {split!r} (it has {sorted(ds)}); name one as {text}:SPLIT")
+        ds = ds[split]
+    return ds
+
+
+def _records(path: str | Path) -> Iterator[tuple[int, str, object]]:
+    """(number, unit, record) of every record of a source: jsonl lines stay raw bytes (parsed by
+    :func:`_parse_line`, which reports undecodable bytes); csv rows are dicts numbered by the line they start on;
+    parquet, JSON-list and dataset rows are dicts numbered by their 0-based row index."""
+    text = str(path)
+    if text.startswith(HUB_PREFIXES) or Path(text).is_dir():
+        for i, rec in enumerate(_load_dataset_rows(text)):
+            yield i, "row", rec
+        return
     path = Path(path)
-    on_invalid = on_invalid or cfg.on_invalid
-    if path.is_dir():
-        raise FileNotFoundError(f"{path}: is a directory, not a data file")
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".csv" or suffix == ".tsv":
+        import csv
+
+        # The csv module, not pandas or datasets' csv loader: every cell stays a string (a text "2024" is not
+        # turned into a number) and line_num gives the line a row starts on, even when a quoted cell spans lines.
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
+            start = 1
+            try:
+                if reader.fieldnames is None:  # reads the header, so line_num counts it (an empty file: no rows)
+                    return
+                start = reader.line_num + 1
+                for rec in reader:
+                    if any(v for v in rec.values() if isinstance(v, str) and v.strip()):
+                        # an empty cell is a missing value, as in a jsonl row without the key
+                        yield start, "line", {k: v for k, v in rec.items() if k is not None and v not in ("", None)}
+                    start = reader.line_num + 1
+            except UnicodeDecodeError as e:
+                raise DataError(path, start, None, f"undecodable bytes (not UTF-8) at byte {e.start}") from None
+            except csv.Error as e:
+                raise DataError(path, start, None, f"invalid CSV: {e}") from None
+        return
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for rec in batch.to_pylist():
+                yield -1, "row", rec
+        return
+    if suffix == ".json":
+        with open(path, "rb") as fh:
+            head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        if head.startswith(b"["):  # a JSON list of objects; anything else is read as JSON lines
+            try:
+                items = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DataError(path, getattr(e, "lineno", 0), None, f"invalid JSON: {e}") from None
+            for i, rec in enumerate(items):
+                yield i, "row", rec
+            return
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
+            if raw.strip():
+                yield lineno, "raw", raw.rstrip(b"\r\n")
+
+
+def texts_at(path: str | Path, text_field: str, numbers: set[int]) -> dict[int, str]:
+    """The texts of the records numbered ``numbers`` (``Row.line``: a line, or a row index), unvalidated; for the
+    report, which shows the text of each mistake."""
+    out: dict[int, str] = {}
+    index = -1
+    for number, unit, rec in _records(path):
+        index += 1
+        number = index if number < 0 else number
+        if number not in numbers:
+            continue
+        try:
+            obj = json.loads(rec) if unit == "raw" else rec
+            out[number] = str(obj.get(text_field, ""))
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            pass
+    return out
+
+
+def iter_rows(path: str | Path, cfg: DataConfig, need_label: bool = True, on_invalid: str | None = None,
+              labels: Optional[list[str]] = None, invalid: Optional[list[DataError]] = None) -> Iterator[Row]:
+    """Yield valid rows of a data source: jsonl (blank lines ignored), .json (a list of objects, or JSON lines),
+    .csv / .tsv (a header row names the columns), .parquet, a local dataset folder, or ``hf:owner/name[:split]``
+    / ``modelscope:owner/name[:split]``. Bad rows raise :class:`DataError` or, with ``on_invalid="skip"``, are
+    appended to ``invalid`` and skipped."""
+    on_invalid = on_invalid or cfg.on_invalid
+    index = -1
+    for number, unit, rec in _records(path):
+        index += 1
+        if number < 0:  # parquet: the row index, counted here across record batches
+            number = index
+        try:
+            if unit == "raw":
+                yield _parse_line(rec, Path(path), number, cfg, need_label, labels)
                 continue
             try:
-                yield _parse_line(raw.rstrip(b"\r\n"), path, lineno, cfg, need_label, labels)
+                yield _parse_obj(rec, path, number, cfg, need_label, labels)
             except DataError as e:
-                if on_invalid != "skip":
-                    raise
-                if invalid is not None:
-                    invalid.append(e)
+                raise DataError(e.path, e.line, e.field, e.reason, unit) from None
+        except DataError as e:
+            if on_invalid != "skip":
+                raise
+            if invalid is not None:
+                invalid.append(e)
 
 
 def read_rows(path: str | Path, cfg: DataConfig, need_label: bool = True, on_invalid: str | None = None,

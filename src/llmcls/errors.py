@@ -21,7 +21,11 @@ def input_file(path, what: str) -> None:
     if not path or path == "-" or Path(path).is_file():
         return
     if Path(path).is_dir():
-        raise ConfigError(f"{what} {path}: is a directory, not a data file")
+        from llmcls.data import is_dataset_folder  # light: llmcls.data imports only the config
+
+        if not is_dataset_folder(path):
+            raise ConfigError(f"{what} {path}: is a directory with no data files or saved dataset in it")
+        return
     if Path(path).suffix or path.startswith(("/", ".", "~")):
         raise ConfigError(f"{what} {path}: not found")
 

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 from llmcls.calibration import (Calibration, UnreachablePrecision, confidences, fit_temperature,
                                 fit_vector_scaling, summary)
 from llmcls.config import Config, ConfigError, check_calibration
-from llmcls.data import Row, read_rows
+from llmcls.data import Row, read_rows, source_exists
 from llmcls.files import atomic_write_json
 from llmcls.rundir import RunDir
 
@@ -112,7 +112,7 @@ def calibrate(run_dir: str | Path, cfg: Optional[Config] = None, model=None, tok
     cfg = cfg or run.load_config()
     check_calibration(cfg)  # before anything is loaded or scored
     dev_file = run.dev_file(cfg)
-    if dev_file is None or not Path(dev_file).is_file():
+    if dev_file is None or not source_exists(dev_file):
         raise FileNotFoundError(f"{run.path}: no dev set to calibrate on (data.dev_file, or data.dev_fraction at "
                                 "training time)")
     if cfg.calibration.method == "none" and not run.multi_label:

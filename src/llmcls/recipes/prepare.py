@@ -20,9 +20,9 @@ from typing import Optional
 from tqdm.auto import tqdm
 
 from llmcls.config import Config
-from llmcls.data import DataError, Row, read_rows, split_dev, to_instruction, to_raw
+from llmcls.data import DataError, Row, read_rows, source_fingerprint, split_dev, to_instruction, to_raw
 from llmcls.encode import PromptBuilder, PromptTooLong, encode_train
-from llmcls.files import atomic_dir, atomic_write_json, atomic_write_jsonl, clean_leftovers, sha256_file, sha256_json
+from llmcls.files import atomic_dir, atomic_write_json, atomic_write_jsonl, clean_leftovers, sha256_json
 from llmcls.multilabel import is_multi_label
 from llmcls.rundir import DataDir
 from llmcls.windows import settings, split
@@ -57,7 +57,7 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
         raise ValueError("no training file: set data.train_file in the config or pass --train FILE")
     out = DataDir(Path(out_dir))
     every_window = cfg.train.long_text_windows == "all"
-    key = sha256_json({"v": CACHE_VERSION, "input": sha256_file(train_file), "data": vars(cfg.data),
+    key = sha256_json({"v": CACHE_VERSION, "input": source_fingerprint(train_file), "data": vars(cfg.data),
                        "prompt": vars(cfg.prompt), "tokenizer": _tokenizer_key(tokenizer),
                        **({"windows": "all"} if every_window else {})})
     clean_leftovers(out.path.parent, names={out.path.name})

@@ -79,28 +79,25 @@ def _find_file(name: str, run: Path) -> Optional[Path]:
     """A data path as the run recorded it: absolute, or relative to where the command ran (usually the project
     root, i.e. the run directory's ancestors), so the report can be built from another folder."""
     p = Path(name)
-    if p.is_file():
+    if p.exists():  # a file, or a dataset folder
         return p
     if not p.is_absolute():
         for parent in run.resolve().parents:
-            if (parent / p).is_file():
+            if (parent / p).exists():
                 return parent / p
     return None
 
 
 def _texts_for(lines: set[int], test_file: str, text_field: str, run: Path) -> dict[int, str]:
-    path = _find_file(test_file, run)
+    from llmcls.data import HUB_PREFIXES, texts_at
+
+    path = test_file if str(test_file).startswith(HUB_PREFIXES) else _find_file(test_file, run)
     if path is None or not lines:
         return {}
-    out = {}
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if lineno in lines:
-                try:
-                    out[lineno] = str(json.loads(raw).get(text_field, ""))
-                except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-                    pass
-    return out
+    try:
+        return texts_at(path, text_field, lines)
+    except (OSError, ValueError):  # a dataset that cannot be loaded now: mistakes are shown without text
+        return {}
 
 
 def load_run(run_dir: str | Path, baseline_dir: Optional[str | Path] = None, top_mistakes: int = 10) -> RunData:
