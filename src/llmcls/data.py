@@ -6,6 +6,9 @@ may also be a string separated by commas or the Chinese enumeration comma 、. `
 labels (a multi-label row, docs/MULTILABEL.md): a list, or a string with the same separators (one that is itself a
 candidate stays one label). Every problem is reported with file, line and field; with ``on_invalid="skip"`` bad
 rows are counted and left out instead.
+
+Just over 400 lines on purpose: every input form (jsonl, JSON, csv, parquet, dataset folders and hub ids) feeds one
+validation of a row, so that a bad row is named the same way (file, line or row, field) whatever it came from.
 """
 
 from __future__ import annotations
