@@ -113,8 +113,13 @@ def test_score_candidates_runs_on_a_cpu(tmp_path):
     assert 1 < res["trie_flops_ratio"]["20"] < res["flat_flops_ratio"]["20"]
 
 
-@pytest.mark.parametrize("script", ["gpu_speed", "multi_gpu", "score_profile", "score_shapes", "serve_load",
-                                    "real_accuracy", "hybrid_offline", "score_candidates",
+# The scripts built on gpu_speed's imports take ~7 s each to start: one of them in the default tier, the rest slow.
+_HEAVY = pytest.mark.slow
+
+
+@pytest.mark.parametrize("script", ["gpu_speed", "multi_gpu", pytest.param("score_profile", marks=_HEAVY),
+                                    pytest.param("score_shapes", marks=_HEAVY), "serve_load", "real_accuracy",
+                                    "hybrid_offline", pytest.param("score_candidates", marks=_HEAVY),
                                     "multilabel_offline"])
 def test_every_benchmark_imports_the_installed_package(script):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"],

@@ -129,6 +129,7 @@ def test_two_processes_train_like_one(two_process_run, dist_data):
     assert not list(two_process_run.rglob("*.tmp"))
 
 
+@pytest.mark.slow  # a two-process run: the second tier (the default keeps one DDP and one FSDP run)
 def test_two_processes_train_packed_like_padded(two_process_run, dist_data):
     """train.packing under DDP: each process packs its own micro-batch; the losses step by step, the token count
     summed over processes and the adapter are those of the padded two-process run."""
@@ -145,6 +146,7 @@ def test_two_processes_train_packed_like_padded(two_process_run, dist_data):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow  # a two-process run: the second tier (the default keeps one DDP and one FSDP run)
 def test_sharded_eval_and_predict_match_one_process(two_process_run, dist_data, tmp_path):
     from llmcls.cli import main
 
