@@ -5,6 +5,7 @@ on and off. ``llmcls.recipes.train`` puts them together into a run."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Optional
@@ -31,6 +32,11 @@ class _Arguments(TrainingArguments):
 
 
 
+# transformers 5.2x renamed gradient checkpointing to activation checkpointing (the old names warn, and go in v6);
+# earlier 5.x releases (the GPU image's 5.17) know only the old ones.
+_CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in
+                  {f.name for f in dataclasses.fields(TrainingArguments)} else "gradient_checkpointing")
+
 def training_arguments(cfg: Config, checkpoints: Path, progress: bool = True) -> TrainingArguments:
     return _Arguments(
         output_dir=str(checkpoints),
@@ -46,8 +52,8 @@ def training_arguments(cfg: Config, checkpoints: Path, progress: bool = True) ->
         logging_first_step=True,
         save_steps=cfg.train.save_steps,
         save_total_limit=cfg.train.save_total_limit,
-        gradient_checkpointing=cfg.train.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.train.gradient_checkpointing else None,
+        **{_CHECKPOINTING: cfg.train.gradient_checkpointing,
+           f"{_CHECKPOINTING}_kwargs": {"use_reentrant": False} if cfg.train.gradient_checkpointing else None},
         seed=cfg.train.seed,
         dataloader_num_workers=cfg.train.dataloader_workers,
         train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
@@ -110,8 +116,8 @@ def prepare_for_training(model, cfg: Config):
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
     # The Trainer switches recomputation on when asked, never off: a model reused in one process (a notebook, a
     # benchmark running the tutorial's recipe first) would otherwise keep recomputing every layer, unasked.
-    if not cfg.train.gradient_checkpointing and getattr(model, "is_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()
+    if not cfg.train.gradient_checkpointing and getattr(model, f"is_{_CHECKPOINTING}", False):
+        getattr(model, f"{_CHECKPOINTING}_disable")()
     model = add_lora(model, cfg.lora)
     if cfg.train.compile:
         compile_layers(model)

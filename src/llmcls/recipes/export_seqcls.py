@@ -155,7 +155,7 @@ def export_onnx(seq, path: Path, pad_token_id: int) -> None:
         def forward(self, input_ids, attention_mask):
             return self.m(input_ids=input_ids, attention_mask=attention_mask).logits
 
-    m = Logits(copy.deepcopy(seq).float().cpu().eval())
+    m = Logits(copy.deepcopy(seq).float().cpu()).eval()
     ids = torch.full((2, 8), 100, dtype=torch.long)
     mask = torch.ones_like(ids)
     ids[0, :2], mask[0, :2] = pad_token_id, 0  # a padded row among the examples, so padding is traced
