@@ -86,13 +86,8 @@ def _refuse_self_destruction(run: Path, out: Path) -> None:
         raise ValueError(f"{out} holds the run {run}: exporting there would replace the run itself")
 
 
-def export(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, cfg: Optional[Config] = None,
-           device: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> dict:
-    """Merge and write the export; returns the contents of ``llmcls.json``. ``cfg`` is the run's config with the
-    caller's overrides (``export.device``, ``export.dtype``).
-
-    ``dtype`` (else ``export.dtype``) defaults to the dtype the base (or fine-tuned) weights are stored in. LoRA
-    deltas are added in that dtype, the single rounding ``merge_and_unload`` always makes."""
+def export_target(run_dir: str | Path, out_dir: str | Path, overwrite: bool) -> tuple[RunDir, Path, list[str]]:
+    """The run, the output folder and the run's labels, once it is clear the export may be written there."""
     run, out = RunDir(run_dir).require(), Path(out_dir)
     _refuse_self_destruction(run.path, out)
     if out.exists() and not overwrite:
@@ -100,7 +95,17 @@ def export(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, cf
     labels = run.labels()
     if not labels:
         raise FileNotFoundError(f"{run.data.summary} is missing: the run's label set is unknown")
+    return run, out, labels
 
+
+def export(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, cfg: Optional[Config] = None,
+           device: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> dict:
+    """Merge and write the export; returns the contents of ``llmcls.json``. ``cfg`` is the run's config with the
+    caller's overrides (``export.device``, ``export.dtype``).
+
+    ``dtype`` (else ``export.dtype``) defaults to the dtype the base (or fine-tuned) weights are stored in. LoRA
+    deltas are added in that dtype, the single rounding ``merge_and_unload`` always makes."""
+    run, out, labels = export_target(run_dir, out_dir, overwrite)
     cfg = cfg or run.load_config()
     device = device or cfg.export.device
     if dtype is None and cfg.export.dtype != "auto":

@@ -35,7 +35,7 @@ import torch
 
 from llmcls.config import Config
 from llmcls.files import atomic_dir
-from llmcls.rundir import EXPORT_META, RunDir, load_trained
+from llmcls.rundir import EXPORT_META, load_trained
 
 log = logging.getLogger(__name__)
 SEQ_CLS_FORMAT = "llmcls-seq-cls"  # not "llmcls-export": llmcls serve must not load it as a causal LM
@@ -199,15 +199,9 @@ def export_seq_cls(run_dir: str | Path, out_dir: str | Path, overwrite: bool = F
                    onnx: bool = False, device: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> dict:
     """Write the sequence-classification export (and ``model.onnx`` with ``onnx``); returns its ``llmcls.json``."""
     from llmcls.encode import PromptBuilder
-    from llmcls.recipes.export import _base_dtype, _refuse_self_destruction
+    from llmcls.recipes.export import _base_dtype, export_target
 
-    run, out = RunDir(run_dir).require(), Path(out_dir)
-    _refuse_self_destruction(run.path, out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    labels = run.labels()
-    if not labels:
-        raise FileNotFoundError(f"{run.data.summary} is missing: the run's label set is unknown")
+    run, out, labels = export_target(run_dir, out_dir, overwrite)
     if run.multi_label:
         raise ValueError("--as seq-cls exports a single-label classifier (softmax over the labels); this run is "
                          "multi-label: use the causal-LM export")
