@@ -287,6 +287,7 @@ def test_metrics_equal_a_hand_count():
     assert sum(map(sum, cm["matrix"])) == 200
 
 
+@pytest.mark.slow  # torch.compile on a CPU takes ~9 s: the second tier keeps the default one under 8 minutes on 2 cores
 def test_compiled_layers_score_the_same(tokenizer, model_factory):
     """eval.compile / serve --compile: regional torch.compile changes the speed, not the scores (dynamic shapes:
     batches of other sizes and lengths reuse the compiled code)."""

@@ -107,6 +107,7 @@ def test_calibration_is_fitted_on_the_selected_weights_dev_scores(selected_run):
     assert cal["threshold"] is not None and cal["precision"] >= 0.9 and 0 < cal["coverage"] <= 1
 
 
+@pytest.mark.slow  # a training run of its own: the second tier keeps the default one under 8 minutes on 2 cores
 def test_early_stopping_stops_after_patience_evaluations_without_improvement(tmp_path, tokenizer_dir,
                                                                              learnable_data):
     from llmcls.recipes.train import train

@@ -125,6 +125,7 @@ def _get(url: str) -> dict:
         return json.loads(r.read())
 
 
+@pytest.mark.slow  # a training run and a dashboard server: the second tier keeps the default one under 8 minutes on 2 cores
 def test_local_dashboard_serves_the_run_over_http(tmp_path, learnable_data, tokenizer_dir, no_swanlab_key):
     from llmcls.reporting.track import swanboard_available
 

@@ -141,6 +141,7 @@ def test_token_count_is_the_real_tokens_fed_and_is_published_at_log_steps(tokeni
     assert not model._forward_pre_hooks  # the counting hook is gone after training
 
 
+@pytest.mark.slow  # a 4-bit training run and an export: the second tier keeps the default one under 8 minutes on 2 cores
 def test_qlora_trains_adapters_on_a_frozen_4bit_base_and_exports_unquantised(tokenizer_dir, learnable_data,
                                                                              tmp_path):
     """model.quantize=nf4: the base's projections are bitsandbytes 4-bit and stay bit-identical, the adapters
