@@ -286,7 +286,7 @@ def reader(builder: PromptBuilder, max_length: Optional[int], windows=None):
     return lambda rs: as_read(builder, rs, max_length)
 
 
-def _lexical_scores(lexical, builder, rows, max_length, windows, shortlist):
+def lexical_scores(lexical, builder, rows, max_length, windows, shortlist):
     """The rows (cut to their shortlist) and their candidates' TF-IDF scores, the text read as the LLM reads it."""
     from llmcls.lexical import cut_texts, shortlist_rows
 
@@ -302,7 +302,7 @@ def _classify_windows(model, builder, rows, windows, method, batch_size, max_len
         raise ValueError("data.long_text=windows combines the windows' candidate scores: it needs eval.method=score")
     lex = None
     if lexical is not None:  # the whole document's TF-IDF scores, once per row, not per window
-        rows, lex = _lexical_scores(lexical, builder, rows, max_length, windows, shortlist)
+        rows, lex = lexical_scores(lexical, builder, rows, max_length, windows, shortlist)
     flat, owner = expand(builder, rows, max_length, windows)
     per_window = classify(model, builder, flat, method, batch_size, max_length=max_length, progress=progress,
                           desc=f"{desc} ({len(flat)} windows)", shard=shard, lockstep=lockstep)

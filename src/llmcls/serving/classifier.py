@@ -67,12 +67,9 @@ class Classifier:
             builder = self._local.builder = PromptBuilder(copy.deepcopy(self.tokenizer), self.prompt)
         lex: list = [None] * len(rows)
         if self.lexical is not None:  # the whole text's TF-IDF scores, read as the LLM reads it; the shortlist
-            from llmcls.infer import reader
-            from llmcls.lexical import cut_texts, shortlist_rows
+            from llmcls.infer import lexical_scores
 
-            lex = self.lexical.candidate_scores(cut_texts(rows, self.lexical.text,
-                                                          reader(builder, self.max_length, self.windows)))
-            rows, lex = shortlist_rows(rows, lex, self.shortlist)
+            rows, lex = lexical_scores(self.lexical, builder, rows, self.max_length, self.windows, self.shortlist)
         if self._windowed:  # a row's item holds all its windows, so one request row stays one batcher item
             from llmcls.windows import split
 
