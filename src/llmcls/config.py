@@ -124,10 +124,15 @@ class ModelConfig:
     )
     attn_implementation: Optional[str] = f(None, "Attention kernel ('sdpa', 'eager', 'flash_attention_2').")
     offload_embeddings: bool = f(False, "Keep the frozen input embedding table in CPU memory (16 GB mode).")
-    quantize: Literal["none", "nf4"] = f(
+    quantize: Literal["none", "nf4", "fp8"] = f(
         "none", "Load the frozen base in 4-bit NF4 with double quantisation (QLoRA; needs bitsandbytes, "
-        "'pip install llmcls[qlora]'). Adapters, norms and the LM head stay in dtype; export merges into the "
-        "unquantised base."
+        "'pip install llmcls[qlora]'), or compute its decoder-layer matrix products in FP8 e4m3 (fp8: torchao, "
+        "'pip install llmcls[fp8]', an sm_89+ GPU; forward and backward, training and scoring). Adapters, norms, "
+        "embeddings and the LM head stay in dtype; export merges into the unquantised base."
+    )
+    fp8_scaling: Literal["rowwise", "tensorwise"] = f(
+        "rowwise", "quantize=fp8's dynamic scales: one per row of activations and per output channel of weights "
+        "(rowwise, closer to bf16), or one per tensor (tensorwise, cheaper casts)."
     )
     device_map: Optional[Literal["auto", "balanced", "balanced_low_0", "sequential"]] = f(
         None, "Spread the layers over all GPUs of one process (the tutorial's fallback for a model larger than "
@@ -521,6 +526,9 @@ def check_model(model: ModelConfig, world_size: int = 1) -> None:
     """Where the weights go: settings that contradict each other or the launch."""
     if model.device_map and model.offload_embeddings:
         raise ConfigError("model.device_map and model.offload_embeddings both decide where weights go; choose one")
+    if model.device_map and model.quantize == "fp8":
+        raise ConfigError("model.quantize=fp8 with model.device_map: the FP8 path runs on one GPU per process; "
+                          "leave device_map unset (use train.fsdp off and DDP to use several GPUs)")
     if model.device_map and world_size > 1:
         raise ConfigError(
             f"model.device_map={model.device_map} spreads one model over the GPUs of a single process; it "
@@ -532,6 +540,11 @@ def check_launch(cfg: Config, world_size: int = 1, cuda: bool = False) -> None:
     """Refuse training settings that cannot work with the way ``train`` was launched, before anything is loaded
     (accelerate would otherwise quietly run DDP where FSDP was asked for on a CPU)."""
     check_model(cfg.model, world_size)
+    if cfg.model.quantize == "fp8" and cfg.lora.method == "full":
+        # FP8 here is a compute path for a *frozen* base under adapters; full training in FP8 would also need
+        # bf16 master weights and gradient handling this tool has not validated
+        raise ConfigError("model.quantize=fp8 computes a frozen base in FP8 under LoRA adapters; lora.method=full "
+                          "trains every weight: use lora.method lora, or model.quantize none for full training")
     if cfg.model.offload_embeddings and world_size > 1:
         # DDP and FSDP want every weight of a process on its GPU (DDP refuses a module spread over devices).
         raise ConfigError("model.offload_embeddings is a single-GPU memory saver; it cannot run under a launcher "
@@ -539,9 +552,12 @@ def check_launch(cfg: Config, world_size: int = 1, cuda: bool = False) -> None:
     if cfg.train.fsdp != "off":
         if cfg.model.device_map:
             raise ConfigError("train.fsdp and model.device_map are two ways to split a model; choose one")
-        if cfg.model.quantize != "none":
+        if cfg.model.quantize == "nf4":
             raise ConfigError(f"model.quantize={cfg.model.quantize} with train.fsdp: FSDP cannot shard "
                               "bitsandbytes' packed 4-bit weights here; use DDP (train.fsdp: off) or no quantize")
+        if cfg.model.quantize == "fp8":  # torchao's FSDP support is FSDP2's; the Trainer's FSDP is not tested
+            raise ConfigError("model.quantize=fp8 with train.fsdp: not supported (untested with the Trainer's "
+                              "FSDP); use DDP (train.fsdp: off) or model.quantize none")
         if world_size < 2:
             raise ConfigError(f"train.fsdp={cfg.train.fsdp} shards the model over several processes: launch with "
                               "'torchrun --nproc_per_node N -m llmcls.cli train ...' (or accelerate launch)")

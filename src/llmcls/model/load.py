@@ -80,9 +80,10 @@ def load_tokenizer(cfg: ModelConfig, path: Optional[str] = None):
 
 
 def quantization_config(kind: str, dtype: torch.dtype):
-    """bitsandbytes settings for ``model.quantize`` (None for 'none'): NF4 with double quantisation, computing in
-    ``dtype``, the QLoRA paper's choice."""
-    if kind == "none":
+    """bitsandbytes settings for ``model.quantize`` (None for 'none', and for 'fp8', which converts the loaded
+    model instead: :mod:`llmcls.model.fp8`): NF4 with double quantisation, computing in ``dtype``, the QLoRA
+    paper's choice."""
+    if kind in ("none", "fp8"):
         return None
     try:
         import bitsandbytes  # noqa: F401
@@ -102,15 +103,23 @@ def load_model(cfg: ModelConfig, path: str, device: Optional[str] = None, dtype:
     kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    if cfg.quantize != "none":
+    if cfg.quantize == "nf4":
         kwargs["quantization_config"] = quantization_config(cfg.quantize, dtype)
     check_model(cfg)
+    if cfg.quantize == "fp8":  # refuse a card without FP8 matmuls (or a missing torchao) before loading weights
+        from llmcls.model import fp8
+
+        fp8.check_device(device)
+        fp8.require_torchao()
     if cfg.device_map:  # accelerate places the layers over the GPUs (and CPU if they run out); no .to() after
         return AutoModelForCausalLM.from_pretrained(path, device_map=cfg.device_map, **kwargs)
-    if cfg.quantize != "none":  # weights are quantised as they are placed; a quantised model is never moved after
+    if cfg.quantize == "nf4":  # weights are quantised as they are placed; a quantised model is never moved after
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    return place_model(model, device, cfg.offload_embeddings)
+    model = place_model(model, device, cfg.offload_embeddings)
+    if cfg.quantize == "fp8":  # before peft wraps the linears: it wraps Float8Linear as it wraps nn.Linear
+        fp8.convert(model, cfg.fp8_scaling)
+    return model
 
 
 class HostEmbedding(torch.nn.Embedding):

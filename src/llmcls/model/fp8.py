@@ -1,0 +1,132 @@
+"""``model.quantize: fp8``: the frozen base's matrix products in FP8 (e4m3), through torchao's float8 training
+linear (``torchao.float8.convert_to_float8_training``); LoRA adapters, norms, attention, embeddings and the LM
+head stay in the model's dtype (bf16 on a GPU).
+
+What torchao does per base linear (``Float8Linear``, a subclass of ``nn.Linear``, so peft wraps it as it wraps a
+plain linear and its adapter math is untouched): the input and the weight are cast to e4m3 with scales computed
+from the tensors themselves at every call (dynamic scaling: ``rowwise`` = one scale per row of the input and per
+output channel of the weight; ``tensorwise`` = one scale per tensor), multiplied with ``torch._scaled_mm``, and
+the output comes back in bf16. The backward casts the output gradient the same way for grad_input.
+
+Two costs a frozen base would not need, both torchao's design (it is built for full training), said here so the
+benchmark's figures can be read:
+
+- The weights stay in bf16 and are cast to e4m3 at every forward (and again, scaled along the other axis, for the
+  backward's grad_input under ``rowwise``): a memory-bound pass over the weights per step (7.7 B parameters:
+  ~20-40 GB of traffic, some 5-10 ms on an H200, against a ~0.3 s step). Storing the base in e4m3 once is what
+  torchao's *inference* quantisation does; its tensors have no training backward, so it is not used here.
+- torchao's autograd function returns a grad_weight whether the weight needs one or not. Eager, that matrix
+  product (a third of the base's backward arithmetic) is computed and thrown away; under ``torch.compile``
+  (``train.compile``, which the fast config sets) AOTAutograd traces the backward only for inputs that need a
+  gradient, and the unused product is removed from the graph. FP8 training without ``train.compile`` is
+  therefore allowed but slow; the fast config is the intended use.
+
+Export merges the adapter into the unquantised bf16 base (``model.quantize`` is set to none there, as for NF4):
+FP8 is only a compute path.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Optional
+
+import torch
+
+from llmcls.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+# _scaled_mm wants both dimensions of each FP8 operand to be multiples of 16.
+_ALIGN = 16
+# A base linear of a decoder layer: "...layers.<i>.<self_attn|mlp>.<name>", possibly ".base_layer" under peft.
+_DECODER_LINEAR = re.compile(r"(^|\.)layers\.\d+\.")
+_ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+def min_capability() -> tuple[int, int]:
+    return (8, 9)
+
+
+def check_device(device: str | torch.device) -> None:
+    """Refuse a place where FP8 matrix products cannot run, naming what was found."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise ConfigError(f"model.quantize=fp8 runs the base's matrix products in FP8, which needs a CUDA GPU "
+                          f"with FP8 matmuls (Ada/Hopper, sm_89+); this process computes on {device}. Use "
+                          "model.quantize none (or nf4) here")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < min_capability():
+        name = torch.cuda.get_device_name(device)
+        raise ConfigError(f"model.quantize=fp8: FP8 matmuls need an Ada/Hopper GPU (sm_89+); this is {name} "
+                          f"(sm_{major}{minor}). Use model.quantize none (bf16) or nf4 on this card")
+
+
+def require_torchao():
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError as e:
+        raise ConfigError("model.quantize=fp8 needs torchao: pip install 'llmcls[fp8]'") from e
+    return torchao.float8
+
+
+def is_base_linear(module: torch.nn.Module, fqn: str) -> bool:
+    """Whether ``fqn`` is a frozen base linear that FP8 should compute: an ``nn.Linear`` inside a decoder layer
+    (attention and MLP projections; with peft, the ``base_layer`` under a LoRA wrapper), not a LoRA A/B matrix,
+    not the LM head, not an embedding, and with both dimensions multiples of 16 (what ``_scaled_mm`` takes;
+    another shape stays in bf16)."""
+    if not isinstance(module, torch.nn.Linear) or not _DECODER_LINEAR.search(fqn):
+        return False
+    parts = fqn.split(".")
+    if any(p in _ADAPTER_PARTS for p in parts) or "lm_head" in parts:
+        return False
+    if module.in_features % _ALIGN or module.out_features % _ALIGN:
+        log.info("fp8: %s (%d x %d) stays in %s: dimensions not multiples of %d", fqn, module.out_features,
+                 module.in_features, module.weight.dtype, _ALIGN)
+        return False
+    return True
+
+
+def fp8_config(scaling: str = "rowwise", emulate: bool = False):
+    """torchao's recipe: ``rowwise`` (per-row input scales, per-output-channel weight scales; closer to bf16) or
+    ``tensorwise`` (one scale per tensor; cheaper casts). ``emulate`` computes the FP8 products in high precision
+    from the FP8 values (CPU tests only)."""
+    float8 = require_torchao()
+    cfg = float8.Float8LinearConfig.from_recipe_name(scaling)
+    if emulate:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, emulate=True)
+    return cfg
+
+
+def convert(model: torch.nn.Module, scaling: str = "rowwise", emulate: bool = False) -> list[str]:
+    """Swap the base linears of the decoder layers (:func:`is_base_linear`) for torchao's ``Float8Linear`` in
+    place; the weights are the same parameters (same names, same dtype, same ``requires_grad``), so state dicts,
+    peft adapters and checkpoints do not change. Returns the converted modules' names."""
+    float8 = require_torchao()
+    chosen: list[str] = []
+
+    def pick(mod: torch.nn.Module, fqn: str) -> bool:
+        ok = is_base_linear(mod, fqn)
+        if ok:
+            chosen.append(fqn)
+        return ok
+
+    float8.convert_to_float8_training(model, config=fp8_config(scaling, emulate), module_filter_fn=pick)
+    if not chosen:
+        raise ConfigError("model.quantize=fp8 found no linear layer inside decoder layers to compute in FP8 "
+                          "(is this a decoder-only model with model.layers?)")
+    log.info("fp8 (%s scaling): %d base linears compute in FP8", scaling, len(chosen))
+    return chosen
+
+
+def apply(model: torch.nn.Module, device: str | torch.device, scaling: str = "rowwise",
+          emulate: Optional[bool] = None) -> torch.nn.Module:
+    """``model.quantize: fp8`` at load time: check the card, then convert. ``emulate`` (tests) skips the card
+    check and computes the FP8 products in high precision on any device."""
+    if not emulate:
+        check_device(device)
+    require_torchao()
+    convert(model, scaling, emulate=bool(emulate))
+    return model
