@@ -120,7 +120,7 @@ _HEAVY = pytest.mark.slow
 @pytest.mark.parametrize("script", ["gpu_speed", "multi_gpu", pytest.param("score_profile", marks=_HEAVY),
                                     pytest.param("score_shapes", marks=_HEAVY), "serve_load", "real_accuracy",
                                     "hybrid_offline", pytest.param("score_candidates", marks=_HEAVY),
-                                    "multilabel_offline"])
+                                    "multilabel_offline", pytest.param("fp8_speed", marks=_HEAVY)])
 def test_every_benchmark_imports_the_installed_package(script):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"],
                          capture_output=True, text=True, timeout=300)
