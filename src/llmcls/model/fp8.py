@@ -16,7 +16,8 @@ benchmark's figures can be read:
   ~20-40 GB of traffic, some 5-10 ms on an H200, against a ~0.3 s step). Storing the base in e4m3 once is what
   torchao's *inference* quantisation does; its tensors have no training backward, so it is not used here.
 - torchao's autograd function returns a grad_weight whether the weight needs one or not. Eager, that matrix
-  product (a third of the base's backward arithmetic) is computed and thrown away; under ``torch.compile``
+  product (a third of the base's backward arithmetic, kept in bf16 here: see :func:`fp8_config`) is computed and
+  thrown away; under ``torch.compile``
   (``train.compile``, which the fast config sets) AOTAutograd traces the backward only for inputs that need a
   gradient, and the unused product is removed from the graph. FP8 training without ``train.compile`` is
   therefore allowed but slow; the fast config is the intended use.
@@ -91,11 +92,19 @@ def fp8_config(scaling: str = "rowwise", emulate: bool = False):
     """torchao's recipe: ``rowwise`` (per-row input scales, per-output-channel weight scales; closer to bf16) or
     ``tensorwise`` (one scale per tensor; cheaper casts). ``emulate`` computes the FP8 products in high precision
     from the FP8 values (CPU tests only)."""
-    float8 = require_torchao()
-    cfg = float8.Float8LinearConfig.from_recipe_name(scaling)
-    if emulate:
-        import dataclasses
+    import dataclasses
 
+    float8 = require_torchao()
+    from torchao.float8.config import CastConfig, ScalingType
+
+    cfg = float8.Float8LinearConfig.from_recipe_name(scaling)
+    # The base is frozen: its grad_weight product is traced but never used. In FP8 that product runs over the
+    # token dimension, which is symbolic under train.compile's dynamic shapes, and _scaled_mm's "multiple of 16"
+    # rule then fails at trace time (measured on the H200). Kept in bf16 (torchao's own "disabled" cast, as in its
+    # rowwise_with_gw_hp recipe), compile's dead-code pass removes it.
+    hp = CastConfig(scaling_type=ScalingType.DISABLED)
+    cfg = dataclasses.replace(cfg, cast_config_input_for_grad_weight=hp, cast_config_grad_output_for_grad_weight=hp)
+    if emulate:
         cfg = dataclasses.replace(cfg, emulate=True)
     return cfg
 
