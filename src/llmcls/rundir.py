@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from llmcls.config import Config, ConfigError, check_model, load_config
+from llmcls.config import Config, ConfigError, check_model, check_task, load_config
 
 EXPORT_META = "llmcls.json"
 EXPORT_FORMAT = "llmcls-export"
@@ -211,9 +211,19 @@ def load_trained(run_dir: str | Path, cfg: Optional[Config] = None, device: Opti
     run = RunDir(run_dir)
     cfg = cfg or run.load_config()
     check_model(cfg.model, dist.world_size())
+    check_task(cfg)
     tok = load_tokenizer(cfg.model, str(run.tokenizer))
     folder = None if weights == "base" else run.weights(weights)
-    if folder is None:
+    if cfg.lora.task == "seq_cls":  # a classification head over the run's labels (llmcls.seqcls)
+        from llmcls import seqcls
+
+        if folder is not None and not folder.is_dir():
+            raise FileNotFoundError(f"{folder} does not exist: did training finish (or keep those weights)?")
+        labels = run.labels()
+        if not labels:
+            raise FileNotFoundError(f"{run.data.summary} is missing: the classification head's labels are unknown")
+        model = seqcls.load(cfg, tok, labels, folder, device, dtype)
+    elif folder is None:
         model = load_model(cfg.model, resolve_model_path(cfg.model), device, dtype)
     elif (folder / "adapter_config.json").is_file():
         from peft import PeftModel
