@@ -267,6 +267,10 @@ def read_export_meta(path: str | Path) -> dict:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as e:  # also a file that is not UTF-8
         raise ConfigError(f"{meta_path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    if isinstance(meta, dict) and meta.get("format") == "llmcls-seq-cls":  # llmcls.recipes.export_seqcls
+        raise ConfigError(f"{meta_path}: a sequence-classification export (export --as seq-cls, or a "
+                          "lora.task=seq_cls run), which transformers' pipeline('text-classification') loads; "
+                          "llmcls serve takes a causal-LM export or a run directory (a seq_cls run's too)")
     if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ConfigError(f"{meta_path} is not an llmcls export (format {found!r})")

@@ -107,6 +107,10 @@ def export(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, cf
     deltas are added in that dtype, the single rounding ``merge_and_unload`` always makes."""
     run, out, labels = export_target(run_dir, out_dir, overwrite)
     cfg = cfg or run.load_config()
+    if cfg.lora.task == "seq_cls":  # a trained classification head has no LM head to score with: it exports as is
+        from llmcls.recipes.export_seqcls import export_seq_cls
+
+        return export_seq_cls(run_dir, out_dir, overwrite, cfg, device=device, dtype=dtype)
     device = device or cfg.export.device
     if dtype is None and cfg.export.dtype != "auto":
         dtype = getattr(torch, cfg.export.dtype)
