@@ -326,23 +326,12 @@ def cmd_baseline(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from llmcls.recipes.export import export, export_kind
     from llmcls.rundir import RunDir
 
     cfg = RunDir(args.run_dir).load_config(overrides_from(args))
-    if cfg.lora.task == "seq_cls":  # the run is a sequence classifier: that is what it exports as
-        if args.export_as == "causal-lm":
-            print("llmcls export: error: this run trained a classification head (lora.task=seq_cls), not the LM "
-                  "head a causal-LM export scores with: export it as it is (--as seq-cls, the default here)",
-                  file=sys.stderr)
-            return 2
-        args.export_as = "seq-cls"
-    args.export_as = args.export_as or "causal-lm"
-    if args.onnx and args.export_as != "seq-cls":
-        print("llmcls export: error: --onnx exports the sequence classifier: add --as seq-cls", file=sys.stderr)
-        return 2
-    from llmcls.recipes.export import export
-
     try:
+        args.export_as = export_kind(cfg, args.export_as, args.onnx)
         if args.export_as == "seq-cls":
             from llmcls.recipes.export_seqcls import export_seq_cls
 

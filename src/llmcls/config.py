@@ -222,7 +222,7 @@ class TrainConfig:
                              "it falls back to a dense mask and is slower than padding.")
     compile: bool = f(False, "torch.compile each decoder layer: fused kernels, far fewer launches (GPU; "
                              "the first steps pay the compile time).")
-    class_weights: str = f("none", "Weigh each row's answer tokens by its label: 'none', 'balanced' (rows / (labels x "
+    class_weights: str = f("none", "Weigh each row's answer tokens (lora.task=seq_cls: its cross-entropy) by its label: 'none', 'balanced' (rows / (labels x "
                                    "rows of the label)), or a JSON file {label: weight}.")
     select_best: Literal["last", "macro_f1", "accuracy", "nll"] = f(
         "last", "Which weights the run keeps: the last step's, or those of the dev evaluation with the best dev "

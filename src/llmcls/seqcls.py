@@ -201,8 +201,7 @@ class SeqClsLayout:
         return batch.pin() if pin else batch
 
     @torch.no_grad()
-    def queue(self, model, batch: SeqClsBatch):
-        from llmcls.layouts import QueuedScores
+    def queue(self, model, batch: SeqClsBatch) -> "QueuedLogits":
         from llmcls.model.load import compute_device
 
         dev = compute_device(model)
@@ -212,7 +211,21 @@ class SeqClsLayout:
         valid = to(batch.valid)
         picked = logits.gather(1, to(batch.cand)).masked_fill(~valid, float("-inf"))
         scores = torch.log_softmax(picked, -1)[valid]  # the row's candidates, in its order, flattened
-        return QueuedScores(scores, batch.counts)
+        return QueuedLogits(scores, batch.counts)
+
+
+class QueuedLogits:
+    """A batch's scores, left on the device until :meth:`result` (``classify`` queues the next batch first)."""
+
+    def __init__(self, flat: torch.Tensor, counts: list[int]):
+        self.flat, self.counts = flat, counts
+
+    def result(self) -> list[list[float]]:
+        flat, out, k = self.flat.tolist(), [], 0
+        for n in self.counts:
+            out.append(flat[k:k + n])
+            k += n
+        return out
 
 
 def layout(model) -> SeqClsLayout:
