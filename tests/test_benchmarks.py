@@ -113,6 +113,35 @@ def test_score_candidates_runs_on_a_cpu(tmp_path):
     assert 1 < res["trie_flops_ratio"]["20"] < res["flat_flops_ratio"]["20"]
 
 
+@pytest.mark.slow  # a CPU run of a GPU benchmark: the second test tier (scripts/test.sh -m slow)
+def test_seqcls_vs_generative_runs_on_a_cpu(tmp_path, tokenizer_dir):
+    """Both recipes trained one after the other on the tiny model with 16 rows: every figure is there and sane."""
+    from conftest import learnable_rows, write_jsonl
+
+    write_jsonl(tmp_path / "data" / "train.jsonl", learnable_rows(16, 1))
+    write_jsonl(tmp_path / "data" / "test.jsonl", learnable_rows(16, 2))
+    env = {**os.environ, "LLMCLS_TOKENIZER": str(tokenizer_dir), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "seqcls_vs_generative.py"), "--model", "tiny",
+                          "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--workdir",
+                          str(tmp_path / "work"), "--max-steps", "4", "--set", "train.batch_size=4",
+                          "eval.batch_size=8"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "seqcls_vs_generative.json").read_text())
+    assert set(res["modes"]) == {"generate", "seq_cls"} and res["device"] == "cpu"
+    assert res["seq_cls_changes"] == {"lora.task": "seq_cls", "train.packing": False}
+    for mode, m in res["modes"].items():
+        assert m["task"] == mode and m["global_step"] == 4 and m["test_rows"] == 16
+        assert 0 <= m["accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1
+        assert m["train_tokens_per_s_steady"] > 0 and m["train_rows_per_s_steady"] > 0 and m["steady_steps"] == 2  # steps 2 to 4
+        assert m["train_wall_s"] > 0 and m["eval_rows_per_s"] > 0 and m["packing"] is False
+    # the head is fed the prompt only; the generative recipe also its answer and end token
+    g, s = res["modes"]["generate"], res["modes"]["seq_cls"]
+    assert s["tokens_seen"] < g["tokens_seen"] and s["trainable"] > g["trainable"]  # + the head
+    assert res["ratio"]["accuracy"] == pytest.approx(s["accuracy"] / g["accuracy"], rel=1e-2) or not g["accuracy"]
+    assert {"versions", "git_commit"} <= set(res["environment"])
+    assert "| train tokens/s (steady) |" in (tmp_path / "out" / "seqcls_vs_generative.md").read_text()
+
+
 # The scripts built on gpu_speed's imports take ~7 s each to start: one of them in the default tier, the rest slow.
 _HEAVY = pytest.mark.slow
 
@@ -120,7 +149,8 @@ _HEAVY = pytest.mark.slow
 @pytest.mark.parametrize("script", ["gpu_speed", "multi_gpu", pytest.param("score_profile", marks=_HEAVY),
                                     pytest.param("score_shapes", marks=_HEAVY), "serve_load", "real_accuracy",
                                     "hybrid_offline", pytest.param("score_candidates", marks=_HEAVY),
-                                    "multilabel_offline", pytest.param("fp8_speed", marks=_HEAVY)])
+                                    "multilabel_offline", pytest.param("fp8_speed", marks=_HEAVY),
+                                    pytest.param("seqcls_vs_generative", marks=_HEAVY)])
 def test_every_benchmark_imports_the_installed_package(script):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"],
                          capture_output=True, text=True, timeout=300)

@@ -326,20 +326,17 @@ def cmd_baseline(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from llmcls.recipes.export import export, export_kind
     from llmcls.rundir import RunDir
 
     cfg = RunDir(args.run_dir).load_config(overrides_from(args))
-    if args.onnx and args.export_as != "seq-cls":
-        print("llmcls export: error: --onnx exports the sequence classifier: add --as seq-cls", file=sys.stderr)
-        return 2
-    from llmcls.recipes.export import export
-
     try:
+        args.export_as = export_kind(cfg, args.export_as, args.onnx)
         if args.export_as == "seq-cls":
             from llmcls.recipes.export_seqcls import export_seq_cls
 
             meta = export_seq_cls(args.run_dir, args.out_dir, overwrite=args.overwrite, cfg=cfg, onnx=args.onnx)
-            agree = meta["seq_cls"]["agreement"]
+            agree = meta["seq_cls"].get("agreement")
             print(f"exported a {len(meta['labels'])}-label sequence classifier to {args.out_dir}"
                   + (f" (agrees with the exact scorer on {agree['agreement']:.2%} of {agree['rows']} test rows)"
                      if agree else ""))
@@ -486,10 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
     _run_dir(s)
     s.add_argument("out_dir", metavar="OUT_DIR", help="Folder to create.")
     s.add_argument("--overwrite", action="store_true", help="Replace OUT_DIR if it exists.")
-    s.add_argument("--as", dest="export_as", choices=("causal-lm", "seq-cls"), default="causal-lm",
+    s.add_argument("--as", dest="export_as", choices=("causal-lm", "seq-cls"), default=None,
                    help="causal-lm (default): the merged chat model, scored exactly. seq-cls: a "
                         "*ForSequenceClassification whose logits are the LM head's rows for the labels' first tokens "
-                        "(pipeline('text-classification') loads it); labels must differ in their first token.")
+                        "(pipeline('text-classification') loads it); labels must differ in their first token. A "
+                        "lora.task=seq_cls run exports its trained classifier as seq-cls (the default for it).")
     s.add_argument("--onnx", action="store_true", help="With --as seq-cls: also write model.onnx (torch.onnx, "
                                                        "dynamo exporter) for ONNX Runtime.")
 

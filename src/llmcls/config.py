@@ -197,6 +197,10 @@ class LoraConfig:
     target_modules: list[str] = f(list(ALL_PROJ), "Modules that get adapters.")
     dtype: Literal["auto", "float32"] = f(
         "auto", "Adapter weights dtype: 'auto' follows the base model (bf16 on a GPU); 'float32' is the tutorial's.")
+    task: Literal["generate", "seq_cls"] = f(
+        "generate", "'generate': train the answer tokens after the prompt, score each candidate's likelihood; "
+        "'seq_cls': a classification head over the training labels on the same prompt (peft SEQ_CLS: LoRA + the "
+        "head trained), initialised from the LM head's rows for each label's first token.")
 
 
 @dataclass
@@ -223,7 +227,7 @@ class TrainConfig:
                              "it falls back to a dense mask and is slower than padding.")
     compile: bool = f(False, "torch.compile each decoder layer: fused kernels, far fewer launches (GPU; "
                              "the first steps pay the compile time).")
-    class_weights: str = f("none", "Weigh each row's answer tokens by its label: 'none', 'balanced' (rows / (labels x "
+    class_weights: str = f("none", "Weigh each row's answer tokens (lora.task=seq_cls: its cross-entropy) by its label: 'none', 'balanced' (rows / (labels x "
                                    "rows of the label)), or a JSON file {label: weight}.")
     select_best: Literal["last", "macro_f1", "accuracy", "nll"] = f(
         "last", "Which weights the run keeps: the last step's, or those of the dev evaluation with the best dev "
@@ -616,6 +620,30 @@ def check_training(cfg: Config) -> None:
         raise ConfigError(f"train.class_weights={cw!r}: 'none', 'balanced', or a JSON file of label weights "
                           "(file not found)")
     check_calibration(cfg)
+    check_task(cfg)
+
+
+# Settings that have no meaning for a classification head: refused rather than silently ignored.
+_NOT_WITH_SEQ_CLS = {
+    "eval.method": ("generate", "a classification head has no text to generate; use eval.method=score"),
+    "data.truncation": ("right", "the tutorial's right cut exists to drop answer tokens, and a head has none; "
+                                 "use data.truncation=text"),
+    "train.packing": (True, "the head pools each row's last token, which packed rows do not keep apart"),
+    "model.quantize": ("nf4", "not supported with the classification head yet"),
+    "model.offload_embeddings": (True, "not supported with the classification head yet"),
+    "train.fsdp": (("full_shard", "shard_grad_op"), "not supported with the classification head yet"),
+}
+
+
+def check_task(cfg: Config) -> None:
+    """lora.task=seq_cls: the settings that do not apply to a classification head."""
+    if cfg.lora.task != "seq_cls":
+        return
+    for key, (bad, why) in _NOT_WITH_SEQ_CLS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value == bad or (isinstance(bad, tuple) and value in bad):
+            raise ConfigError(f"{key}={value} with lora.task=seq_cls: {why}")
 
 
 def check_calibration(cfg: Config) -> None:

@@ -381,7 +381,12 @@ def _mask_ok(model) -> bool:
 
 def layout_for(model) -> Layout:
     """``packed`` where shared-prompt attention can run (:func:`llmcls.model.attention.shared_prompt_ok`), else
-    ``padded`` where the attention kernel takes a 4-D mask, else ``cached``."""
+    ``padded`` where the attention kernel takes a 4-D mask, else ``cached``. A sequence classifier
+    (``lora.task: seq_cls``) has label logits, not candidate tokens: :class:`llmcls.seqcls.SeqClsLayout`."""
+    from llmcls import seqcls
+
+    if seqcls.is_seq_cls(model):
+        return seqcls.layout(model)
     if shared_prompt_ok(model):
         return LAYOUTS["packed"]
     return LAYOUTS["padded" if _mask_ok(model) else "cached"]

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from llmcls.config import Config, ConfigError, check_model, load_config
+from llmcls.config import Config, ConfigError, check_model, check_task, load_config
 
 EXPORT_META = "llmcls.json"
 EXPORT_FORMAT = "llmcls-export"
@@ -211,9 +211,19 @@ def load_trained(run_dir: str | Path, cfg: Optional[Config] = None, device: Opti
     run = RunDir(run_dir)
     cfg = cfg or run.load_config()
     check_model(cfg.model, dist.world_size())
+    check_task(cfg)
     tok = load_tokenizer(cfg.model, str(run.tokenizer))
     folder = None if weights == "base" else run.weights(weights)
-    if folder is None:
+    if cfg.lora.task == "seq_cls":  # a classification head over the run's labels (llmcls.seqcls)
+        from llmcls import seqcls
+
+        if folder is not None and not folder.is_dir():
+            raise FileNotFoundError(f"{folder} does not exist: did training finish (or keep those weights)?")
+        labels = run.labels()
+        if not labels:
+            raise FileNotFoundError(f"{run.data.summary} is missing: the classification head's labels are unknown")
+        model = seqcls.load(cfg, tok, labels, folder, device, dtype)
+    elif folder is None:
         model = load_model(cfg.model, resolve_model_path(cfg.model), device, dtype)
     elif (folder / "adapter_config.json").is_file():
         from peft import PeftModel
@@ -257,6 +267,10 @@ def read_export_meta(path: str | Path) -> dict:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as e:  # also a file that is not UTF-8
         raise ConfigError(f"{meta_path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    if isinstance(meta, dict) and meta.get("format") == "llmcls-seq-cls":  # llmcls.recipes.export_seqcls
+        raise ConfigError(f"{meta_path}: a sequence-classification export (export --as seq-cls, or a "
+                          "lora.task=seq_cls run), which transformers' pipeline('text-classification') loads; "
+                          "llmcls serve takes a causal-LM export or a run directory (a seq_cls run's too)")
     if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ConfigError(f"{meta_path} is not an llmcls export (format {found!r})")

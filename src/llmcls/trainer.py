@@ -226,11 +226,12 @@ def class_weights(spec: str, labels: list[str]) -> Optional[dict[str, float]]:
 
 
 def build_trainer(model, tokenizer, dataset, args: TrainingArguments, callbacks: list | None = None,
-                  packing: bool = False, dev=None):
+                  packing: bool = False, dev=None, collator=None, loss=None):
     """The HF Trainer with llmcls's collator (left padding, or rows packed end to end with attention kept within
     each row; answer-position logits) and loss. ``dev``: a :class:`llmcls.selection.DevEvaluator`, wired to the
-    token counter (its forwards are not training) and to the Trainer's log."""
-    collator = PackedCollator() if packing else AnswerCollator(pad_id=tokenizer.pad_token_id)
+    token counter (its forwards are not training) and to the Trainer's log. ``collator`` and ``loss`` replace the
+    answer-token pair (``lora.task: seq_cls``: :class:`llmcls.seqcls.LabelCollator`, :class:`~llmcls.seqcls.LabelLoss`)."""
+    collator = collator or (PackedCollator() if packing else AnswerCollator(pad_id=tokenizer.pad_token_id))
     counter = TokenCounter(model)
     extra = [PackedAttention(model)] if packing else []
     if dev is not None:
@@ -238,7 +239,7 @@ def build_trainer(model, tokenizer, dataset, args: TrainingArguments, callbacks:
         dev.attn = dev.attn or unwrap(model).config._attn_implementation  # what scoring expects, not packed
         extra.append(dev)
     trainer = WeightedTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                              compute_loss_func=AnswerLoss(), callbacks=[counter, *extra, *(callbacks or [])])
+                              compute_loss_func=loss or AnswerLoss(), callbacks=[counter, *extra, *(callbacks or [])])
     if dev is not None:
         dev.trainer = trainer
     return trainer

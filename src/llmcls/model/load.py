@@ -189,7 +189,10 @@ def add_lora(model, cfg: LoraConfig):
         return model
     from peft import LoraConfig as PeftLoraConfig, TaskType, get_peft_model
 
-    peft_cfg = PeftLoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.r, lora_alpha=cfg.alpha,
+    # SEQ_CLS (lora.task=seq_cls) also trains the classification head in full: peft puts 'score' in
+    # modules_to_save, saved with the adapter
+    task = TaskType.SEQ_CLS if cfg.task == "seq_cls" else TaskType.CAUSAL_LM
+    peft_cfg = PeftLoraConfig(task_type=task, r=cfg.r, lora_alpha=cfg.alpha,
                               lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules))
     # peft keeps adapters in float32 by default (the tutorial's setup): every LoRA input is then copied to
     # float32. dtype "auto" keeps them in the base model's dtype instead.

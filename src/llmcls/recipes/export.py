@@ -98,6 +98,19 @@ def export_target(run_dir: str | Path, out_dir: str | Path, overwrite: bool) -> 
     return run, out, labels
 
 
+def export_kind(cfg: Config, requested: Optional[str], onnx: bool = False) -> str:
+    """What ``llmcls export`` writes for this run: ``--as`` (``requested``), by default ``causal-lm``, and
+    ``seq-cls`` for a ``lora.task=seq_cls`` run (its trained head is the classifier; it has no LM head to export)."""
+    if cfg.lora.task == "seq_cls":
+        if requested == "causal-lm":
+            raise ValueError("this run trained a classification head (lora.task=seq_cls), not the LM head a "
+                             "causal-LM export scores with: export it as it is (--as seq-cls, the default here)")
+        return "seq-cls"
+    if onnx and requested != "seq-cls":
+        raise ValueError("--onnx exports the sequence classifier: add --as seq-cls")
+    return requested or "causal-lm"
+
+
 def export(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, cfg: Optional[Config] = None,
            device: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> dict:
     """Merge and write the export; returns the contents of ``llmcls.json``. ``cfg`` is the run's config with the
@@ -107,6 +120,10 @@ def export(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, cf
     deltas are added in that dtype, the single rounding ``merge_and_unload`` always makes."""
     run, out, labels = export_target(run_dir, out_dir, overwrite)
     cfg = cfg or run.load_config()
+    if cfg.lora.task == "seq_cls":  # export_seqcls builds on this module: the CLI picks that export for such a run
+        raise ValueError(f"{run.path} trained a classification head (lora.task=seq_cls), not the LM head this "
+                         "export scores with: export it with llmcls.recipes.export_seqcls.export_seq_cls "
+                         "('llmcls export' does so by itself)")
     device = device or cfg.export.device
     if dtype is None and cfg.export.dtype != "auto":
         dtype = getattr(torch, cfg.export.dtype)

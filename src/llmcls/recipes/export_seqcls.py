@@ -35,7 +35,7 @@ import torch
 
 from llmcls.config import Config
 from llmcls.files import atomic_dir
-from llmcls.rundir import EXPORT_META, load_trained
+from llmcls.rundir import EXPORT_META, load_trained, read_json
 
 log = logging.getLogger(__name__)
 SEQ_CLS_FORMAT = "llmcls-seq-cls"  # not "llmcls-export": llmcls serve must not load it as a causal LM
@@ -167,6 +167,8 @@ def export_onnx(seq, path: Path, pad_token_id: int) -> None:
 
 def _card(meta: dict) -> str:
     s = meta["seq_cls"]
+    if s.get("trained"):
+        return _trained_card(meta)
     agree = s.get("agreement")
     measured = (f"On {agree['file']} ({agree['rows']} rows, every label offered) it picks the exact scorer's label "
                 f"for {agree['agreement']:.2%} of rows (accuracy {agree['accuracy_seq_cls']:.4f} vs "
@@ -195,6 +197,34 @@ Texts are not shortened: keep prompt + text within {meta["max_length"]} tokens.
 {onnx}"""
 
 
+def _trained_card(meta: dict) -> str:
+    s = meta["seq_cls"]
+    ev = s.get("eval")
+    measured = (f"llmcls eval of the run: accuracy {ev['accuracy']:.4f}, macro-F1 {ev['macro_f1']:.4f} on {ev['rows']} "
+                "test rows (each row offered its own candidates)." if ev else "")
+    return f"""# Text classifier exported by llmcls (sequence classification, trained as one)
+
+Labels: {", ".join(meta["labels"])}. Load with `AutoModelForSequenceClassification` or
+`pipeline("text-classification", model=THIS_FOLDER)`; no PEFT or llmcls needed.
+
+Trained with `lora.task: seq_cls`: LoRA adapters (merged here) and a classification head over these labels, on the
+chat prompt below. The input must be that prompt with the text inside it; `llmcls.json` holds the prompt around the
+text with every label offered as a candidate (render your own candidates with its `prompt` settings and take the
+highest-scoring of them, as llmcls does):
+
+```python
+import json
+from transformers import pipeline
+meta = json.load(open("THIS_FOLDER/llmcls.json"))["seq_cls"]
+pipe = pipeline("text-classification", model="THIS_FOLDER")
+pipe(meta["prompt_prefix"] + text + meta["prompt_suffix"], top_k=None)
+```
+
+{measured} Texts are not shortened: keep prompt + text within {meta["max_length"]} tokens.
+""" + (f"\n`{ONNX_FILE}` is the same classifier for ONNX Runtime (inputs `input_ids`, `attention_mask`; output "
+       "`logits`).\n" if s.get("onnx") else "")
+
+
 def export_seq_cls(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, cfg: Optional[Config] = None,
                    onnx: bool = False, device: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> dict:
     """Write the sequence-classification export (and ``model.onnx`` with ``onnx``); returns its ``llmcls.json``."""
@@ -217,27 +247,38 @@ def export_seq_cls(run_dir: str | Path, out_dir: str | Path, overwrite: bool = F
     if dtype is None and cfg.export.dtype != "auto":
         dtype = getattr(torch, cfg.export.dtype)
     dtype = dtype or _base_dtype(run, cfg)
+    m = read_json(run.eval.metrics)
     cfg.model.quantize = "none"  # as the causal-LM export: the adapter goes into the unquantised base
     model, tok, cfg = load_trained(run.path, cfg, device=device, dtype=dtype)
-    token_ids = first_tokens(tok, labels)  # refuses shared first tokens before the merge and the measurement
+    trained = cfg.lora.task == "seq_cls"  # the run's own classifier (llmcls.seqcls), head and all
+    # refuses shared first tokens before the merge and the measurement (a trained head has its own rows)
+    token_ids = None if trained else first_tokens(tok, labels)
     if run.method() == "lora":
         model = model.merge_and_unload()
     model.eval()
-    seq = build_seq_cls(model, labels, token_ids, tok.pad_token_id)
+    if trained:
+        seq, agree = model, None
+    else:
+        seq = build_seq_cls(model, labels, token_ids, tok.pad_token_id)
+        agree = agreement(cfg, model, seq, tok, labels)
     prefix, suffix = prompt_parts(PromptBuilder(tok, cfg.prompt), labels)
-    agree = agreement(cfg, model, seq, tok, labels)
     del model
     meta = {
         "format": SEQ_CLS_FORMAT, "format_version": 1, "labels": labels, "max_length": cfg.data.max_length,
         "prompt": {"system": cfg.prompt.system, "user_template": cfg.prompt.user_template,
                    "category_format": cfg.prompt.category_format},
-        "seq_cls": {"prompt_prefix": prefix, "prompt_suffix": suffix, "label_token_ids": token_ids,
-                    "label_tokens": [tok.decode([t]) for t in token_ids],
-                    "single_token_labels": all(len(tok(l, add_special_tokens=False)["input_ids"]) == 1
-                                               for l in labels),
-                    "scoring": "logit of each label's first token after the prompt (LM head rows); llmcls's exact "
-                               "scorer adds the later tokens and the end token",
-                    "agreement": agree, "onnx": ONNX_FILE if onnx else None},
+        "seq_cls": ({"prompt_prefix": prefix, "prompt_suffix": suffix, "trained": True,
+                     "scoring": "the classification head trained with lora.task=seq_cls (initialised from the LM "
+                                "head's first-token rows); a row's candidates restrict the softmax",
+                     "eval": {k: m[k] for k in ("rows", "accuracy", "macro_f1") if k in m} if m else None,
+                     "onnx": ONNX_FILE if onnx else None} if trained else
+                    {"prompt_prefix": prefix, "prompt_suffix": suffix, "label_token_ids": token_ids,
+                     "label_tokens": [tok.decode([t]) for t in token_ids],
+                     "single_token_labels": all(len(tok(l, add_special_tokens=False)["input_ids"]) == 1
+                                                for l in labels),
+                     "scoring": "logit of each label's first token after the prompt (LM head rows); llmcls's exact "
+                                "scorer adds the later tokens and the end token",
+                     "agreement": agree, "onnx": ONNX_FILE if onnx else None}),
         "calibration": None,
         "dtype": str(dtype).replace("torch.", ""),
         "source": {"run_dir": str(run.path.resolve()), "method": run.method(),

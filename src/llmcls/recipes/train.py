@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from llmcls import dist
-from llmcls.config import Config, check_launch, check_training, save_config, to_dict
+from llmcls import dist, seqcls
+from llmcls.config import Config, ConfigError, check_launch, check_training, save_config, to_dict
 from llmcls.data import read_rows
 from llmcls.env import environment
 from llmcls.files import atomic_dir, atomic_write_json, clean_leftovers
@@ -133,8 +133,16 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
     summary = dist.on_main(lambda: prepare(cfg, tokenizer, run.data.path, progress=progress))
     dataset = load_encoded(run.data.path)
     weights = class_weights(cfg.train.class_weights, dataset["label"])
-    if weights is not None:  # each row's answer tokens weigh what its label does (collate.answer_loss)
+    seq_cls = cfg.lora.task == "seq_cls"
+    labels = sorted(summary["labels"])  # seq_cls: the head's labels, in RunDir.labels' order
+    if seq_cls:
+        if summary.get("multi_label"):
+            raise ConfigError(f"lora.task=seq_cls trains a single-label head (softmax over the labels), and "
+                              f"{cfg.data.train_file} is multi-label; use lora.task=generate (docs/MULTILABEL.md)")
+        dataset = seqcls.to_examples(dataset, labels)  # the prompt, cut as for the generative recipe; the label
+    elif weights is not None:  # each row's answer tokens weigh what its label does (collate.answer_loss)
         dataset = dataset.add_column("weight", [weights[label] for label in dataset["label"]])
+    if weights is not None:
         log.info("class weights (%s): %s", cfg.train.class_weights,
                  ", ".join(f"{k} {v:.3g}" for k, v in sorted(weights.items(), key=lambda kv: -kv[1])[:8]))
     log.info("data: %d rows, %d shortened, answer kept in %d%s", summary["rows"], summary["shortened"],
@@ -157,7 +165,10 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
     fsdp_loading(cfg, True)
     # Under FSDP the model stays in host memory: accelerate moves only each process's shard to its GPU.
     device = "cpu" if cfg.train.fsdp != "off" else device
-    model = prepare_for_training(load_model(cfg.model, model_path, device=device, dtype=dtype), cfg)
+    model = load_model(cfg.model, model_path, device=device, dtype=dtype)
+    if seq_cls:  # the same backbone with a label head, initialised from the LM head (llmcls.seqcls)
+        model = seqcls.from_causal(model, tokenizer, labels)
+    model = prepare_for_training(model, cfg)
     if cfg.train.packing and args.device.type != "cuda":
         log.warning("train.packing without a GPU: attention falls back to a dense block-diagonal mask, slower "
                     "than padded batches on a CPU (the bbc-tiny demo on 2 CPU cores: 231 s against 90 s)")
@@ -189,7 +200,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
         log.info("dev set: %d rows from %s, selecting on %s", len(dev_rows), dev_file, cfg.train.select_best)
     trainer = build_trainer(model, tokenizer, dataset, args, callbacks=[
         JsonlLogCallback(run.train_log, echo=dist.is_main()), *tracker.callbacks,
-        *(callbacks or [])], packing=cfg.train.packing, dev=dev)
+        *(callbacks or [])], packing=cfg.train.packing, dev=dev,
+        **({"collator": seqcls.LabelCollator(tokenizer.pad_token_id), "loss": seqcls.LabelLoss(
+            None if weights is None else torch.tensor([weights[l] for l in labels]))} if seq_cls else {}))
     checkpoint = _last_checkpoint(run) if resume else None
     if resume and checkpoint is None:
         log.warning("no checkpoint in %s; starting from the beginning", run.checkpoints)
