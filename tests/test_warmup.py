@@ -146,3 +146,15 @@ def test_train_and_eval_record_the_warmup_split(tmp_path, tokenizer_dir, small_d
     assert "eval warm-up: start" in capsys.readouterr().out
     ew2 = json.loads((out / "eval" / "metrics.json").read_text())["warmup"]
     assert ew2["load_s"] > 0 and ew2["first_batch_s"] > 0 and ew2["compile"]["graphs"] == 0
+
+
+def test_torch_s_own_default_in_the_variable_is_not_a_choice(tmp_path, monkeypatch):
+    """Importing peft makes torch write its default (/tmp/torchinductor_USER) into TORCHINDUCTOR_CACHE_DIR; that
+    must not keep llmcls's folder from being used."""
+    from llmcls.model.load import _torch_default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", _torch_default_cache_dir())
+    monkeypatch.setenv("LLMCLS_CACHE", str(tmp_path))
+    monkeypatch.delenv("LLMCLS_COMPILE_CACHE", raising=False)
+    assert use_compile_cache() == tmp_path / "compile"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compile")

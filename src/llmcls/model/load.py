@@ -200,7 +200,8 @@ def use_compile_cache(folder: Optional[str] = None) -> Path:
     backward too), the autotuning results and, unless ``TRITON_CACHE_DIR`` is set, Triton's compiled kernels. Its
     default is ``/tmp/torchinductor_USER``, which a reboot or a fresh container empties, hence a folder under
     llmcls's cache. Which folder: an already-set ``TORCHINDUCTOR_CACHE_DIR`` wins (the user chose; also our own
-    earlier call in this process, since torch keeps paths derived from it once it has compiled), then ``folder``
+    earlier call in this process, since torch keeps paths derived from it once it has compiled) unless it holds
+    torch's own default (torch writes that there itself when it first looks the folder up), then ``folder``
     (``model.compile_cache``), then ``$LLMCLS_COMPILE_CACHE``, then ``~/.cache/llmcls/compile`` (``$LLMCLS_CACHE``
     moves ``~/.cache/llmcls``). Must run before the first compilation, so :func:`compile_layers` calls it.
 
@@ -214,7 +215,9 @@ def use_compile_cache(folder: Optional[str] = None) -> Path:
     from llmcls.model.tiny import cache_root
 
     given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if given:
+    # torch writes its default into the variable the first time it looks the folder up (importing peft does),
+    # so the default found there is not a choice anyone made
+    if given and given != _torch_default_cache_dir():
         chosen = Path(given)
         if folder and Path(folder).expanduser().resolve() != chosen.resolve():
             log.info("compile cache: TORCHINDUCTOR_CACHE_DIR=%s is set, so model.compile_cache=%s is not used",
@@ -232,6 +235,17 @@ def use_compile_cache(folder: Optional[str] = None) -> Path:
         if hasattr(config, name):  # a torch without one of them simply lacks that cache
             setattr(config, name, value)
     return chosen
+
+
+def _torch_default_cache_dir() -> str:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # where torch keeps it elsewhere: its default has been /tmp/torchinductor_USER throughout
+        import getpass
+        import tempfile
+
+        return os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+    return os.path.abspath(default_cache_dir())
 
 
 def compile_layers(model, cache: Optional[str] = None, backend: str = "inductor") -> None:
