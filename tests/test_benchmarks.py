@@ -149,7 +149,7 @@ _HEAVY = pytest.mark.slow
 @pytest.mark.parametrize("script", ["gpu_speed", "multi_gpu", pytest.param("score_profile", marks=_HEAVY),
                                     pytest.param("score_shapes", marks=_HEAVY), "serve_load", "real_accuracy",
                                     "hybrid_offline", pytest.param("score_candidates", marks=_HEAVY),
-                                    "multilabel_offline", pytest.param("fp8_speed", marks=_HEAVY),
+                                    "multilabel_offline", "warmup", pytest.param("fp8_speed", marks=_HEAVY),
                                     pytest.param("seqcls_vs_generative", marks=_HEAVY)])
 def test_every_benchmark_imports_the_installed_package(script):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"],
@@ -275,3 +275,33 @@ def test_multilabel_offline_reproduces_its_json(tmp_path):
     want = json.loads((ROOT / "docs" / "bench" / "multilabel_offline.json").read_text())
     have = json.loads(got.read_text())
     assert have["data"]["train"] == want["data"]["train"] and have["results"] == want["results"]
+
+
+@pytest.mark.slow  # two fresh `llmcls run` processes, one compiling a tiny model with Inductor on the CPU: ~70 s
+@pytest.mark.skipif(not (FUDAN / "train.jsonl").is_file() or not (SHARED / "qwen-tokenizer").is_dir(),
+                    reason="../shared (Fudan rows, Qwen tokenizer) is absent")
+def test_warmup_runs_cold_then_warm_on_a_cpu(tmp_path):
+    """benchmarks/warmup.py with the tiny preset: a cold `llmcls run` (empty compile cache) and a warm one, each
+    in a fresh process; the warm one finds the cold one's compiled code in the benchmark's own cache folder."""
+    env = {**os.environ, "LLMCLS_SHARED": str(SHARED)}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "warmup.py"), "--model", "tiny", "--out",
+                          str(tmp_path / "out"), "--workdir", str(tmp_path / "work"), "--train-rows", "32",
+                          "--max-steps", "2", "--eval-rows", "8"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+    res = json.loads((tmp_path / "out" / "warmup.json").read_text())
+    cold, warm = res["runs"]["cold"]["train"], res["runs"]["warm"]["train"]
+    for w in (cold, warm):
+        parts = w["start_s"] + w["load_s"] + w["encode_s"] + w["setup_s"] + w["first_step_s"]
+        assert abs(parts - w["to_first_step_s"]) < 0.01 and min(parts, w["first_step_s"]) > 0
+        # the benchmark's folder, not torch's default in /tmp nor ~/.cache: cold really was cold
+        assert w["compile_cache"] == str((tmp_path / "work" / "compile-cache").resolve())
+        assert w["first_step_compile"]["graphs"] == 1 and w["first_step_compile"]["recompiles"] == 0
+    assert cold["first_step_compile"]["fx_graph_cache_hits"] == 0 and cold["first_step_compile"]["compile_s"] > 0
+    assert warm["first_step_compile"]["fx_graph_cache_hits"] >= 1  # the forward and backward graphs' code
+    assert warm["first_step_compile"]["compile_s"] < cold["first_step_compile"]["compile_s"]
+    for name in ("cold", "warm"):
+        e = res["runs"][name]["eval"]
+        assert e["load_s"] > 0 and e["first_batch_s"] > 0 and e["rest_s"] >= 0
+    assert res["runs"]["cold"]["global_step"] == 2 and set(res["checks"]) >= {"cold to first step <= 60 s"}
+    assert "| cold |" in (tmp_path / "out" / "warmup.md").read_text()

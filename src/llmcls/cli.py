@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import sys
+import time
 import typing
 from pathlib import Path
 
@@ -41,12 +42,13 @@ COMMAND_KEYS: dict[str, tuple[str, ...]] = {
              "eval.compile", "eval.shortlist", "track.",
              "data.test_file", "data.max_eval_rows", "data.on_invalid", "data.text_field",
              "data.category_field", "data.output_field", "data.multi_label", "multilabel.default_threshold",
-             "multilabel.at_least_one", "model.device_map"),
+             "multilabel.at_least_one", "model.device_map", "model.compile_cache"),
     "predict": ("predict.", *WINDOW_KEYS, "eval.method", "eval.batch_size", "eval.max_new_tokens",
                 "eval.compile", "eval.shortlist", "data.text_field", "data.category_field",
-                "multilabel.default_threshold", "multilabel.at_least_one", "model.device_map"),
+                "multilabel.default_threshold", "multilabel.at_least_one", "model.device_map",
+                "model.compile_cache"),
     "calibrate": ("calibration.", "multilabel.", *WINDOW_KEYS, "eval.batch_size", "eval.compile", "data.dev_file",
-                  "model.device_map"),
+                  "model.device_map", "model.compile_cache"),
     "export": ("export.",),
     "serve": ("serve.", "predict.abstain_below", *WINDOW_KEYS),
     "baseline": ("baseline.", "data.text_field", "data.category_field", "data.output_field", "data.on_invalid",
@@ -204,10 +206,15 @@ def cmd_eval(args) -> int:
     from llmcls.recipes.evaluate import eval_tracker, evaluate
     from llmcls.recipes.pipeline import after_eval, metrics_line
     from llmcls.rundir import load_trained
+    from llmcls.warmup import split_line
 
+    from llmcls.warmup import process_age
+
+    started, t = process_age(), time.perf_counter()
     model, tok, cfg = load_trained(run.path, cfg, weights=weights)
+    loaded = {"start_s": started, "load_s": time.perf_counter() - t}
     tracker = eval_tracker(run.path, cfg) if weights == "selected" else None
-    m = evaluate(run.path, cfg, model, tok, tracker=tracker, weights=weights)
+    m = evaluate(run.path, cfg, model, tok, tracker=tracker, weights=weights, loaded=loaded)
     if tracker is not None:
         tracker.finish()
     if not _is_main():
@@ -216,6 +223,7 @@ def cmd_eval(args) -> int:
         _print_json(m)
     else:
         print(metrics_line(m))
+        print(split_line("eval", m["warmup"]))
         print(f"written to {run.results(weights).path}")
     after_eval(run.path, echo=(lambda _: None) if args.json else print)
     return 0

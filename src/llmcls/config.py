@@ -138,6 +138,11 @@ class ModelConfig:
         None, "Spread the layers over all GPUs of one process (the tutorial's fallback for a model larger than "
         "one card; one GPU works at a time). Not with torchrun: use train.fsdp there."
     )
+    compile_cache: Optional[str] = f(
+        None, "Folder of torch.compile's on-disk caches (train.compile, eval.compile): a later run of the same "
+        "shapes loads the compiled code instead of compiling again. Default: $LLMCLS_COMPILE_CACHE, else "
+        "~/.cache/llmcls/compile; an already-set TORCHINDUCTOR_CACHE_DIR wins over both."
+    )
     tiny: TinyConfig = field(default_factory=TinyConfig, metadata={"doc": "Shape of the 'tiny' preset."})
 
 

@@ -11,6 +11,7 @@ exactly, and the end token tells "Sport" from "Sports".
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
@@ -184,7 +185,7 @@ def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "
              max_new_tokens: int = 8, max_length: Optional[int] = None, progress: bool = True,
              desc: str = "classify", shard: Optional[tuple[int, int]] = None, calibration=None,
              abstain_below: Optional[float] = None, lockstep: bool = False, lexical=None,
-             shortlist: int = 0, windows=None) -> list[Prediction]:
+             shortlist: int = 0, windows=None, timing: Optional[dict] = None) -> list[Prediction]:
     """Classify rows in batches (longest first, so padding stays small); results come back in input order.
 
     Under torchrun (several processes) each process classifies every world-th batch of the batch plan a single
@@ -197,18 +198,21 @@ def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "
     every candidate too, for a hybrid calibration and for ``shortlist``: then only each row's ``shortlist``
     candidates it ranks highest are offered to and scored by the LLM (0: all). ``windows``
     (:class:`llmcls.windows.WindowSettings`): a text too long for ``max_length`` is read in windows, all scored in
-    one pass over the windows (batched and sharded like rows), their scores combined into one prediction per row."""
+    one pass over the windows (batched and sharded like rows), their scores combined into one prediction per row.
+    ``timing``: a dict that gets ``first_batch_at``, the ``time.perf_counter()`` at which the first batch's
+    results were back on the host (compilation of the first batch's shapes included; the first batch is then
+    read back before the second is queued)."""
     if shortlist and lexical is None and method == "score":
         raise ValueError("eval.shortlist ranks candidates with the run's TF-IDF model, and this run has none "
                          "(it is fitted when training with eval.shortlist or eval.hybrid set)")
     if windows is not None and windows.active and max_length is not None:
         return _classify_windows(model, builder, rows, windows, method, batch_size, max_length, progress, desc,
-                                 shard, calibration, abstain_below, lockstep, lexical, shortlist)
+                                 shard, calibration, abstain_below, lockstep, lexical, shortlist, timing)
     if shard is None and dist.launched():
         mine = classify(model, builder, rows, method, batch_size, max_new_tokens, max_length,
                         progress and dist.is_main(), desc, shard=(dist.rank(), dist.world_size()),
                         calibration=calibration, abstain_below=abstain_below, lockstep=lockstep, lexical=lexical,
-                        shortlist=shortlist)
+                        shortlist=shortlist, timing=timing)
         merged: list[Optional[Prediction]] = [None] * len(rows)
         for part in dist.all_gather([p for p in mine if p is not None]):
             for p in part:
@@ -246,7 +250,12 @@ def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "
         prompts = prompts if prompts is not None else prompts_for(builder, batch, max_length)
         return batch, lex, prompts, (layout.prepare(builder, batch, prompts, pin) if layout is not None else None)
 
+    def first_back():
+        if timing is not None and "first_batch_at" not in timing:
+            timing["first_batch_at"] = time.perf_counter()
+
     def scored(idx, batch, lex, lls):
+        first_back()  # lls were read back to the host: the batch is done
         for k, (i, ll) in enumerate(zip(idx, lls)):
             preds[i] = scored_prediction(i, batch[k].candidates, ll, calibration, abstain_below,
                                          None if lex is None else lex[k])
@@ -262,12 +271,18 @@ def classify(model, builder: PromptBuilder, rows: Sequence[Row], method: str = "
                 pending = pool.submit(prep, batches[k + 1])
             if layout is not None:
                 now = (idx, batch, lex, layout.queue(model, prepared))
+                if k == 0 and timing is not None:
+                    # timed: the first batch is read back before the second is queued, so that its time is its
+                    # own (one batch's overlap given up, once)
+                    scored(*now[:3], now[3].result())
+                    continue
                 if queued is not None:
                     scored(*queued[:3], queued[3].result())
                 queued = now
             else:
                 batch = [rows[i] for i in idx]
                 texts = generate_batch(model, builder, batch, max_new_tokens, prompts=prompts)
+                first_back()
                 for i, r, t in zip(idx, batch, texts):
                     preds[i] = Prediction(i, map_output(t, r.candidates), None, t)
                 bar.update(len(idx))
@@ -295,7 +310,8 @@ def lexical_scores(lexical, builder, rows, max_length, windows, shortlist):
 
 
 def _classify_windows(model, builder, rows, windows, method, batch_size, max_length, progress, desc, shard,
-                      calibration, abstain_below, lockstep, lexical=None, shortlist=0) -> list[Prediction]:
+                      calibration, abstain_below, lockstep, lexical=None, shortlist=0, timing=None
+                      ) -> list[Prediction]:
     from llmcls.windows import combine, expand, regroup
 
     if method != "score":
@@ -305,7 +321,7 @@ def _classify_windows(model, builder, rows, windows, method, batch_size, max_len
         rows, lex = lexical_scores(lexical, builder, rows, max_length, windows, shortlist)
     flat, owner = expand(builder, rows, max_length, windows)
     per_window = classify(model, builder, flat, method, batch_size, max_length=max_length, progress=progress,
-                          desc=f"{desc} ({len(flat)} windows)", shard=shard, lockstep=lockstep)
+                          desc=f"{desc} ({len(flat)} windows)", shard=shard, lockstep=lockstep, timing=timing)
     preds: list[Optional[Prediction]] = [None] * len(rows)
     for i, (r, ps) in enumerate(zip(rows, regroup(per_window, owner, len(rows)))):
         if all(p is not None for p in ps):  # under shard=, a row's windows may lie in other shards

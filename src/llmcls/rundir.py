@@ -251,7 +251,7 @@ def model_for_run(run_dir: str | Path, cfg: Optional[Config] = None, model=None,
     if cfg.eval.compile:
         from llmcls.model.load import compile_layers
 
-        compile_layers(model)
+        compile_layers(model, cfg.model.compile_cache)
     return model, tokenizer, cfg
 
 

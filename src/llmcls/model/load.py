@@ -199,14 +199,79 @@ def add_lora(model, cfg: LoraConfig):
     return get_peft_model(model, peft_cfg, autocast_adapter_dtype=cfg.dtype == "float32")
 
 
-def compile_layers(model) -> None:
-    """Regional ``torch.compile``: each decoder layer is compiled (the layers share their code, so compiling one
-    serves all of them and compile time stays short), launches per layer drop from hundreds to a few, and the
-    elementwise work between matrix products is fused. Shapes are dynamic: batches of any size and length reuse
-    the compiled code."""
+COMPILE_CACHE_ENV = "LLMCLS_COMPILE_CACHE"
+
+
+def use_compile_cache(folder: Optional[str] = None) -> Path:
+    """Point torch.compile's on-disk caches at one persistent folder, so that a process compiling shapes an
+    earlier one compiled loads the generated code instead of generating it again (the first step of a 7B run:
+    ~70 s of compilation cold; the GPU benchmark ``benchmarks/warmup.py`` measures what a warm cache leaves).
+
+    All of torch's caches live under ``TORCHINDUCTOR_CACHE_DIR``: Inductor's FX-graph cache (the generated code of
+    each graph), AOTAutograd's cache (the forward and backward graphs together, so that a hit skips tracing the
+    backward too), the autotuning results and, unless ``TRITON_CACHE_DIR`` is set, Triton's compiled kernels. Its
+    default is ``/tmp/torchinductor_USER``, which a reboot or a fresh container empties, hence a folder under
+    llmcls's cache. Which folder: an already-set ``TORCHINDUCTOR_CACHE_DIR`` wins (the user chose; also our own
+    earlier call in this process, since torch keeps paths derived from it once it has compiled) unless it holds
+    torch's own default (torch writes that there itself when it first looks the folder up), then ``folder``
+    (``model.compile_cache``), then ``$LLMCLS_COMPILE_CACHE``, then ``~/.cache/llmcls/compile`` (``$LLMCLS_CACHE``
+    moves ``~/.cache/llmcls``). Must run before the first compilation, so :func:`compile_layers` calls it.
+
+    The switches below are torch's defaults in open-source builds (2.11 and 2.13); they are set explicitly so that
+    the behaviour does not rest on a default, and the remote caches (Meta-internal services) stay off. An
+    environment variable that forces one of them (``TORCHINDUCTOR_FX_GRAPH_CACHE=0``, ``TORCHINDUCTOR_AUTOGRAD_CACHE=0``)
+    still takes precedence: torch's config reads forced variables over values set in code."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    from llmcls.model.tiny import cache_root
+
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # torch writes its default into the variable the first time it looks the folder up (importing peft does),
+    # so the default found there is not a choice anyone made
+    if given and given != _torch_default_cache_dir():
+        chosen = Path(given)
+        if folder and Path(folder).expanduser().resolve() != chosen.resolve():
+            log.info("compile cache: TORCHINDUCTOR_CACHE_DIR=%s is set, so model.compile_cache=%s is not used",
+                     given, folder)
+    else:
+        chosen = Path(folder or os.environ.get(COMPILE_CACHE_ENV) or cache_root() / "compile").expanduser()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(chosen.resolve())
+    chosen.mkdir(parents=True, exist_ok=True)
+    for config, name, value in ((inductor_config, "fx_graph_cache", True),
+                                (inductor_config, "fx_graph_remote_cache", False),
+                                (inductor_config, "autotune_local_cache", True),
+                                (inductor_config, "autotune_remote_cache", False),
+                                (inductor_config, "bundled_autotune_remote_cache", False),
+                                (functorch_config, "enable_autograd_cache", True)):
+        if hasattr(config, name):  # a torch without one of them simply lacks that cache
+            setattr(config, name, value)
+    return chosen
+
+
+def _torch_default_cache_dir() -> str:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # where torch keeps it elsewhere: its default has been /tmp/torchinductor_USER throughout
+        import getpass
+        import tempfile
+
+        return os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+    return os.path.abspath(default_cache_dir())
+
+
+def compile_layers(model, cache: Optional[str] = None, backend: str = "inductor") -> None:
+    """Regional ``torch.compile``: each decoder layer is compiled, launches per layer drop from hundreds to a few,
+    and the elementwise work between matrix products is fused. The layers share their code and dynamo inlines
+    their modules (parameters are inputs of the graph), so one compiled graph serves every layer: compile time is
+    that of one layer, not of 32. Shapes are dynamic: batches of any size and length (packed rows of any total
+    length) reuse the compiled code instead of recompiling (``tests/test_warmup.py`` counts the graphs).
+    ``cache``: the on-disk compile cache folder (:func:`use_compile_cache`); ``backend``: torch.compile's
+    (tests count dynamo's graphs with ``eager``, which generates no code)."""
+    use_compile_cache(cache)
     base = unwrap(model)
     for layer in base.model.layers:
-        layer.compile(dynamic=True)
+        layer.compile(dynamic=True, backend=backend)
 
 
 def _numel(p: torch.Tensor) -> int:

@@ -24,6 +24,7 @@ from llmcls.infer import classify_with, record
 from llmcls.metrics import compute_metrics, multilabel_metrics
 from llmcls.multilabel import refuse_multi
 from llmcls.rundir import RunDir, model_for_run
+from llmcls.warmup import compile_delta, compile_stats, process_age
 from llmcls.windows import settings
 
 log = logging.getLogger(__name__)
@@ -47,14 +48,18 @@ def samples_for_tracker(rows, records: list[dict], n: int) -> list[dict]:
 
 
 def evaluate(run_dir: str | Path, cfg: Optional[Config] = None, model=None, tokenizer=None, progress: bool = True,
-             tracker=None, weights: str = "selected") -> dict:
+             tracker=None, weights: str = "selected", loaded: Optional[dict] = None) -> dict:
     """Classify ``data.test_file`` (first ``data.max_eval_rows`` rows) as ``eval.*`` says. ``cfg`` is the run's
     config with the caller's overrides (default: the run's own); ``model``/``tokenizer`` an already loaded pair
     (default: :func:`llmcls.rundir.load_trained`). ``weights``: the run's own (``selected``, calibrated where the
     run has a calibration; written to RUN/eval), the last step's (``last``, RUN/eval-last) or the base model's
-    (``base``: zero-shot, same prompt; RUN/zero-shot)."""
+    (``base``: zero-shot, same prompt; RUN/zero-shot). ``loaded``: how the caller's ``model`` came to be,
+    ``{"start_s": process age when loading began, "load_s": seconds}``, for the warm-up split."""
     run = RunDir(run_dir)
+    loaded = dict(loaded or {"start_s": process_age(), "load_s": 0.0})
+    t = time.perf_counter()
     model, tokenizer, cfg = model_for_run(run.path, cfg, model, tokenizer, weights=weights)
+    loaded["load_s"] += time.perf_counter() - t  # a model loaded here; compile_layers only wraps the layers
     calibration = run.load_calibration() if weights == "selected" else None
     lexical = run.load_lexical() if weights != "base" else None  # zero-shot: the LLM alone
     if not cfg.data.test_file:
@@ -63,21 +68,19 @@ def evaluate(run_dir: str | Path, cfg: Optional[Config] = None, model=None, toke
     rows, invalid = read_rows(cfg.data.test_file, cfg.data, limit=cfg.data.max_eval_rows)
     warn_unseen_labels(rows, run.labels(), cfg.data.test_file)
     if run.multi_label:
-        return _evaluate_multi(run, cfg, model, tokenizer, rows, invalid, progress, tracker, weights)
+        return _evaluate_multi(run, cfg, model, tokenizer, rows, invalid, progress, tracker, weights, loaded)
     refuse_multi(rows, cfg.data.test_file, cfg.data.output_field)
 
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
     # Under torchrun every process classifies a share of the rows; each gets all predictions back.
-    preds = classify_with(cfg, model, tokenizer, rows, progress=progress, desc=f"eval ({method}, {weights})",
-                          calibration=calibration, lexical=lexical, shortlist=cfg.eval.shortlist if lexical else 0)
-    wall = time.perf_counter() - t0
+    preds, wall, warmup = _timed(loaded, classify_with, cfg, model, tokenizer, rows, progress=progress,
+                                 desc=f"eval ({method}, {weights})", calibration=calibration, lexical=lexical,
+                                 shortlist=cfg.eval.shortlist if lexical else 0)
 
     labels = sorted({r.label for r in rows})
     metrics = compute_metrics([r.label for r in rows], [p.pred for p in preds], labels)
     records = [record(r, p, with_truth=True) for r, p in zip(rows, preds)]
     metrics.update(_how_it_ran(cfg, method, rows, invalid, wall, weights))
+    metrics["warmup"] = warmup
     if settings(cfg).active:  # how long texts were read: the figures depend on it
         metrics["long_text"] = vars(settings(cfg))
     if method == "score":
@@ -95,7 +98,8 @@ def evaluate(run_dir: str | Path, cfg: Optional[Config] = None, model=None, toke
     return metrics
 
 
-def _evaluate_multi(run: RunDir, cfg: Config, model, tokenizer, rows, invalid, progress, tracker, weights) -> dict:
+def _evaluate_multi(run: RunDir, cfg: Config, model, tokenizer, rows, invalid, progress, tracker, weights,
+                    loaded: dict) -> dict:
     """:func:`evaluate` for a multi-label run: every candidate over its label's threshold (RUN/thresholds.json)."""
     from llmcls.multilabel import default_thresholds, predicted_sets
     from llmcls.multilabel import record as multi_record
@@ -104,11 +108,8 @@ def _evaluate_multi(run: RunDir, cfg: Config, model, tokenizer, rows, invalid, p
         raise ConfigError("a multi-label run is evaluated by scoring every candidate: eval.method must be score")
     # Thresholds were chosen for the run's own weights, as a calibration is.
     thresholds = run.load_thresholds(cfg) if weights == "selected" else default_thresholds(cfg)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    preds = classify_with(cfg, model, tokenizer, rows, progress=progress, desc=f"eval (multi-label, {weights})")
-    wall = time.perf_counter() - t0
+    preds, wall, warmup = _timed(loaded, classify_with, cfg, model, tokenizer, rows, progress=progress,
+                                 desc=f"eval (multi-label, {weights})")
     sets = predicted_sets(rows, preds, thresholds)
     metrics = multilabel_metrics([r.true_labels for r in rows], sets,
                                  sorted({t for r in rows for t in r.true_labels}))
@@ -117,13 +118,35 @@ def _evaluate_multi(run: RunDir, cfg: Config, model, tokenizer, rows, invalid, p
         "multi_label": True, "accuracy": metrics["subset_accuracy"], "invalid": 0, "invalid_rate": 0.0,
         "thresholds": {"default": thresholds.default, "per_label": thresholds.per_label,
                        "at_least_one": thresholds.at_least_one, "from_dev": thresholds.fitted_on_rows > 0},
-        **_how_it_ran(cfg, "score", rows, invalid, wall, weights),
+        **_how_it_ran(cfg, "score", rows, invalid, wall, weights), "warmup": warmup,
     })
     if not _write(run, weights, records, metrics):
         return metrics
     if tracker is not None and weights == "selected":
         tracker.log({f"eval/{k}": metrics[k] for k in ("micro_f1", "macro_f1", "subset_accuracy", "hamming_loss")})
     return metrics
+
+
+def _timed(loaded: dict, classify, *args, **kwargs):
+    """``classify(*args, **kwargs)`` timed: (predictions, wall seconds, the warm-up split). The split (``warmup`` in
+    metrics.json): ``start_s`` the process's age when loading began (for ``llmcls eval``: the interpreter and the
+    imports), ``load_s`` the model and tokenizer, ``first_batch_s`` from the start of classification to the first
+    batch's scores back on the host (prompt preparation and all compilation of its shapes included), ``rest_s``
+    the other batches, ``compile`` what compiling took over the whole classification (seconds, graphs, cache hits;
+    a compile after the first batch shows as a recompile)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    timing: dict = {}
+    before = compile_stats()
+    t0 = time.perf_counter()
+    preds = classify(*args, timing=timing, **kwargs)
+    end, age = time.perf_counter(), process_age()
+    first = timing.get("first_batch_at", end) - t0
+    warmup = {"start_s": round(loaded["start_s"], 3), "load_s": round(loaded["load_s"], 3),
+              "first_batch_s": round(first, 3), "rest_s": round(end - t0 - first, 3),
+              "to_first_batch_s": round(age - (end - t0 - first), 3),  # from the process's start
+              "compile": compile_delta(before)}
+    return preds, end - t0, warmup
 
 
 def _write(run: RunDir, weights: str, records: list[dict], metrics: dict) -> bool:

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 from llmcls import dist
 from llmcls.config import Config
 from llmcls.rundir import RunDir
+from llmcls.warmup import split_line
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,9 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, with_baselin
     metrics = evaluate(run_dir.path, saved, tracker=tracker)
     tracker.finish()
     say(metrics_line(metrics))
+    if out.get("warmup"):  # where the time before the first step and the first scored batch went
+        say(split_line("training", out["warmup"]))
+    say(split_line("eval", metrics["warmup"]))
     # what fine-tuning bought, and what selecting on the dev set bought: same prompt, same test rows
     if saved.eval.zero_shot:
         say("zero-shot (base model): " + metrics_line(evaluate(run_dir.path, saved, weights="base")))

@@ -31,6 +31,7 @@ from llmcls.recipes.prepare import load_encoded, prepare
 from llmcls.reporting.track import JsonlLogCallback, Tracker, trim_log, whole_run_loss
 from llmcls.rundir import RunDir
 from llmcls.selection import DevEvaluator
+from llmcls.warmup import StepTimer, cache_folder, process_age, split_line
 from llmcls.trainer import (build_trainer, class_weights, fsdp_loading, full_state_dict, prepare_for_training,
                             training_arguments)
 
@@ -94,6 +95,25 @@ def fit_lexical(cfg: Config, run: RunDir, tokenizer, summary: dict, progress: bo
              else "shortlist", len(rows), model.features, len(model.labels), cfg.baseline.text)
 
 
+def warmup_split(started: float, t_start: float, load_s: float, encode_s: float, t_train: float,
+                 timer: StepTimer, compiled: bool) -> dict:
+    """Seconds from the command's start to the first optimizer step done (``warmup`` in train_summary.json):
+    ``start_s`` the interpreter and imports, ``load_s`` tokenizer + model (adapters attached; a tiny base built),
+    ``encode_s`` prepare (read, validate, tokenise; a cache hit is quick), ``setup_s`` the rest before
+    ``trainer.train()`` (tracker, dev set, TF-IDF model, Trainer), ``first_step_s`` from ``trainer.train()`` to the
+    first optimizer step done (the Trainer's own setup and all compilation included; ``first_step_compile`` says
+    how much was compiling and what the compile caches gave), and the mean of the later steps."""
+    steps = timer.summary()
+    if not steps:
+        return {}
+    setup_s = t_train - t_start - load_s - encode_s
+    out = {"start_s": round(started, 3), "load_s": round(load_s, 3), "encode_s": round(encode_s, 3),
+           "setup_s": round(setup_s, 3), **steps,
+           "to_first_step_s": round(started + (t_train - t_start) + steps["first_step_s"], 3),
+           "compile_cache": cache_folder() if compiled else None}
+    return out
+
+
 def _last_checkpoint(run: RunDir) -> str | None:
     """The last complete checkpoint (a half-saved one from a crash has no trainer state to resume from)."""
     steps = run.checkpoint_steps()
@@ -105,6 +125,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
     """Fine-tune as configured; returns the training summary. ``callbacks`` are extra TrainerCallbacks."""
     from transformers import set_seed
 
+    started = process_age()  # the interpreter's start and the imports, before anything of the run
+    t_start = time.perf_counter()
     check_launch(cfg, dist.world_size(), torch.cuda.is_available())
     check_training(cfg)
     run = RunDir(cfg.train.output_dir)
@@ -127,11 +149,15 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
 
     # 1. Tokenizer and data ------------------------------------------------------------------------------
     is_tiny = cfg.model.name_or_path == TINY
+    t = time.perf_counter()
     with dist.local_main_first():  # downloads and tokenizer builds land in per-node caches
         model_path = None if is_tiny else resolve_model_path(cfg.model)
         tokenizer = load_tokenizer(cfg.model, model_path)
+    load_s = time.perf_counter() - t
+    t = time.perf_counter()
     summary = dist.on_main(lambda: prepare(cfg, tokenizer, run.data.path, progress=progress))
     dataset = load_encoded(run.data.path)
+    encode_s = time.perf_counter() - t
     weights = class_weights(cfg.train.class_weights, dataset["label"])
     seq_cls = cfg.lora.task == "seq_cls"
     labels = sorted(summary["labels"])  # seq_cls: the head's labels, in RunDir.labels' order
@@ -150,6 +176,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
              if summary.get("windows") else "")
 
     # 2. Model --------------------------------------------------------------------------------------------
+    t = time.perf_counter()
     if is_tiny:  # materialise the random-init base once, so eval/export load it like any local model
         dist.on_main(lambda: run.base_model.is_dir()
                      or build_tiny(cfg.model.tiny, tokenizer, run.base_model, cfg.train.seed))
@@ -174,6 +201,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
                     "than padded batches on a CPU (the bbc-tiny demo on 2 CPU cores: 231 s against 90 s)")
     params = trainable_summary(model)
     log.info("trainable parameters: %s", params)
+    load_s += time.perf_counter() - t
 
     # 3. Train, scoring the dev set as it goes (selection.py) ----------------------------------------------------
     tracker = Tracker(cfg.track, run.path, {**to_dict(cfg), "data_summary": {k: v for k, v in summary.items()
@@ -198,8 +226,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
         dev_rows, _ = read_rows(dev_file, cfg.data)  # all of it: data.max_eval_rows limits the test file only
         dev = DevEvaluator(model, tokenizer, dev_rows, cfg, run, save_weights, lexical=lexical)
         log.info("dev set: %d rows from %s, selecting on %s", len(dev_rows), dev_file, cfg.train.select_best)
+    timer = StepTimer()
     trainer = build_trainer(model, tokenizer, dataset, args, callbacks=[
-        JsonlLogCallback(run.train_log, echo=dist.is_main()), *tracker.callbacks,
+        timer, JsonlLogCallback(run.train_log, echo=dist.is_main()), *tracker.callbacks,
         *(callbacks or [])], packing=cfg.train.packing, dev=dev,
         **({"collator": seqcls.LabelCollator(tokenizer.pad_token_id), "loss": seqcls.LabelLoss(
             None if weights is None else torch.tensor([weights[l] for l in labels]))} if seq_cls else {}))
@@ -212,6 +241,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
+    timer.start()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     wall = time.perf_counter() - t0
     fsdp_loading(cfg, False)
@@ -231,6 +261,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
         "tokens_per_s": round(trainer.state.num_input_tokens_seen / wall, 1) if wall > 0 else None,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
         "world_size": args.world_size, "fsdp": cfg.train.fsdp,
+        "warmup": warmup_split(started, t_start, load_s, encode_s, t0, timer, cfg.train.compile),
         "environment": environment(),
     }
     if args.world_size > 1:
@@ -258,6 +289,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
         out["calibration"] = fit_and_save(run, cfg, dev.rows, dev.best_preds if from_best else dev.last_preds)
     if dist.is_main():
         atomic_write_json(run.train_summary, out)
+        if out["warmup"]:
+            log.info(split_line("training", out["warmup"]))
         tracker.log({"train/final_loss": out["train_loss"]}, step=trainer.state.global_step)
         if selection is not None:
             log.info("selected: step %d of %d (%s)", selection["step"], trainer.state.global_step,
