@@ -149,7 +149,8 @@ _HEAVY = pytest.mark.slow
 @pytest.mark.parametrize("script", ["gpu_speed", "multi_gpu", pytest.param("score_profile", marks=_HEAVY),
                                     pytest.param("score_shapes", marks=_HEAVY), "serve_load", "real_accuracy",
                                     "hybrid_offline", pytest.param("score_candidates", marks=_HEAVY),
-                                    "multilabel_offline", "warmup", pytest.param("fp8_speed", marks=_HEAVY),
+                                    "multilabel_offline", "warmup", "prepare_speed",
+                                    pytest.param("fp8_speed", marks=_HEAVY),
                                     pytest.param("seqcls_vs_generative", marks=_HEAVY)])
 def test_every_benchmark_imports_the_installed_package(script):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"],
@@ -305,3 +306,17 @@ def test_warmup_runs_cold_then_warm_on_a_cpu(tmp_path):
         assert e["load_s"] > 0 and e["first_batch_s"] > 0 and e["rest_s"] >= 0
     assert res["runs"]["cold"]["global_step"] == 2 and set(res["checks"]) >= {"cold to first step <= 60 s"}
     assert "| cold |" in (tmp_path / "out" / "warmup.md").read_text()
+
+
+@pytest.mark.skipif(not (FUDAN / "train.jsonl").is_file() or not (SHARED / "qwen-tokenizer").is_dir(),
+                    reason="../shared (Fudan rows, Qwen tokenizer) is absent")
+def test_prepare_speed_times_both_paths_and_checks_they_agree(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prepare_speed.py"), "--repeat", "120",
+                          "--num-proc", "1,2,64", "--out", str(tmp_path / "p.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert res["settings"]["rows"] == 120 and res["checks"]["all_same_as_one_by_one"] is True
+    assert "num_proc_64" not in res["runs"] or res["environment"]["cpu"]["available"] >= 64
+    assert all(r["rows_per_s"] > 0 and r["cpu_ms_per_row"] > 0 for r in res["runs"].values())
+    assert res["environment"]["cpu"]["count"] >= 1 and res["environment"]["versions"]["tokenizers"]

@@ -168,6 +168,9 @@ class DataConfig:
     max_windows: Optional[int] = f(16, "Most windows per text; a longer one keeps this many, evenly spaced (first and "
                                        "last included), and the text between them is not read (null: no cap).",
         check=at_least(1))
+    num_proc: Optional[int] = f(None, "Processes that encode the training rows in prepare (null: one per CPU core "
+                                      "this process may use; 1: this process, the tokenizer's own threads).",
+        check=at_least(1))
     max_train_rows: Optional[int] = f(None, "Use only the first N training rows (quick experiments).",
         check=at_least(1))
     max_eval_rows: Optional[int] = f(None, "Evaluate only the first N test rows (default: all).",

@@ -173,6 +173,27 @@ def encode_train(builder: PromptBuilder, row: Row, max_length: int, truncation: 
     return Encoded(prompt + answer, [IGNORE] * len(prompt) + answer, True, True, full)
 
 
+def encode_train_many(builder: PromptBuilder, rows: Sequence[Row], max_length: int, truncation: str = "text",
+                      prompt_ids: Optional[Sequence[list[int]]] = None) -> list[Encoded]:
+    """:func:`encode_train` of many rows, exactly: the rows to shorten go through :func:`fit_rows` together (a
+    few batched tokenizer calls for all of them instead of a few per row)."""
+    prompts = list(prompt_ids) if prompt_ids is not None else builder.batch_prompt_ids(rows)
+    out: list[Optional[Encoded]] = []
+    fit = []
+    for i, (row, prompt) in enumerate(zip(rows, prompts)):
+        if len(prompt) + len(builder.answer_ids(row.label)) <= max_length or truncation == "right":
+            out.append(encode_train(builder, row, max_length, truncation, prompt))  # no tokenizer call
+        else:
+            out.append(None)
+            fit.append(i)
+    fitted = fit_rows(builder, [rows[i] for i in fit],
+                      [max_length - len(builder.answer_ids(rows[i].label)) for i in fit], [prompts[i] for i in fit])
+    for i, (_, prompt) in zip(fit, fitted):
+        answer = builder.answer_ids(rows[i].label)
+        out[i] = Encoded(prompt + answer, [IGNORE] * len(prompt) + answer, True, True, len(prompts[i]) + len(answer))
+    return out  # type: ignore[return-value]
+
+
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, dtype=torch.long) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad to a rectangle; returns (ids, attention_mask)."""
     width = max(len(s) for s in seqs)

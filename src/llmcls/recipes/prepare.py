@@ -12,20 +12,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import multiprocessing
+import os
 import statistics
 from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional, Sequence
 
 from tqdm.auto import tqdm
 
 from llmcls.config import Config
 from llmcls.data import DataError, Row, read_rows, source_fingerprint, split_dev, to_instruction, to_raw
-from llmcls.encode import PromptBuilder, PromptTooLong, encode_train
+from llmcls.encode import Encoded, PromptBuilder, PromptTooLong, encode_train, encode_train_many
 from llmcls.files import atomic_dir, atomic_write_json, atomic_write_jsonl, clean_leftovers, sha256_json
 from llmcls.multilabel import is_multi_label
 from llmcls.rundir import DataDir
-from llmcls.windows import settings, split
+from llmcls.windows import WindowSettings, settings, split
 
 CACHE_VERSION = 2  # 2: the encoded rows carry their label (train.class_weights)
 # Characters per token that no tokenizer's vocabulary reaches on ordinary text (Qwen's longest tokens are runs of
@@ -57,7 +61,8 @@ def prepare(cfg: Config, tokenizer, out_dir: str | Path, train_file: Optional[st
         raise ValueError("no training file: set data.train_file in the config or pass --train FILE")
     out = DataDir(Path(out_dir))
     every_window = cfg.train.long_text_windows == "all"
-    key = sha256_json({"v": CACHE_VERSION, "input": source_fingerprint(train_file), "data": vars(cfg.data),
+    data = {k: v for k, v in vars(cfg.data).items() if k != "num_proc"}  # how many processes changes no output
+    key = sha256_json({"v": CACHE_VERSION, "input": source_fingerprint(train_file), "data": data,
                        "prompt": vars(cfg.prompt), "tokenizer": _tokenizer_key(tokenizer),
                        **({"windows": "all"} if every_window else {})})
     clean_leftovers(out.path.parent, names={out.path.name})
@@ -87,6 +92,133 @@ def _cut_for_encoding(row: Row, budget: Optional[int]) -> tuple[Row, bool]:
     return dataclasses.replace(row, text=row.text[:budget]), True
 
 
+@dataclass(frozen=True)
+class EncodeParams:
+    """What encoding a training row depends on besides the tokenizer and the prompt settings."""
+
+    max_length: int
+    truncation: str
+    every_window: bool                   # train.long_text_windows=all
+    windows: WindowSettings
+    budget: Optional[int]                # characters tokenised at most (_cut_for_encoding)
+
+
+@dataclass
+class RowEncoding:
+    """A row's training examples: per true label (label, its encoding, the examples trained on: the encoding
+    itself, or one per window), or the reason the row cannot be encoded."""
+
+    was_cut: bool = False
+    examples: list[tuple[str, Encoded, list[Encoded]]] = field(default_factory=list)
+    error: Optional[str] = None
+
+
+def encode_one_by_one(builder: PromptBuilder, rows: Sequence[Row], p: EncodeParams) -> list[RowEncoding]:
+    """The rows encoded one at a time (a few tokenizer calls per row): the reference the batched path must equal
+    (tests, benchmarks/prepare_speed.py), and the path that says which row of a chunk cannot be encoded."""
+    out = []
+    for start in range(0, len(rows), 256):
+        chunk = rows[start:start + 256]
+        cut = [_cut_for_encoding(r, p.budget) for r in chunk]
+        for (short, was_cut), ids in zip(cut, builder.batch_prompt_ids([c for c, _ in cut])):
+            res = RowEncoding(was_cut)
+            try:
+                for one in one_per_label(short):  # a multi-label row: one example per true label
+                    enc = encode_train(builder, one, p.max_length, p.truncation, ids)
+                    # train.long_text_windows=all: every window of a long text is an example (windows as eval
+                    # reads them); the statistics stay those of the whole text.
+                    wins = (split(builder, [one], p.max_length, p.windows)[0]
+                            if p.every_window and enc.shortened else [])
+                    res.examples.append((one.label, enc, [encode_train(builder, w.row, p.max_length, p.truncation,
+                                                                       w.prompt) for w in wins] or [enc]))
+            except PromptTooLong as e:
+                res = RowEncoding(was_cut, error=str(e))
+            out.append(res)
+    return out
+
+
+def encode_batched(builder: PromptBuilder, rows: Sequence[Row], p: EncodeParams) -> list[RowEncoding]:
+    """:func:`encode_one_by_one`'s result, from a few batched tokenizer calls for all the rows (the same strings
+    tokenised, so the same ids)."""
+    cut = [_cut_for_encoding(r, p.budget) for r in rows]
+    whole = builder.batch_prompt_ids([c for c, _ in cut]) if rows else []
+    ex = [(i, one) for i, (short, _) in enumerate(cut) for one in one_per_label(short)]
+    try:
+        encs = encode_train_many(builder, [one for _, one in ex], p.max_length, p.truncation, [whole[i] for i, _ in ex])
+        long = [k for k, e in enumerate(encs) if p.every_window and e.shortened]
+        wins = dict(zip(long, split(builder, [ex[k][1] for k in long], p.max_length, p.windows) if long else []))
+    except PromptTooLong:  # a batched call stops at its first such row: one at a time tells each row's fate
+        return encode_one_by_one(builder, rows, p)
+    out = [RowEncoding(was_cut) for _, was_cut in cut]
+    for k, ((i, one), enc) in enumerate(zip(ex, encs)):
+        examples = [encode_train(builder, w.row, p.max_length, p.truncation, w.prompt) for w in wins.get(k, [])]
+        out[i].examples.append((one.label, enc, examples or [enc]))
+    return out
+
+
+def available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+_worker: Optional[tuple[PromptBuilder, EncodeParams]] = None
+
+
+def _start_worker(tokenizer, prompt, p: EncodeParams) -> None:
+    global _worker
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # see _pool (a spawned worker gets here before any call)
+    _worker = (PromptBuilder(tokenizer, prompt), p)
+
+
+def _encode_in_worker(rows: list[Row]) -> list[RowEncoding]:
+    builder, p = _worker  # type: ignore[misc]
+    return encode_batched(builder, rows, p)
+
+
+@contextmanager
+def _pool(procs: int, builder: PromptBuilder, p: EncodeParams):
+    # Each worker is one core of the spread, so the tokenizer's own threads would oversubscribe; and a forked child
+    # must not touch the parent's thread pool (tokenizers turns it off then, with a warning on stderr). With the
+    # setting present at the fork, the children start with it off, quietly; the parent gets its value back.
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = ctx.Pool(procs, _start_worker, (builder.tok, builder.prompt, p))
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+    with pool:
+        yield pool
+
+
+def encode_rows(builder: PromptBuilder, rows: Sequence[Row], p: EncodeParams, num_proc: Optional[int] = None,
+                progress: bool = False) -> Iterator[RowEncoding]:
+    """Each row's :class:`RowEncoding`, in order: chunks of rows encoded by :func:`encode_batched` in ``num_proc``
+    processes (default: every core this process may use), or in this process (1, or too few rows for two chunks),
+    where the tokenizer's batched calls use its own threads."""
+    procs = num_proc or available_cpus()
+    # Several chunks per process even out their different lengths; a chunk of at least 32 rows keeps each
+    # tokenizer call a batch, and small inputs in this process.
+    size = 256 if procs == 1 else max(32, min(256, -(-len(rows) // (procs * 8))))
+    chunks = [list(rows[i:i + size]) for i in range(0, len(rows), size)]
+    procs = 1 if multiprocessing.current_process().daemon else min(procs, len(chunks))  # no children of a daemon
+    bar = tqdm(total=len(rows), desc="encode", unit="row", disable=not progress)
+    try:
+        if procs <= 1:
+            for chunk in chunks:
+                yield from encode_batched(builder, chunk, p)
+                bar.update(len(chunk))
+        else:
+            with _pool(procs, builder, p) as pool:
+                for chunk, res in zip(chunks, pool.imap(_encode_in_worker, chunks)):
+                    yield from res
+                    bar.update(len(chunk))
+    finally:
+        bar.close()
+
+
 def _prepare_into(cfg: Config, tokenizer, out: DataDir, final: DataDir, train_file: str, key: str,
                   progress: bool) -> dict:
     """Write prepare's outputs into ``out`` (a temporary folder), naming ``final`` where the summary records a
@@ -111,46 +243,31 @@ def _prepare_into(cfg: Config, tokenizer, out: DataDir, final: DataDir, train_fi
         dev_info = {"file": str(final.dev), "rows": len(dev), "fraction": cfg.data.dev_fraction,
                     "seed": cfg.data.split_seed, "labels": dict(dev_labels.most_common()),
                     "lines": [r.line for r in dev]}  # lines of the training file: the split can be checked
-    builder = PromptBuilder(tokenizer, cfg.prompt)
+    params = EncodeParams(cfg.data.max_length, cfg.data.truncation, every_window, settings(cfg), budget)
     cols: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "label": []}
     full_lengths, shortened, kept, tutorial_kept = [], 0, 0, 0
     used, windows_per_row = [], []
-    bar = tqdm(total=len(rows), desc="encode", unit="row", disable=not progress)
-    for start in range(0, len(rows), 256):
-        chunk = rows[start:start + 256]
-        cut = [_cut_for_encoding(r, budget) for r in chunk]
-        for row, (short, was_cut), ids in zip(chunk, cut, builder.batch_prompt_ids([c for c, _ in cut])):
-            try:
-                encs = []
-                for one in one_per_label(short):  # a multi-label row: one example per true label
-                    enc = encode_train(builder, one, cfg.data.max_length, cfg.data.truncation, ids)
-                    # train.long_text_windows=all: every window of a long text is an example (windows as eval
-                    # reads them); the statistics below stay those of the whole text.
-                    wins = (split(builder, [one], cfg.data.max_length, settings(cfg))[0]
-                            if every_window and enc.shortened else [])
-                    encs.append((one.label, enc, [encode_train(builder, w.row, cfg.data.max_length,
-                                                               cfg.data.truncation, w.prompt) for w in wins] or [enc]))
-            except PromptTooLong as e:
-                err = DataError(train_file, row.line, cfg.data.category_field, str(e))
-                if cfg.data.on_invalid != "skip":
-                    raise err from None
-                invalid.append(err)
-                continue
-            used.append(row)
-            windows_per_row.append(sum(len(es) for _, _, es in encs))
-            for label, enc, examples in encs:
-                for e in examples:
-                    cols["input_ids"].append(e.input_ids)
-                    cols["labels"].append(e.labels)
-                    cols["length"].append(len(e.input_ids))
-                    cols["label"].append(label)
-                full_lengths.append(enc.full_length)
-                shortened += enc.shortened or was_cut
-                kept += enc.answer_kept
-                # The tutorial cuts prompt+answer from the right: an answer token survives iff the prompt is shorter.
-                tutorial_kept += enc.full_length - len(builder.answer_ids(label)) < cfg.data.max_length
-        bar.update(len(chunk))
-    bar.close()
+    builder = PromptBuilder(tokenizer, cfg.prompt)
+    for row, res in zip(rows, encode_rows(builder, rows, params, cfg.data.num_proc, progress)):
+        if res.error is not None:
+            err = DataError(train_file, row.line, cfg.data.category_field, res.error)
+            if cfg.data.on_invalid != "skip":
+                raise err from None
+            invalid.append(err)
+            continue
+        used.append(row)
+        windows_per_row.append(sum(len(es) for _, _, es in res.examples))
+        for label, enc, examples in res.examples:
+            for e in examples:
+                cols["input_ids"].append(e.input_ids)
+                cols["labels"].append(e.labels)
+                cols["length"].append(len(e.input_ids))
+                cols["label"].append(label)
+            full_lengths.append(enc.full_length)
+            shortened += enc.shortened or res.was_cut
+            kept += enc.answer_kept
+            # The tutorial cuts prompt+answer from the right: an answer token survives iff the prompt is shorter.
+            tutorial_kept += enc.full_length - len(builder.answer_ids(label)) < cfg.data.max_length
 
     rows = used
     if not rows:
