@@ -79,6 +79,8 @@ def test_loss_is_weighted_cross_entropy_over_label_logits(tokenizer, tiny_seq):
     assert weighted == pytest.approx(sum(w[c].item() * x for c, x in zip(classes, per_row)) / 4, rel=1e-5)
     assert accumulated == pytest.approx(weighted / 2, rel=1e-6)  # the divisor is the accumulated batch's rows
     assert (labels[:, 0] == -100).all() and labels[:, 1].tolist() == classes
+    # right-padded: every row starts with a real token, so no padded position is a query with nothing to attend to
+    assert batch["attention_mask"][:, 0].all() and not batch["attention_mask"][:, -1].all()
 
 
 # ------------------------------------------------------------------------------------------ a trained run

@@ -214,3 +214,25 @@ def test_a_failed_start_does_not_block_the_retry(tokenizer_dir, learnable_data, 
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
     with pytest.raises(RunExists):  # a finished run is still refused
         train(lora_cfg(learnable_data, run, **short), progress=False)
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step_and_the_checkpoint(tmp_path):
+    """The Trainer would train on after a NaN (every weight NaN after the next clipped step); llmcls stops at the
+    first logged non-finite loss or gradient norm and names the last checkpoint saved before it."""
+    from transformers import TrainerControl, TrainerState
+
+    from llmcls.trainer import FiniteLoss, TrainingDiverged
+
+    for step in (100, 200, 300):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    cb, state, control = FiniteLoss(tmp_path), TrainerState(), TrainerControl()
+    for step, logs in ((250, {"loss": 0.02, "grad_norm": 0.5}), (260, {"loss": "0.01", "grad_norm": "3.1"}),
+                       (265, {"eval_accuracy": 0.9})):
+        state.global_step = step
+        cb.on_log(None, state, control, logs=logs)  # finite (also as the strings some releases log): no error
+    state.global_step = 270
+    with pytest.raises(TrainingDiverged, match=r"step 270: loss nan.*step 260.*checkpoint of step 200"):
+        cb.on_log(None, state, control, logs={"loss": float("nan"), "grad_norm": 1.0})
+    state.global_step = 10
+    with pytest.raises(TrainingDiverged, match="grad_norm inf.*no checkpoint predates it"):
+        FiniteLoss(tmp_path).on_log(None, state, control, logs={"loss": 1.0, "grad_norm": float("inf")})

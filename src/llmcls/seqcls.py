@@ -118,7 +118,10 @@ def to_examples(dataset, labels: Sequence[str]):
 
 @dataclass
 class LabelCollator:
-    """Left-padded prompts (the pooled last token is every row's last position) and their label indices.
+    """Right-padded prompts and their label indices. The head pools each row's last non-pad token, wherever the
+    padding is (transformers' pooling); padding on the right keeps every padded position attending to real tokens
+    before it. Left padding would give the pads queries with nothing to attend to: a 0.5B run on an H200 went NaN
+    in its second epoch with it (the generative path never trains on padded rows: it packs them).
 
     ``labels`` is [B, 2], column 0 ignored: transformers releases differ in whether the Trainer counts a batch's
     items over ``labels`` or ``labels[:, 1:]``; column 1 alone is counted either way."""
@@ -126,9 +129,11 @@ class LabelCollator:
     pad_id: int
 
     def __call__(self, features: list[dict]) -> dict:
-        ids, mask = left_pad([f["input_ids"] for f in features], self.pad_id)
+        seqs = [torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features]
+        ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=self.pad_id)
+        mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(s) for s in seqs], batch_first=True)
         cls = torch.tensor([int(f["class"]) for f in features])
-        return {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask),
+        return {"input_ids": ids, "attention_mask": mask,
                 "labels": torch.stack([torch.full_like(cls, IGNORE), cls], 1)}
 
 

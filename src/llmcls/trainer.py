@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -184,6 +185,43 @@ class TokenCounter(TrainerCallback):
         state.num_input_tokens_seen = self.base + int(n.item())
 
 
+class TrainingDiverged(ValueError):
+    """The loss or the gradient norm stopped being a number: every step after it trains on NaN weights."""
+
+
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return True  # not a number at all: not this callback's business
+
+
+class FiniteLoss(TrainerCallback):
+    """Stops the run at the first logged non-finite loss or gradient norm, naming the step and the last good
+    checkpoint. The Trainer would go on: one NaN gradient, clipped, makes every weight NaN, and the remaining
+    steps and the evaluation after them are spent on a broken model (a seq_cls run on an H200 trained 270 such
+    steps before its eval failed)."""
+
+    def __init__(self, checkpoints: Optional[Path] = None):
+        self.checkpoints, self.last_good = checkpoints, None
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        bad = {k: v for k, v in (logs or {}).items() if k in ("loss", "grad_norm") and not _finite(v)}
+        if not bad:
+            if "loss" in (logs or {}):
+                self.last_good = state.global_step
+            return
+        saved = sorted(int(c.name.split("-")[1]) for c in self.checkpoints.glob("checkpoint-*")
+                       if c.name.split("-")[1].isdigit()) if self.checkpoints and self.checkpoints.is_dir() else []
+        good = [c for c in saved if self.last_good is not None and c <= self.last_good]
+        raise TrainingDiverged(
+            f"training diverged at step {state.global_step}: "
+            + ", ".join(f"{k} {v}" for k, v in bad.items())
+            + (f" (last finite log at step {self.last_good})" if self.last_good is not None else "")
+            + (f"; the checkpoint of step {good[-1]} predates it" if good else "; no checkpoint predates it")
+            + ". Lower train.lr, set lora.dtype float32, or report the run's config with --debug")
+
+
 class PackedAttention(TrainerCallback):
     """Packed batches attend within each row (``model.packed_rows``) for the length of the training, and the model
     attends as before after it. Chosen together with the collator in :func:`build_trainer`: a packed batch under
@@ -250,7 +288,7 @@ def build_trainer(model, tokenizer, dataset, args: TrainingArguments, callbacks:
     answer-token pair (``lora.task: seq_cls``: :class:`llmcls.seqcls.LabelCollator`, :class:`~llmcls.seqcls.LabelLoss`)."""
     collator = collator or (PackedCollator() if packing else AnswerCollator(pad_id=tokenizer.pad_token_id))
     counter = TokenCounter(model)
-    extra = [PackedAttention(model)] if packing else []
+    extra = [FiniteLoss(Path(args.output_dir)), *([PackedAttention(model)] if packing else [])]
     if dev is not None:
         dev.paused = counter.paused
         dev.attn = dev.attn or unwrap(model).config._attn_implementation  # what scoring expects, not packed
