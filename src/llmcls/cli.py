@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import sys
-import time
 import typing
 from pathlib import Path
 
@@ -205,16 +204,10 @@ def cmd_eval(args) -> int:
     input_file(cfg.data.test_file, "data.test_file")
     from llmcls.recipes.evaluate import eval_tracker, evaluate
     from llmcls.recipes.pipeline import after_eval, metrics_line
-    from llmcls.rundir import load_trained
     from llmcls.warmup import split_line
 
-    from llmcls.warmup import process_age
-
-    started, t = process_age(), time.perf_counter()
-    model, tok, cfg = load_trained(run.path, cfg, weights=weights)
-    loaded = {"start_s": started, "load_s": time.perf_counter() - t}
     tracker = eval_tracker(run.path, cfg) if weights == "selected" else None
-    m = evaluate(run.path, cfg, model, tok, tracker=tracker, weights=weights, loaded=loaded)
+    m = evaluate(run.path, cfg, tracker=tracker, weights=weights)  # loads the model, timing it (warm-up split)
     if tracker is not None:
         tracker.finish()
     if not _is_main():
