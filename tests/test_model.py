@@ -157,3 +157,17 @@ def test_offloaded_table_on_a_gpu_scores_generates_and_trains_like_the_whole_mod
     ids = torch.randint(0, 151936, (2, 9), device="cuda")
     lora(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for n, p in lora.named_parameters() if p.requires_grad)
+
+
+def test_wrapping_with_lora_warns_about_nothing_the_user_could_act_on():
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` when it wraps a model; the user would see
+    that FutureWarning on every run and can do nothing about it."""
+    import warnings
+
+    from llmcls.config import LoraConfig
+    from llmcls.model.load import add_lora
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        model = add_lora(_untied_tiny(), LoraConfig(dropout=0.0))
+    assert any("lora_A" in n for n, _ in model.named_parameters())

@@ -206,7 +206,7 @@ def load_trained(run_dir: str | Path, cfg: Optional[Config] = None, device: Opti
     ``model.device_map: auto`` to evaluate a model trained with FSDP on a single process, or
     ``model.quantize: none`` (export merges a QLoRA adapter into the unquantised base)."""
     from llmcls import dist
-    from llmcls.model.load import load_model, load_tokenizer, resolve_model_path
+    from llmcls.model.load import load_model, load_tokenizer, peft_quietly, resolve_model_path
 
     run = RunDir(run_dir)
     cfg = cfg or run.load_config()
@@ -228,7 +228,9 @@ def load_trained(run_dir: str | Path, cfg: Optional[Config] = None, device: Opti
     elif (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(load_model(cfg.model, resolve_model_path(cfg.model), device, dtype), folder)
+        with peft_quietly():
+            model = PeftModel.from_pretrained(load_model(cfg.model, resolve_model_path(cfg.model), device, dtype),
+                                              folder)
     elif (folder / "config.json").is_file():
         model = load_model(cfg.model, str(folder), device, dtype)
     elif weights == "last":

@@ -94,7 +94,10 @@ def load(cfg, tok, labels: Sequence[str], folder, device=None, dtype=None):
         return seq
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(seq, folder)
+    from llmcls.model.load import peft_quietly
+
+    with peft_quietly():
+        return PeftModel.from_pretrained(seq, folder)
 
 
 def is_seq_cls(model) -> bool:

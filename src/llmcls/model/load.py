@@ -5,8 +5,10 @@ llmcls's attention functions are ``model/attention.py``."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -181,6 +183,15 @@ def compute_dtype(model) -> torch.dtype:
     return _head_weight(model).dtype
 
 
+@contextlib.contextmanager
+def peft_quietly():
+    """peft (0.18-0.21) reads transformers' deprecated ``is_gradient_checkpointing`` when it wraps a model, and
+    transformers 5.2x warns about it on every run: a warning about library internals the user cannot act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def add_lora(model, cfg: LoraConfig):
     """Wrap with PEFT LoRA adapters (or, for ``method: full``, leave every weight trainable)."""
     if cfg.method == "full":
@@ -196,7 +207,8 @@ def add_lora(model, cfg: LoraConfig):
                               lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules))
     # peft keeps adapters in float32 by default (the tutorial's setup): every LoRA input is then copied to
     # float32. dtype "auto" keeps them in the base model's dtype instead.
-    return get_peft_model(model, peft_cfg, autocast_adapter_dtype=cfg.dtype == "float32")
+    with peft_quietly():
+        return get_peft_model(model, peft_cfg, autocast_adapter_dtype=cfg.dtype == "float32")
 
 
 COMPILE_CACHE_ENV = "LLMCLS_COMPILE_CACHE"
