@@ -14,6 +14,16 @@ import torch
 from conftest import tiny_args
 from test_selection import Scramble
 
+
+class ScrambleFrom(Scramble):
+    """Planted: the trainable weights are replaced by noise after every step from ``at`` on (after that step's dev
+    evaluation), so no later step can learn its way back above the earlier ones."""
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if state.global_step >= self.at:
+            self.at = state.global_step
+            super().on_step_end(args, state, control, model=model, **kw)
+
 # what depends on the machine or the moment, not on the weights
 VOLATILE = {"wall_s", "rows_per_s", "peak_mem_gib", "environment", "warmup"}
 
@@ -69,16 +79,22 @@ def _results(folder) -> tuple[dict, list[dict]]:
     return {k: v for k, v in m.items() if k not in VOLATILE}, preds
 
 
-def test_run_loads_the_base_once_and_scores_as_a_fresh_load(tmp_path, tokenizer_dir, learnable_data, monkeypatch,
-                                                            caplog):
+@pytest.mark.parametrize("task", [
+    {},  # the generative recipe, rows packed in training (packed attention must not outlive it)
+    # a head in modules_to_save; zero-shot: the initial head. 24 steps do not teach it the task, so a scrambled
+    # model can win on dev macro-F1 by chance; its NLL cannot
+    {"lora.task": "seq_cls", "train.packing": "false", "train.select_best": "nll"},
+], ids=["generate", "seq_cls"])
+def test_run_loads_the_base_once_and_scores_as_a_fresh_load(task, tmp_path, tokenizer_dir, learnable_data,
+                                                            monkeypatch, caplog):
     from llmcls.cli import main
     from llmcls.recipes.pipeline import run
 
     out = tmp_path / "run"
-    cfg = _config(learnable_data, out)
+    cfg = _config(learnable_data, out, **task)
     loads = _count_loads(monkeypatch)
     with caplog.at_level(logging.INFO, logger="llmcls"):
-        run(cfg, with_baseline=False, echo=lambda _: None, callbacks=[Scramble(at=20)])
+        run(cfg, with_baseline=False, echo=lambda _: None, callbacks=[ScrambleFrom(at=20)])
     assert len(loads) == 1  # training's; the three evaluations reused it
     assert "evaluating with the trained model in memory (no reload)" in caplog.messages
     summary = json.loads((out / "train_summary.json").read_text())
