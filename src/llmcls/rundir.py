@@ -29,6 +29,7 @@ config), see ``llmcls.recipes.export``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,6 +256,47 @@ def model_for_run(run_dir: str | Path, cfg: Optional[Config] = None, model=None,
 
         compile_layers(model, cfg.model.compile_cache)
     return model, tokenizer, cfg
+
+
+class TrainedInMemory:
+    """The model ``llmcls run`` has just trained, kept for the evaluations that follow (the base is loaded once per
+    process): a PEFT model in the state of a fresh load for scoring (:func:`llmcls.trainer.for_scoring`).
+    :meth:`weights` gives it each set of weights :func:`load_trained` would load, without loading the base again:
+    ``selected`` and ``last`` load the run's own adapter folder (``adapter/``, ``last/``) into the model as a
+    second adapter, with the call and the dtype casting ``PeftModel.from_pretrained`` uses in :func:`load_trained`
+    (so a bf16 adapter is cast to float32 there as here), the training's adapter is deleted; ``base`` disables the
+    adapter (PEFT's ``disable_adapter()``: a seq_cls run's head is its initial one, as :func:`seqcls.load` builds
+    it). The tokenizer is the run's saved one, as :func:`load_trained` reads it."""
+
+    NAMES = {"selected": "llmcls_selected", "last": "llmcls_last"}
+
+    def __init__(self, model, run_dir: str | Path, cfg: Config):
+        from llmcls.model.load import load_tokenizer
+
+        self.model, self.run = model, RunDir(run_dir)
+        self.tokenizer = load_tokenizer(cfg.model, str(self.run.tokenizer))
+
+    @contextlib.contextmanager
+    def weights(self, which: str = "selected"):
+        """A context giving ``(model, tokenizer)`` with the ``which`` weights (``selected``, ``last``, ``base``)."""
+        if which == "base":
+            with self.model.disable_adapter():
+                yield self.model, self.tokenizer
+            return
+        folder, name = self.weights_folder(which), self.NAMES[which]
+        if name not in self.model.peft_config:
+            self.model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+        self.model.set_adapter(name, inference_mode=True)
+        if "default" in self.model.peft_config:  # the training's own adapter: its weights are on disk
+            self.model.delete_adapter("default")
+        self.model.eval()
+        yield self.model, self.tokenizer
+
+    def weights_folder(self, which: str) -> Path:
+        folder = self.run.weights(which)
+        if not (folder / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{folder} holds no adapter: did training finish (or keep those weights)?")
+        return folder
 
 
 # ------------------------------------------------------------------------------------------------- export

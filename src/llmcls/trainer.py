@@ -299,3 +299,53 @@ def build_trainer(model, tokenizer, dataset, args: TrainingArguments, callbacks:
         dev.trainer = trainer
     return trainer
 
+
+
+def reuse_refused(cfg: Config) -> Optional[str]:
+    """Why ``llmcls run`` cannot evaluate with the model it trained and loads the base again for each evaluation
+    (None: it can). Reuse is kept to what is both safe and tested: a LoRA adapter on an unquantised base in one
+    process. Elsewhere the separate loads stand:
+    - ``lora.method: full``: training replaced the base's weights, so the zero-shot base and another step's weights
+      need a fresh load anyway;
+    - several processes (DDP, ``train.fsdp``): the model is wrapped (FSDP: sharded, its shards placed by
+      accelerate) for training; unwrapping it for scoring is not tested here;
+    - ``model.quantize`` nf4 / fp8: the quantised base (bitsandbytes, torchao's Float8Linear under compiled layers)
+      is not tested on this path (no GPU in the tests);
+    - ``model.device_map``: accelerate's dispatch hooks on the layers, not tested on this path."""
+    if cfg.lora.method == "full":
+        return "lora.method=full (the base's own weights were trained)"
+    if dist.world_size() > 1 or cfg.train.fsdp != "off":
+        return "a launch of several processes (DDP / FSDP wraps the model for training)"
+    if cfg.model.quantize != "none":
+        return f"model.quantize={cfg.model.quantize}"
+    if cfg.model.device_map:
+        return f"model.device_map={cfg.model.device_map}"
+    return None
+
+
+def for_scoring(model, use_cache: Optional[bool] = None):
+    """The model a finished training leaves, put in the state a fresh load for scoring is in, so that nothing of
+    training leaks into the evaluations ``llmcls run`` does with it: eval mode (LoRA and attention dropout off),
+    every weight frozen and its gradient dropped, no recomputation, the input-embedding hook that
+    :func:`one_graph_for_all_layers` and gradient checkpointing add removed, ``use_cache`` as loaded, and the
+    decoder layers no longer compiled for training (``model_for_run`` compiles them for scoring when
+    ``eval.compile`` says so, as it does for a loaded model). Packed attention was switched off when training ended
+    (:class:`PackedAttention`)."""
+    from llmcls.model.attention import PACKED_ATTENTION
+
+    base = unwrap(model)
+    if base.config._attn_implementation == PACKED_ATTENTION:  # PackedAttention.on_train_end did not run
+        raise RuntimeError("the trained model still attends in packed rows; it cannot score")
+    model.eval()
+    model.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    if getattr(base, f"is_{_CHECKPOINTING}", False):
+        getattr(base, f"{_CHECKPOINTING}_disable")()
+    base.disable_input_require_grads()
+    if use_cache is not None:
+        base.config.use_cache = use_cache
+    for layer in getattr(getattr(base, "model", None), "layers", ()):
+        # nn.Module.compile keeps its wrapper here and torch offers no public way to undo it: a layer compiled for
+        # training (train.compile) would otherwise score compiled even with eval.compile off
+        layer._compiled_call_impl = None
+    return model

@@ -4,13 +4,14 @@ score the TF-IDF baseline on the same data, write the report."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
 from llmcls import dist
 from llmcls.config import Config
 from llmcls.rundir import RunDir
-from llmcls.warmup import split_line
+from llmcls.warmup import process_age, split_line
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +42,39 @@ def after_eval(run_dir: str | Path, cfg: Optional[Config] = None, with_baseline:
 
 
 def run(cfg: Config, resume: bool = False, overwrite: bool = False, with_baseline: bool = True,
-        echo: Callable[[str], None] = print) -> dict:
-    """Train, evaluate, baseline, report; returns the evaluation metrics. ``echo`` prints progress lines (rank 0)."""
+        echo: Callable[[str], None] = print, callbacks: list | None = None) -> dict:
+    """Train, evaluate, baseline, report; returns the evaluation metrics. ``echo`` prints progress lines (rank 0).
+    ``callbacks``: extra TrainerCallbacks for the training.
+
+    The base model is loaded once: the evaluations (the run's weights, the zero-shot base, the last step's) score
+    with the model training leaves in memory, its adapter weights swapped from the run directory
+    (:class:`llmcls.rundir.TrainedInMemory`), and give what ``llmcls eval RUN`` gives after a fresh load. Where
+    that is not done (:func:`llmcls.trainer.reuse_refused`: full fine-tunes, several processes, a quantised base,
+    ``model.device_map``) each evaluation loads the model again."""
     from llmcls.recipes.evaluate import eval_tracker, evaluate
     from llmcls.recipes.train import train
+    from llmcls.rundir import TrainedInMemory
 
     say = echo if dist.is_main() else (lambda _: None)
-    out = train(cfg, resume=resume, overwrite=overwrite)
+    out, trained = train(cfg, resume=resume, overwrite=overwrite, callbacks=callbacks, keep_model=True)
     say(f"trained {out['global_step']} steps in {out['wall_s']:.0f} s, final loss {out['final_logged_loss']}")
+    _free_memory()  # the Trainer, its optimizer and (without reuse) the trained model
     run_dir = RunDir(cfg.train.output_dir)
     saved = run_dir.load_config()  # what training resolved (the tiny preset's base, for one)
+    memory = TrainedInMemory(trained, run_dir.path, saved) if trained is not None else None
+    if memory is not None:
+        log.info("evaluating with the trained model in memory (no reload)")
+
+    def evaluate_weights(weights: str, **kwargs) -> dict:
+        if memory is None:
+            return evaluate(run_dir.path, saved, weights=weights, **kwargs)
+        started, t = process_age(), time.perf_counter()
+        with memory.weights(weights) as (model, tokenizer):
+            loaded = {"start_s": started, "load_s": time.perf_counter() - t}  # the adapter's load
+            return evaluate(run_dir.path, saved, model, tokenizer, weights=weights, loaded=loaded, **kwargs)
+
     tracker = eval_tracker(run_dir.path, saved)
-    metrics = evaluate(run_dir.path, saved, tracker=tracker)
+    metrics = evaluate_weights("selected", tracker=tracker)
     tracker.finish()
     say(metrics_line(metrics))
     if out.get("warmup"):  # where the time before the first step and the first scored batch went
@@ -60,13 +82,25 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, with_baselin
     say(split_line("eval", metrics["warmup"]))
     # what fine-tuning bought, and what selecting on the dev set bought: same prompt, same test rows
     if saved.eval.zero_shot:
-        say("zero-shot (base model): " + metrics_line(evaluate(run_dir.path, saved, weights="base")))
+        say("zero-shot (base model): " + metrics_line(evaluate_weights("base")))
     if run_dir.last.is_dir():
-        say("last step: " + metrics_line(evaluate(run_dir.path, saved, weights="last")))
+        say("last step: " + metrics_line(evaluate_weights("last")))
+    del memory, trained
+    _free_memory()
     if dist.is_main():
         after_eval(run_dir.path, cfg, with_baseline=with_baseline, echo=say)
         say(f"run directory: {run_dir.path}")
     return metrics
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def metrics_line(m: dict) -> str:

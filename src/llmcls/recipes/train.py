@@ -32,8 +32,8 @@ from llmcls.reporting.track import JsonlLogCallback, Tracker, trim_log, whole_ru
 from llmcls.rundir import RunDir
 from llmcls.selection import DevEvaluator
 from llmcls.warmup import StepTimer, cache_folder, process_age, split_line
-from llmcls.trainer import (build_trainer, class_weights, fsdp_loading, full_state_dict, prepare_for_training,
-                            training_arguments)
+from llmcls.trainer import (build_trainer, class_weights, for_scoring, fsdp_loading, full_state_dict,
+                            prepare_for_training, reuse_refused, training_arguments)
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,12 @@ def _last_checkpoint(run: RunDir) -> str | None:
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          callbacks: list | None = None) -> dict:
-    """Fine-tune as configured; returns the training summary. ``callbacks`` are extra TrainerCallbacks."""
+          callbacks: list | None = None, keep_model: bool = False):
+    """Fine-tune as configured; returns the training summary. ``callbacks`` are extra TrainerCallbacks.
+
+    ``keep_model`` (``llmcls run``): returns ``(summary, model)`` instead, ``model`` the trained model put in the
+    state of a fresh load for scoring (:func:`llmcls.trainer.for_scoring`), for the evaluations that follow to use
+    instead of loading the base again; None where :func:`llmcls.trainer.reuse_refused` says why they must load."""
     from transformers import set_seed
 
     started = process_age()  # the interpreter's start and the imports, before anything of the run
@@ -195,6 +199,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
     model = load_model(cfg.model, model_path, device=device, dtype=dtype)
     if seq_cls:  # the same backbone with a label head, initialised from the LM head (llmcls.seqcls)
         model = seqcls.from_causal(model, tokenizer, labels)
+    use_cache = model.config.use_cache  # as loaded: training turns it off, scoring the same model restores it
     model = prepare_for_training(model, cfg)
     if cfg.train.packing and args.device.type != "cuda":
         log.warning("train.packing without a GPU: attention falls back to a dense block-diagonal mask, slower "
@@ -297,4 +302,13 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
                      selection["source"])
     tracker.finish()
     dist.barrier()  # nobody goes on (llmcls run evaluates next) before rank 0 has written the model
-    return out
+    if not keep_model:
+        return out
+    why = reuse_refused(cfg)
+    if why is not None:
+        log.info("the evaluations load the model again: %s", why)
+        return out, None
+    trainer.optimizer = trainer.lr_scheduler = None  # the optimizer and its states go (free_memory collects)
+    trainer.accelerator.free_memory()
+    trainer = dev = None
+    return out, for_scoring(model, use_cache)
