@@ -133,10 +133,11 @@ def test_full_fine_tunes_load_again(tmp_path, tokenizer_dir, small_data, monkeyp
 
 
 def test_for_scoring_leaves_nothing_of_training(model_factory):
-    """Eval mode, frozen, no gradients, no recomputation, no input hook, use_cache as loaded, layers uncompiled."""
+    """Eval mode, frozen, no gradients, no recomputation, no input hook, use_cache as loaded; compiled layers are
+    left compiled, and reuse is refused where eval would want them plain (train.compile without eval.compile)."""
     from llmcls.config import load_config
     from llmcls.model.load import compile_layers
-    from llmcls.trainer import _CHECKPOINTING, for_scoring, prepare_for_training
+    from llmcls.trainer import _CHECKPOINTING, for_scoring, prepare_for_training, reuse_refused
 
     model = model_factory()
     cfg = load_config(None, {"lora.method": "lora", "train.gradient_checkpointing": "true"})
@@ -146,10 +147,11 @@ def test_for_scoring_leaves_nothing_of_training(model_factory):
     compile_layers(peft, backend="eager")
     peft.train()
     peft(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
-    assert model.model.layers[0]._compiled_call_impl is not None
     for_scoring(peft, use_cache=True)
     assert not any(m.training for m in peft.modules())
     assert not any(p.requires_grad or p.grad is not None for p in peft.parameters())
     assert not getattr(model, f"is_{_CHECKPOINTING}") and not getattr(model, "_require_grads_hooks", [])
     assert model.config.use_cache is True
-    assert all(layer._compiled_call_impl is None for layer in model.model.layers)
+    assert reuse_refused(load_config(None, {"train.compile": "true", "eval.compile": "false"})).startswith(
+        "train.compile without eval.compile")
+    assert reuse_refused(load_config(None, {"train.compile": "true", "eval.compile": "true"})) is None

@@ -320,6 +320,9 @@ def reuse_refused(cfg: Config) -> Optional[str]:
         return f"model.quantize={cfg.model.quantize}"
     if cfg.model.device_map:
         return f"model.device_map={cfg.model.device_map}"
+    if cfg.train.compile and not cfg.eval.compile:
+        # torch has no public way to undo nn.Module.compile: the trained layers would score compiled
+        return "train.compile without eval.compile (the trained layers stay compiled; eval asks for plain ones)"
     return None
 
 
@@ -327,9 +330,9 @@ def for_scoring(model, use_cache: Optional[bool] = None):
     """The model a finished training leaves, put in the state a fresh load for scoring is in, so that nothing of
     training leaks into the evaluations ``llmcls run`` does with it: eval mode (LoRA and attention dropout off),
     every weight frozen and its gradient dropped, no recomputation, the input-embedding hook that
-    :func:`one_graph_for_all_layers` and gradient checkpointing add removed, ``use_cache`` as loaded, and the
-    decoder layers no longer compiled for training (``model_for_run`` compiles them for scoring when
-    ``eval.compile`` says so, as it does for a loaded model). Packed attention was switched off when training ended
+    :func:`one_graph_for_all_layers` and gradient checkpointing add removed, ``use_cache`` as loaded. Decoder layers
+    compiled for training stay compiled (:func:`reuse_refused` loads again when ``eval.compile`` is off);
+    ``model_for_run`` compiles them afresh for scoring, as it does for a loaded model. Packed attention was switched off when training ended
     (:class:`PackedAttention`)."""
     from llmcls.model.attention import PACKED_ATTENTION
 
@@ -344,8 +347,4 @@ def for_scoring(model, use_cache: Optional[bool] = None):
     base.disable_input_require_grads()
     if use_cache is not None:
         base.config.use_cache = use_cache
-    for layer in getattr(getattr(base, "model", None), "layers", ()):
-        # nn.Module.compile keeps its wrapper here and torch offers no public way to undo it: a layer compiled for
-        # training (train.compile) would otherwise score compiled even with eval.compile off
-        layer._compiled_call_impl = None
     return model
