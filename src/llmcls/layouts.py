@@ -30,6 +30,11 @@ from llmcls.encode import PromptBuilder, left_pad, positions
 from llmcls.model.attention import SHARED_PROMPT_ATTENTION, attention_implementation, shared_prompt_ok
 from llmcls.model.load import compute_device, compute_dtype
 
+# transformers 5.2x renamed the forward's and the output's ``past_key_values`` to ``cache`` (the old name warns and
+# goes in 5.40); earlier 5.x releases (the GPU image's 5.17) know only the old one.
+_CACHE = "cache" if "cache" in getattr(__import__("transformers").modeling_outputs.CausalLMOutputWithPast,
+                                       "__dataclass_fields__", {}) else "past_key_values"
+
 
 class Layout(Protocol):
     """``prepare`` makes a batch's CPU tensors (thread-safe: it runs on a helper thread while the model works);
@@ -317,13 +322,12 @@ def score_cached(model, builder: PromptBuilder, rows: Sequence[Row], prompts: li
     total = first[pair_row_t].gather(1, tgt[:, :1]).squeeze(1)             # first token of each candidate
 
     if width > 1:
-        cache = out.past_key_values
+        cache = getattr(out, _CACHE)
         cache.batch_select_indices(pair_row_t)  # one copy of the row's prompt cache per candidate
         step_in = tgt[:, :-1]
         attn = torch.cat([mask[pair_row_t], valid[:, :-1].long()], dim=1)
         pos = mask.sum(1)[pair_row_t, None] + torch.arange(width - 1, device=dev)[None]
-        out2 = model(input_ids=step_in, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                     use_cache=True)
+        out2 = model(input_ids=step_in, attention_mask=attn, position_ids=pos, use_cache=True, **{_CACHE: cache})
         logp = torch.log_softmax(out2.logits.float(), dim=-1).gather(2, tgt[:, 1:, None]).squeeze(2)
         total = total + (logp * valid[:, 1:]).sum(1)
 

@@ -65,6 +65,7 @@ def training_arguments(cfg: Config, checkpoints: Path, progress: bool = True) ->
         include_num_input_tokens_seen="no",
         logging_nan_inf_filter=False,
         accelerator_config={"non_blocking": True},
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs a GPU; on a CPU torch warns every run
         remove_unused_columns=False,  # the collator needs 'labels'; 'length' is dropped there
         report_to="none",             # trackers are attached explicitly (see track.py)
         disable_tqdm=not progress,
