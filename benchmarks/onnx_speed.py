@@ -113,7 +113,7 @@ def main() -> None:
               f"{runs[f'batch_{size}']['onnxruntime_rows_per_s']} rows/s, same labels "
               f"{runs[f'batch_{size}']['same_labels']:.3f}", flush=True)
     res = {"export": str(export), "model_type": model.config.model_type,
-           "params": sum(p.numel() for p in model.parameters()), "labels": len(meta.get("labels", [])),
+           "params": sum(p.numel() for p in model.parameters()), "labels": model.config.num_labels,
            "rows": len(prompts), "chars": a.chars, "prompt_tokens": {"mean": float(np.mean(lengths)),
                                                                         "max": int(max(lengths))},
            "cpu": {"name": cpu_name(), "threads": a.threads, "count": os.cpu_count()},
