@@ -149,7 +149,7 @@ _HEAVY = pytest.mark.slow
 @pytest.mark.parametrize("script", ["gpu_speed", "multi_gpu", pytest.param("score_profile", marks=_HEAVY),
                                     pytest.param("score_shapes", marks=_HEAVY), "serve_load", "real_accuracy",
                                     "hybrid_offline", pytest.param("score_candidates", marks=_HEAVY),
-                                    "multilabel_offline", "warmup", "prepare_speed",
+                                    "multilabel_offline", "warmup", "prepare_speed", "onnx_speed",
                                     pytest.param("fp8_speed", marks=_HEAVY),
                                     pytest.param("seqcls_vs_generative", marks=_HEAVY)])
 def test_every_benchmark_imports_the_installed_package(script):
