@@ -25,18 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmcls.env import environment
+from llmcls.env import cpu_model, environment
 from llmcls.files import atomic_write_json
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def texts(path: Path, rows: int, chars: int) -> list[str]:
@@ -116,7 +106,7 @@ def main() -> None:
            "params": sum(p.numel() for p in model.parameters()), "labels": model.config.num_labels,
            "rows": len(prompts), "chars": a.chars, "prompt_tokens": {"mean": float(np.mean(lengths)),
                                                                         "max": int(max(lengths))},
-           "cpu": {"name": cpu_name(), "threads": a.threads, "count": os.cpu_count()},
+           "cpu": {"name": cpu_model(), "threads": a.threads, "count": os.cpu_count()},
            "onnxruntime": ort.__version__, "runs": runs, "environment": environment()}
     atomic_write_json(Path(a.out), res)
     print(json.dumps(runs, indent=1))

@@ -23,22 +23,12 @@ import time
 from pathlib import Path
 
 from llmcls.config import load_config
-from llmcls.env import environment
+from llmcls.env import cpu_model, environment
 from llmcls.files import atomic_write_json
 from llmcls.recipes import prepare as prep
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LLMCLS_SHARED", ROOT.parent / "shared"))
-
-
-def cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def _cpu_s() -> float:
@@ -145,7 +135,7 @@ def main(argv=None) -> dict:
                                                     for k, r in runs.items() if k != "one_by_one")
                       if reference is not None else None}}
     atomic_write_json(a.out, res)
-    print(f"| path | rows/s | CPU ms/row | same rows |\n| --- | --- | --- | --- |")
+    print("| path | rows/s | CPU ms/row | same rows |\n| --- | --- | --- | --- |")
     for k, r in runs.items():
         print(f"| {k} | {r['rows_per_s']} | {r['cpu_ms_per_row']} | {r.get('same_rows', '-')} |")
     return res

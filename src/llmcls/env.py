@@ -22,6 +22,17 @@ def git_commit(path: str | Path | None = None) -> str | None:
         return None
 
 
+def cpu_model() -> str | None:
+    """The processor's name (Linux), for results measured on a CPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def environment() -> dict:
     import torch
 

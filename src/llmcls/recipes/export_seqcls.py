@@ -72,15 +72,10 @@ def build_seq_cls(model, labels: list[str], token_ids: list[int], pad_token_id: 
     of the LM head's rows for ``token_ids``."""
     from transformers import AutoModelForSequenceClassification
 
-    conf = copy.deepcopy(model.config)
+    from llmcls.seqcls import seq_cls_config
+
+    conf = seq_cls_config(model.config, labels, pad_token_id)
     conf.architectures = [type(model).__name__.replace("ForCausalLM", "ForSequenceClassification")]
-    conf.id2label = dict(enumerate(labels))
-    conf.label2id = {l: i for i, l in enumerate(labels)}
-    conf.num_labels = len(labels)
-    conf.pad_token_id = pad_token_id  # the pooled position is the last token that is not padding
-    conf.tie_word_embeddings = False  # the score layer is a copy of some rows, not the embedding matrix
-    conf.use_cache = False
-    conf.problem_type = "single_label_classification"
     dtype = next(model.parameters()).dtype
     seq = AutoModelForSequenceClassification.from_config(conf, dtype=dtype)
     prefix = seq.base_model_prefix
