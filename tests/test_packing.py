@@ -223,3 +223,36 @@ def test_a_gpu_torch_without_varlen_is_told_packing_falls_back(model_factory, mo
     with caplog.at_level("WARNING", logger="llmcls.model.attention"), packed_rows(model_factory()):
         pass
     assert "dense mask" in caplog.text and "torch >= 2.10" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (its attention kernels)")
+def test_padded_training_batches_give_finite_gradients_on_a_gpu(tokenizer, model_factory):
+    """Left-padded training rows (the generative padded path) give the pads queries with nothing to attend to;
+    a seq_cls run on an H200 went NaN with such batches (docs/bench/seqcls_vs_generative-run1-nan.log). Rows of
+    very different lengths, bf16, eager and compiled: the loss and every LoRA gradient must stay finite, for the
+    left-padded answer batches and for seq_cls's right-padded ones."""
+    from llmcls import seqcls
+    from llmcls.model.load import compile_layers
+
+    feats = features(tokenizer) * 4  # rows of 20-70 tokens: the short ones get many pads
+    for compiled in (False, True):
+        model = add_lora(model_factory(seed=7).to("cuda", torch.bfloat16), LoraConfig(r=4, dropout=0.0))
+        if compiled:
+            compile_layers(model)
+        to = lambda b: {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in b.items()}  # noqa: E731
+        batch = to(AnswerCollator(pad_id=tokenizer.pad_token_id)(feats))
+        assert (batch["attention_mask"][:, 0] == 0).any()  # left padding is really there
+        loss, grads = _loss_and_grads(model, batch)
+        assert torch.isfinite(loss), compiled
+        assert all(torch.isfinite(g).all() for g in grads.values()), compiled
+
+        seq = add_lora(seqcls.from_causal(model_factory(seed=7), tokenizer, ["A", "B"]).to("cuda", torch.bfloat16),
+                       LoraConfig(r=4, dropout=0.0, task="seq_cls"))
+        if compiled:
+            compile_layers(seq)
+        rows = to(seqcls.LabelCollator(tokenizer.pad_token_id)(
+            [{"input_ids": f["input_ids"], "class": i % 2} for i, f in enumerate(feats)]))
+        labels = rows.pop("labels")
+        out = seq(**rows)
+        seqcls.LabelLoss()(out, labels).backward()
+        assert all(torch.isfinite(p.grad).all() for p in seq.parameters() if p.grad is not None), compiled
