@@ -4,6 +4,7 @@ import json
 import random
 
 import pytest
+from transformers import TrainerCallback
 
 from llmcls.batching import TokenBudgetSampler
 from llmcls.config import ConfigError, check_launch, check_training, load_config
@@ -81,3 +82,29 @@ def test_tiny_run_steps_equal_plan(tokenizer_dir, learnable_data, tmp_path, capl
     assert p["mean_rows_per_micro_batch"] > 4  # more rows than the default batch_size of a tiny budget
     if lengths is not None:
         assert plan(cfg, lengths=lengths)["total_steps"] == steps
+
+
+class _Crash(TrainerCallback):
+    def __init__(self, at):
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt("simulated crash")
+
+
+def test_resume_mid_epoch_matches_uninterrupted(tokenizer_dir, learnable_data, tmp_path):
+    """A resumed run skips the micro-batches already trained in its epoch, in the same token-budget order."""
+    a = train(_cfg(learnable_data, tmp_path / "a"), progress=False)
+    steps = a["global_step"]
+    per_epoch = steps // 2
+    assert per_epoch >= 3
+    save = per_epoch + 1  # a checkpoint inside the second epoch
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(learnable_data, tmp_path / "b", **{"train.save_steps": str(save)}), progress=False,
+              callbacks=[_Crash(save + 1)])
+    b = train(_cfg(learnable_data, tmp_path / "b", **{"train.save_steps": str(save)}), resume=True,
+              progress=False)
+    assert b["resumed_from"].endswith(f"checkpoint-{save}")
+    assert b["global_step"] == steps and b["tokens_seen"] == a["tokens_seen"]
+    assert abs(b["final_logged_loss"] - a["final_logged_loss"]) < 1e-5
