@@ -217,6 +217,9 @@ class TrainConfig:
     epochs: float = f(2.0, "Training epochs.", check=at_least(0))
     max_steps: int = f(-1, "Stop after this many optimizer steps (-1: run all epochs).", check=at_least(-1))
     batch_size: int = f(4, "Rows per device per micro-batch.", check=at_least(1))
+    batch_tokens: Optional[int] = f(None, "Fill each micro-batch with rows up to this many real tokens instead of "
+                                          "batch_size rows (overrides batch_size; needs packing; one process).",
+                                    check=at_least(1))
     grad_accum: int = f(4, "Micro-batches per optimizer step.", check=at_least(1))
     lr: float = f(1e-4, "Peak learning rate.", check=above(0))
     lr_scheduler: str = f("linear", "Learning-rate schedule (transformers' names).", check=one_of(*SCHEDULERS))
@@ -578,11 +581,19 @@ def check_launch(cfg: Config, world_size: int = 1, cuda: bool = False) -> None:
     elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
         raise ConfigError("the launcher asks for FSDP (an accelerate FSDP config) but train.fsdp is 'off'; set "
                           "train.fsdp to full_shard or shard_grad_op and launch without the FSDP config")
+    if cfg.train.batch_tokens is not None and world_size > 1:
+        # accelerate deals a batch sampler's batches out round robin: ranks would step on batches of different
+        # token counts, and repeat rows to even out the count
+        raise ConfigError(f"train.batch_tokens with {world_size} processes: token-budget batches are not split "
+                          "across ranks yet; use train.batch_size under a launcher")
 
 
 def check_training(cfg: Config) -> None:
     """Selection and early stopping need a dev set to select on."""
     has_dev = bool(cfg.data.dev_file) or cfg.data.dev_fraction > 0
+    if cfg.train.batch_tokens is not None and not cfg.train.packing:
+        raise ConfigError(f"train.batch_tokens={cfg.train.batch_tokens} needs train.packing: true (padded batches "
+                          "of varying row counts waste compute on padding)")
     if cfg.train.epochs <= 0 and cfg.train.max_steps <= 0:  # would save an untrained adapter as if it were trained
         raise ConfigError(f"train.epochs={cfg.train.epochs} and train.max_steps={cfg.train.max_steps}: nothing to "
                           "train; set epochs above 0 or max_steps to 1 or more")

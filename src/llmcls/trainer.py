@@ -239,8 +239,28 @@ class PackedAttention(TrainerCallback):
 
 
 class WeightedTrainer(Trainer):
-    """The HF Trainer and one thing more: a batch's ``answer_weights`` (``train.class_weights``) go to the loss
-    (:class:`llmcls.collate.AnswerLoss`) instead of the model, whose forward would refuse them."""
+    """The HF Trainer and two things more: a batch's ``answer_weights`` (``train.class_weights``) go to the loss
+    (:class:`llmcls.collate.AnswerLoss`) instead of the model, whose forward would refuse them; and a
+    ``batch_sampler`` (``train.batch_tokens``: :class:`llmcls.batching.TokenBudgetSampler`) forms the training
+    micro-batches instead of ``per_device_train_batch_size`` rows (the Trainer's own loader takes a batch sampler
+    only from its ``batch_rebalance`` strategy)."""
+
+    batch_sampler = None
+
+    def get_train_dataloader(self):
+        if self.batch_sampler is None:
+            return super().get_train_dataloader()
+        from functools import partial
+
+        from torch.utils.data import DataLoader
+        from transformers.trainer_utils import seed_worker
+
+        a = self.args
+        loader = DataLoader(self.train_dataset, batch_sampler=self.batch_sampler, collate_fn=self.data_collator,
+                            num_workers=a.dataloader_num_workers, pin_memory=a.dataloader_pin_memory,
+                            worker_init_fn=partial(seed_worker, num_workers=a.dataloader_num_workers,
+                                                   rank=a.process_index))
+        return self.accelerator.prepare(loader)
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         self.compute_loss_func.weights = inputs.pop("answer_weights", None)
@@ -282,11 +302,12 @@ def class_weights(spec: str, labels: list[str]) -> Optional[dict[str, float]]:
 
 
 def build_trainer(model, tokenizer, dataset, args: TrainingArguments, callbacks: list | None = None,
-                  packing: bool = False, dev=None, collator=None, loss=None):
+                  packing: bool = False, dev=None, collator=None, loss=None, batch_sampler=None):
     """The HF Trainer with llmcls's collator (left padding, or rows packed end to end with attention kept within
     each row; answer-position logits) and loss. ``dev``: a :class:`llmcls.selection.DevEvaluator`, wired to the
     token counter (its forwards are not training) and to the Trainer's log. ``collator`` and ``loss`` replace the
-    answer-token pair (``lora.task: seq_cls``: :class:`llmcls.seqcls.LabelCollator`, :class:`~llmcls.seqcls.LabelLoss`)."""
+    answer-token pair (``lora.task: seq_cls``: :class:`llmcls.seqcls.LabelCollator`, :class:`~llmcls.seqcls.LabelLoss`).
+    ``batch_sampler``: the training micro-batches (:func:`token_budget_sampler`), instead of fixed row counts."""
     collator = collator or (PackedCollator() if packing else AnswerCollator(pad_id=tokenizer.pad_token_id))
     counter = TokenCounter(model)
     extra = [FiniteLoss(Path(args.output_dir)), *([PackedAttention(model)] if packing else [])]
@@ -296,9 +317,20 @@ def build_trainer(model, tokenizer, dataset, args: TrainingArguments, callbacks:
         extra.append(dev)
     trainer = WeightedTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                               compute_loss_func=loss or AnswerLoss(), callbacks=[counter, *extra, *(callbacks or [])])
+    trainer.batch_sampler = batch_sampler
     if dev is not None:
         dev.trainer = trainer
     return trainer
+
+
+def token_budget_sampler(cfg: Config, lengths):
+    """``train.batch_tokens``' batch sampler over rows of these token ``lengths`` (None when it is unset)."""
+    if cfg.train.batch_tokens is None:
+        return None
+    from llmcls.batching import TokenBudgetSampler
+
+    t = cfg.train
+    return TokenBudgetSampler(lengths, t.batch_tokens, t.seed, t.group_by_length, t.epochs, t.max_steps, t.grad_accum)
 
 
 

@@ -33,7 +33,7 @@ from llmcls.rundir import RunDir
 from llmcls.selection import DevEvaluator
 from llmcls.warmup import StepTimer, cache_folder, process_age, split_line
 from llmcls.trainer import (build_trainer, class_weights, for_scoring, fsdp_loading, full_state_dict,
-                            prepare_for_training, reuse_refused, training_arguments)
+                            prepare_for_training, reuse_refused, token_budget_sampler, training_arguments)
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +42,35 @@ class RunExists(FileExistsError):
     pass
 
 
-def plan(cfg: Config, rows: int | None = None) -> dict:
-    """Optimizer steps the run will take (for --dry-run), from the row count when known."""
+def plan(cfg: Config, rows: int | None = None, lengths: list[int] | None = None) -> dict:
+    """Optimizer steps the run will take (for --dry-run), from the row count when known. With
+    ``train.batch_tokens`` a micro-batch's row count follows from the rows' token ``lengths`` (known once the data
+    is tokenised; ``train`` logs this plan then), and without them the steps are left out."""
     world = dist.world_size()
-    per_step = cfg.train.batch_size * cfg.train.grad_accum * world
-    out = {"rows_per_optimizer_step": per_step, "world_size": world}
+    t = cfg.train
+    if t.batch_tokens is not None:
+        out = {"tokens_per_micro_batch": t.batch_tokens, "micro_batches_per_optimizer_step": t.grad_accum,
+               "world_size": world}
+        if lengths is None:
+            if rows is not None:
+                out.update(rows=rows, note="train.batch_tokens: the steps follow from the rows' token lengths, "
+                                           "counted once the data is tokenised (the training log states them)")
+            return out
+        from llmcls.batching import micro_batches
+
+        per_epoch = micro_batches(lengths, t.batch_tokens, t.seed, t.group_by_length, t.epochs, t.max_steps,
+                                  t.grad_accum)
+        rows = len(lengths)
+        out.update(micro_batches_per_epoch=per_epoch, mean_rows_per_micro_batch=round(rows / per_epoch, 2))
+    else:
+        out = {"rows_per_optimizer_step": t.batch_size * t.grad_accum * world, "world_size": world}
+        per_epoch = math.ceil(rows / (t.batch_size * world)) if rows is not None else None
     if rows is not None:
-        steps_per_epoch = math.ceil(math.ceil(rows / (cfg.train.batch_size * world)) / cfg.train.grad_accum)
-        total = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(steps_per_epoch * cfg.train.epochs)
+        steps_per_epoch = math.ceil(per_epoch / t.grad_accum)
+        total = t.max_steps if t.max_steps > 0 else math.ceil(steps_per_epoch * t.epochs)
         out.update(rows=rows, steps_per_epoch=steps_per_epoch, total_steps=total,
-                   checkpoints=total // cfg.train.save_steps if cfg.train.save_steps > 0 else 0)
-        if cfg.train.long_text_windows == "all":  # the windows are counted only once the texts are tokenised
+                   checkpoints=total // t.save_steps if t.save_steps > 0 else 0)
+        if t.long_text_windows == "all" and lengths is None:  # the windows are counted only once tokenised
             out["note"] = ("train.long_text_windows=all: one example per window of a long text, so more steps than "
                            "planned from rows ('llmcls prepare' counts the examples)")
     return out
@@ -231,10 +249,14 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
         dev_rows, _ = read_rows(dev_file, cfg.data)  # all of it: data.max_eval_rows limits the test file only
         dev = DevEvaluator(model, tokenizer, dev_rows, cfg, run, save_weights, lexical=lexical)
         log.info("dev set: %d rows from %s, selecting on %s", len(dev_rows), dev_file, cfg.train.select_best)
+    sampler = token_budget_sampler(cfg, dataset["length"])
+    if sampler is not None:
+        log.info("train.batch_tokens=%d replaces train.batch_size (%d rows): %s", cfg.train.batch_tokens,
+                 cfg.train.batch_size, plan(cfg, lengths=dataset["length"]))
     timer = StepTimer()
     trainer = build_trainer(model, tokenizer, dataset, args, callbacks=[
         timer, JsonlLogCallback(run.train_log, echo=dist.is_main()), *tracker.callbacks,
-        *(callbacks or [])], packing=cfg.train.packing, dev=dev,
+        *(callbacks or [])], packing=cfg.train.packing, dev=dev, batch_sampler=sampler,
         **({"collator": seqcls.LabelCollator(tokenizer.pad_token_id), "loss": seqcls.LabelLoss(
             None if weights is None else torch.tensor([weights[l] for l in labels]))} if seq_cls else {}))
     checkpoint = _last_checkpoint(run) if resume else None
