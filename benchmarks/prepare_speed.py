@@ -49,7 +49,8 @@ def timed(cfg, tokenizer, out: Path, old: bool) -> tuple[dict, float, float]:
     """One prepare into ``out``: (summary, wall seconds, CPU seconds)."""
     real = prep.encode_rows
     if old:  # the rows encoded one at a time, in this process, as prepare did before
-        prep.encode_rows = lambda b, rows, p, n=None, progress=False: iter(prep.encode_one_by_one(b, rows, p))
+        prep.encode_rows = lambda b, rows, p, n=None, progress=False, measure=None: iter(
+            prep.encode_one_by_one(b, rows, p))
     try:
         c0, t0 = _cpu_s(), time.perf_counter()
         summary = prep.prepare(cfg, tokenizer, out, progress=False)

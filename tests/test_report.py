@@ -140,3 +140,18 @@ def test_partial_and_invalid_runs(trained_run, tmp_path):
     assert main(["report", str(empty)]) == 2
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert not (empty / "report.html").exists()
+
+
+def test_data_table_says_when_token_lengths_are_sampled(tmp_path):
+    """prepare measures the lengths before the cut on a sample past 500 rows: the table says so, and says nothing
+    for a summary that measured every row (or one written before the sample existed)."""
+    from llmcls.reporting.report import RunData, _data
+
+    tl = {"min": 117, "median": 1837, "p90": 2140, "p99": 2463, "max": 2667, "mean": 1581.9}
+    base = {"rows": 6675, "invalid": 0, "num_labels": 14, "shortened": 6000, "answer_kept": 6675,
+            "tutorial_answer_kept": 680, "trained_tokens": 2485627, "labels": {}}
+    sampled = _data([RunData(tmp_path, "r", prepare={**base, "token_lengths": {**tl, "sampled_rows": 477,
+                                                                                "of": 6675}})])
+    assert "1,837 / 2,140 / 2,463 / 2,667 (sampled: 477 of 6,675 rows)" in sampled and ">680 " in sampled
+    for whole in ({**tl, "sampled_rows": 6675, "of": 6675}, tl):
+        assert "sampled" not in _data([RunData(tmp_path, "r", prepare={**base, "token_lengths": whole})])

@@ -74,7 +74,9 @@ class Encoded:
     labels: list[int]
     shortened: bool      # the text was cut to fit
     answer_kept: bool    # every answer token is still trained on
-    full_length: int     # prompt + answer tokens before any cut
+    # prompt + answer tokens before any cut; None where prepare's fast path (encode_train_fit) did not tokenise the
+    # whole prompt because a head of its text already proved it at least max_length tokens long
+    full_length: Optional[int]
 
 
 def _first_head(budget_tokens: int) -> int:
@@ -114,13 +116,16 @@ def fit_row(builder: PromptBuilder, row: Row, max_tokens: int,
 
 
 def fit_rows(builder: PromptBuilder, rows: Sequence[Row], max_tokens: Sequence[int],
-             prompt_ids: Optional[Sequence[Optional[list[int]]]] = None) -> list[tuple[Row, list[int]]]:
+             prompt_ids: Optional[Sequence[Optional[list[int]]]] = None,
+             heads: Optional[dict] = None) -> list[tuple[Row, list[int]]]:
     """Each row (its text shortened if needed) with its prompt ids, at most ``max_tokens[i]`` of them, from batched
     tokenizer calls (parallel, and off the GIL). A long text is never tokenised whole (slow for long Chinese
     texts): only as much of its head as can fit, cut after its token budget; the cut prompt is re-tokenised, and
     where the template's token boundaries moved the budget is tightened and the row cut again. The rows go
     through that loop in lockstep: each round, one tokenizer call for the heads and one for the cut prompts.
-    Raises :class:`PromptTooLong` when even an empty text does not fit."""
+    Raises :class:`PromptTooLong` when even an empty text does not fit. ``heads``, if given, receives for each
+    row index that was cut (tokens of the text's head in the round that made the accepted cut, whether that head
+    was the whole text): what :func:`encode_train_fit` proves a prompt's length with."""
     prompts = list(prompt_ids) if prompt_ids is not None else [None] * len(rows)
     whole = [i for i, p in enumerate(prompts) if p is None and _tokenise_whole(rows[i], max_tokens[i])]
     for i, p in zip(whole, builder.batch_prompt_ids([rows[i] for i in whole]) if whole else []):
@@ -144,6 +149,8 @@ def fit_rows(builder: PromptBuilder, rows: Sequence[Row], max_tokens: Sequence[i
         for i, off in zip(todo, offsets):
             if len(off) > budget[i] or head[i] >= len(rows[i].text):
                 cuts.append((i, _cut_at(rows[i], off, budget[i])))
+                if heads is not None:
+                    heads[i] = (len(off), head[i] >= len(rows[i].text))
             else:
                 head[i] *= 2  # the head held too few tokens: a longer one next round
         for (i, cut), p in zip(cuts, builder.batch_prompt_ids([c for _, c in cuts]) if cuts else []):
@@ -191,6 +198,50 @@ def encode_train_many(builder: PromptBuilder, rows: Sequence[Row], max_length: i
     for i, (_, prompt) in zip(fit, fitted):
         answer = builder.answer_ids(rows[i].label)
         out[i] = Encoded(prompt + answer, [IGNORE] * len(prompt) + answer, True, True, len(prompts[i]) + len(answer))
+    return out  # type: ignore[return-value]
+
+
+# Tokens by which a prompt can fall short of (the empty prompt + the tokens of its text's head): the head's last
+# pre-token, cut mid-way, can tokenise into more pieces than the whole one does, and the text's edges can merge with
+# the template's around them. Both are a few tokens; 32 leaves room. A head that beats the budget by less is
+# settled by tokenising the whole prompt, as the reference does.
+PROOF_SLACK = 32
+
+
+def encode_train_fit(builder: PromptBuilder, rows: Sequence[Row], max_length: int,
+                     measure: Optional[Sequence[bool]] = None) -> list[Encoded]:
+    """:func:`encode_train_many` with truncation 'text' (the same ids, labels, ``shortened``, ``answer_kept``), without
+    tokenising every long prompt whole: that was half of prepare's time, and only the summary's length statistic
+    used it. A row's whole prompt is tokenised when ``measure[i]`` (prepare's sample for that statistic), when its
+    text is short (:func:`fit_rows` would anyway), or when the head that :func:`fit_rows` tokenised does not prove
+    the prompt at least ``max_length`` tokens long (by :data:`PROOF_SLACK`); every other row is cut straight from
+    its head and gets ``full_length`` None, meaning "at least max_length": the tutorial's right cut would keep no
+    answer token of it, and it was shortened, as the reference finds from the whole prompt."""
+    measure = [True] * len(rows) if measure is None else list(measure)
+    answers = [builder.answer_ids(r.label) for r in rows]
+    limit = [max_length - len(a) for a in answers]
+    whole = [i for i, r in enumerate(rows) if measure[i] or _tokenise_whole(r, limit[i])]
+    prompts: dict[int, list[int]] = dict(zip(whole, builder.batch_prompt_ids([rows[i] for i in whole]) if whole else []))
+    heads: dict[int, tuple[int, bool]] = {}
+    rest = [i for i in range(len(rows)) if i not in prompts]
+    fitted = dict(zip(rest, fit_rows(builder, [rows[i] for i in rest], [limit[i] for i in rest], heads=heads)))
+    out: list[Optional[Encoded]] = [None] * len(rows)
+    for k, i in enumerate(rest):
+        row, ids = fitted[i]
+        if row is rows[i]:  # the whole text fitted after all: ids are the whole prompt's
+            out[i] = Encoded(ids + answers[i], [IGNORE] * len(ids) + answers[i], False, True, len(ids) + len(answers[i]))
+            continue
+        n, was_whole = heads[k]
+        if not was_whole and n - (limit[i] - builder.empty_prompt_length(rows[i].candidates)) >= \
+                PROOF_SLACK + len(answers[i]):
+            # prompt >= empty + n - slack >= limit + len(answer) = max_length: cut, as from the whole prompt
+            out[i] = Encoded(ids + answers[i], [IGNORE] * len(ids) + answers[i], True, True, None)
+        else:
+            prompts[i] = builder.prompt_ids(rows[i])  # not proven: the reference's way
+    todo = sorted(prompts)
+    for i, enc in zip(todo, encode_train_many(builder, [rows[i] for i in todo], max_length, "text",
+                                              [prompts[i] for i in todo]) if todo else []):
+        out[i] = enc
     return out  # type: ignore[return-value]
 
 

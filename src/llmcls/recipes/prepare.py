@@ -25,13 +25,16 @@ from tqdm.auto import tqdm
 
 from llmcls.config import Config
 from llmcls.data import DataError, Row, read_rows, source_fingerprint, split_dev, to_instruction, to_raw
-from llmcls.encode import Encoded, PromptBuilder, PromptTooLong, encode_train, encode_train_many
+from llmcls.encode import Encoded, PromptBuilder, PromptTooLong, encode_train, encode_train_fit, encode_train_many
 from llmcls.files import atomic_dir, atomic_write_json, atomic_write_jsonl, clean_leftovers, sha256_json
 from llmcls.multilabel import is_multi_label
 from llmcls.rundir import DataDir
 from llmcls.windows import WindowSettings, settings, split
 
-CACHE_VERSION = 2  # 2: the encoded rows carry their label (train.class_weights)
+CACHE_VERSION = 3  # 2: the encoded rows carry their label (train.class_weights); 3: token_lengths sampled
+# Rows whose whole prompt is tokenised for the summary's "tokens before the cut" figures (every row of a smaller
+# file): tokenising every long prompt whole was half of prepare's time, for this statistic alone.
+LENGTH_SAMPLE_ROWS = 500
 # Characters per token that no tokenizer's vocabulary reaches on ordinary text (Qwen's longest tokens are runs of
 # whitespace or punctuation of about 16 characters; words average 3-5): a text's first max_length * 16 characters
 # hold at least max_length tokens, so a cut there (data.long_text=cut) drops nothing training would have kept.
@@ -137,14 +140,22 @@ def encode_one_by_one(builder: PromptBuilder, rows: Sequence[Row], p: EncodePara
     return out
 
 
-def encode_batched(builder: PromptBuilder, rows: Sequence[Row], p: EncodeParams) -> list[RowEncoding]:
+def encode_batched(builder: PromptBuilder, rows: Sequence[Row], p: EncodeParams,
+                   measure: Optional[Sequence[bool]] = None) -> list[RowEncoding]:
     """:func:`encode_one_by_one`'s result, from a few batched tokenizer calls for all the rows (the same strings
-    tokenised, so the same ids)."""
+    tokenised, so the same ids), except that with truncation 'text' an example's ``full_length`` is None where the
+    row is not in ``measure`` (default: all are) and a head of its text proved it at least max_length tokens long
+    (:func:`llmcls.encode.encode_train_fit`): its whole prompt is then never tokenised."""
+    measure = [True] * len(rows) if measure is None else measure
     cut = [_cut_for_encoding(r, p.budget) for r in rows]
-    whole = builder.batch_prompt_ids([c for c, _ in cut]) if rows else []
     ex = [(i, one) for i, (short, _) in enumerate(cut) for one in one_per_label(short)]
     try:
-        encs = encode_train_many(builder, [one for _, one in ex], p.max_length, p.truncation, [whole[i] for i, _ in ex])
+        if p.truncation == "text":
+            encs = encode_train_fit(builder, [one for _, one in ex], p.max_length, [measure[i] for i, _ in ex])
+        else:  # the right cut keeps the whole prompt's first tokens: every prompt is tokenised whole
+            whole = builder.batch_prompt_ids([c for c, _ in cut]) if rows else []
+            encs = encode_train_many(builder, [one for _, one in ex], p.max_length, p.truncation,
+                                     [whole[i] for i, _ in ex])
         long = [k for k, e in enumerate(encs) if p.every_window and e.shortened]
         wins = dict(zip(long, split(builder, [ex[k][1] for k in long], p.max_length, p.windows) if long else []))
     except PromptTooLong:  # a batched call stops at its first such row: one at a time tells each row's fate
@@ -169,9 +180,9 @@ def _start_worker(tokenizer, prompt, p: EncodeParams) -> None:
     _worker = (PromptBuilder(tokenizer, prompt), p)
 
 
-def _encode_in_worker(rows: list[Row]) -> list[RowEncoding]:
+def _encode_in_worker(chunk: tuple[list[Row], list[bool]]) -> list[RowEncoding]:
     builder, p = _worker  # type: ignore[misc]
-    return encode_batched(builder, rows, p)
+    return encode_batched(builder, chunk[0], p, chunk[1])
 
 
 @contextmanager
@@ -194,27 +205,29 @@ def _pool(procs: int, builder: PromptBuilder, p: EncodeParams):
 
 
 def encode_rows(builder: PromptBuilder, rows: Sequence[Row], p: EncodeParams, num_proc: Optional[int] = None,
-                progress: bool = False) -> Iterator[RowEncoding]:
+                progress: bool = False, measure: Optional[Sequence[bool]] = None) -> Iterator[RowEncoding]:
     """Each row's :class:`RowEncoding`, in order: chunks of rows encoded by :func:`encode_batched` in ``num_proc``
     processes (default: every core this process may use), or in this process (1, or too few rows for two chunks),
-    where the tokenizer's batched calls use its own threads."""
+    where the tokenizer's batched calls use its own threads. ``measure``: the rows whose whole prompt length must
+    be known (default: all; see :func:`encode_batched`)."""
+    measure = [True] * len(rows) if measure is None else list(measure)
     procs = num_proc or available_cpus()
     # Several chunks per process even out their different lengths; a chunk of at least 32 rows keeps each
     # tokenizer call a batch, and small inputs in this process.
     size = 256 if procs == 1 else max(32, min(256, -(-len(rows) // (procs * 8))))
-    chunks = [list(rows[i:i + size]) for i in range(0, len(rows), size)]
+    chunks = [(list(rows[i:i + size]), measure[i:i + size]) for i in range(0, len(rows), size)]
     procs = 1 if multiprocessing.current_process().daemon else min(procs, len(chunks))  # no children of a daemon
     bar = tqdm(total=len(rows), desc="encode", unit="row", disable=not progress)
     try:
         if procs <= 1:
-            for chunk in chunks:
-                yield from encode_batched(builder, chunk, p)
+            for chunk, flags in chunks:
+                yield from encode_batched(builder, chunk, p, flags)
                 bar.update(len(chunk))
         else:
             with _pool(procs, builder, p) as pool:
                 for chunk, res in zip(chunks, pool.imap(_encode_in_worker, chunks)):
                     yield from res
-                    bar.update(len(chunk))
+                    bar.update(len(chunk[0]))
     finally:
         bar.close()
 
@@ -245,10 +258,15 @@ def _prepare_into(cfg: Config, tokenizer, out: DataDir, final: DataDir, train_fi
                     "lines": [r.line for r in dev]}  # lines of the training file: the split can be checked
     params = EncodeParams(cfg.data.max_length, cfg.data.truncation, every_window, settings(cfg), budget)
     cols: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "label": []}
-    full_lengths, shortened, kept, tutorial_kept = [], 0, 0, 0
+    full_lengths, shortened, kept, tutorial_kept, sampled = [], 0, 0, 0, 0
     used, windows_per_row = [], []
     builder = PromptBuilder(tokenizer, cfg.prompt)
-    for row, res in zip(rows, encode_rows(builder, rows, params, cfg.data.num_proc, progress)):
+    # The rows whose whole prompt is measured: every stride-th, at most LENGTH_SAMPLE_ROWS (all of a smaller file);
+    # a fixed stride, so the same file gives the same figures, and the summary says how many were measured.
+    stride = -(-len(rows) // LENGTH_SAMPLE_ROWS) if rows else 1
+    measure = [i % stride == 0 for i in range(len(rows))]
+    encodings = encode_rows(builder, rows, params, cfg.data.num_proc, progress, measure=measure)
+    for row, measured, res in zip(rows, measure, encodings):
         if res.error is not None:
             err = DataError(train_file, row.line, cfg.data.category_field, res.error)
             if cfg.data.on_invalid != "skip":
@@ -263,11 +281,15 @@ def _prepare_into(cfg: Config, tokenizer, out: DataDir, final: DataDir, train_fi
                 cols["labels"].append(e.labels)
                 cols["length"].append(len(e.input_ids))
                 cols["label"].append(label)
-            full_lengths.append(enc.full_length)
+            if measured:
+                full_lengths.append(enc.full_length)
             shortened += enc.shortened or res.was_cut
             kept += enc.answer_kept
             # The tutorial cuts prompt+answer from the right: an answer token survives iff the prompt is shorter.
-            tutorial_kept += enc.full_length - len(builder.answer_ids(label)) < cfg.data.max_length
+            # full_length None: a head of the text proved the prompt at least max_length long (encode_train_fit).
+            tutorial_kept += (enc.full_length is not None
+                              and enc.full_length - len(builder.answer_ids(label)) < cfg.data.max_length)
+        sampled += measured
 
     rows = used
     if not rows:
@@ -282,7 +304,10 @@ def _prepare_into(cfg: Config, tokenizer, out: DataDir, final: DataDir, train_fi
         "invalid_examples": [str(e) for e in invalid[:20]],
         "labels": dict(labels.most_common()), "num_labels": len(labels),
         "max_length": cfg.data.max_length, "truncation": cfg.data.truncation,
-        "token_lengths": _percentiles(full_lengths), "trained_tokens": sum(cols["length"]),
+        # measured on a sample of the rows (every row of a file of at most LENGTH_SAMPLE_ROWS): said in the summary
+        "token_lengths": {**(_percentiles(full_lengths) if full_lengths else {}), "sampled_rows": sampled,
+                          "of": len(rows)},
+        "trained_tokens": sum(cols["length"]),
         "shortened": shortened, "answer_kept": kept, "tutorial_answer_kept": tutorial_kept,
         "dev": dev_info, "cache_key": key, "cached": False, "duplicates": duplicates,
     }
@@ -324,6 +349,12 @@ def count_duplicates(rows: list[Row]) -> int:
     return n
 
 
+def _sampled(token_lengths: dict) -> str:
+    """How many rows the token lengths were measured on, where that is not every row."""
+    n, of = token_lengths.get("sampled_rows"), token_lengths.get("of")
+    return f" (sampled: {n} of {of} rows, a fixed stride)" if n is not None and n != of else ""
+
+
 def summary_lines(summary: dict) -> list[str]:
     """The summary as ``llmcls prepare`` prints it."""
     lines = [f"{summary['rows']} rows ({summary['invalid']} invalid skipped), {summary['num_labels']} labels"]
@@ -332,7 +363,8 @@ def summary_lines(summary: dict) -> list[str]:
                      f"{summary['examples']} training examples (one per true label)")
     lines += [f"  {label:<24} {n}" for label, n in summary["labels"].items()]
     tl = summary["token_lengths"]
-    lines.append(f"tokens per row before the cut: median {tl['median']}, p90 {tl['p90']}, max {tl['max']}")
+    lines.append(f"tokens per row before the cut{_sampled(tl)}: median {tl.get('median')}, p90 {tl.get('p90')}, "
+                 f"max {tl.get('max')}")
     lines.append(f"shortened to {summary['max_length']} tokens: {summary['shortened']}; whole answer kept: "
                  f"{summary['answer_kept']}/{summary['rows']} (the tutorial's right cut keeps an answer token in "
                  f"{summary['tutorial_answer_kept']})")

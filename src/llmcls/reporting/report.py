@@ -151,6 +151,12 @@ def esc(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
+def _sampled_rows(prep: dict) -> str:
+    """" (sampled: N of M rows)" where prepare measured the lengths on a sample of the rows (it does past 500)."""
+    n, of = _dig(prep, "token_lengths", "sampled_rows"), _dig(prep, "token_lengths", "of")
+    return f" (sampled: {_fmt(n)} of {_fmt(of)} rows)" if n is not None and n != of else ""
+
+
 def _fmt(v: Any, kind: str = "") -> str:
     if v is None:
         return "–"
@@ -501,7 +507,7 @@ def _data(runs: Sequence[RunData]) -> str:
     row("labels", lambda p: _fmt(p.get("num_labels")))
     row("max_length (tokens) / truncation", lambda p: f"{_fmt(p.get('max_length'))} / {esc(p.get('truncation'))}")
     row("tokens per row before the cut: median / p90 / p99 / max", lambda p: " / ".join(
-        _fmt(_dig(p, "token_lengths", k)) for k in ("median", "p90", "p99", "max")))
+        _fmt(_dig(p, "token_lengths", k)) for k in ("median", "p90", "p99", "max")) + _sampled_rows(p))
     row("rows shortened to fit", lambda p: f"{_fmt(p.get('shortened'))} "
         f"({_fmt(p.get('shortened', 0) / max(p.get('rows', 1), 1), 'pct')})")
     row("rows keeping the whole answer", lambda p: f"{_fmt(p.get('answer_kept'))} "
