@@ -209,6 +209,12 @@ except dist.OtherRankFailed as e:
     assert not dist.is_main() and "train.jsonl:7" in str(e), e
 tdist.barrier()
 tdist.destroy_process_group()  # a clean exit: gloo's threads otherwise race the interpreter's shutdown
+# ...and still can on a loaded 2-core machine (one CI run: rank 1 aborted with "terminate called without an active
+# exception" after all of the above had passed): everything this test checks is done and written; skip the
+# interpreter's teardown of gloo's threads
+import os
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)
 """
 
 
