@@ -81,7 +81,9 @@ def test_tiny_run_steps_equal_plan(tokenizer_dir, learnable_data, tmp_path, capl
     assert iters == [0, 1] and 1 in epochs  # the Trainer reaches the sampler's epoch: a new order each epoch
     assert p["mean_rows_per_micro_batch"] > 4  # more rows than the default batch_size of a tiny budget
     if lengths is not None:
-        assert plan(cfg, lengths=lengths)["total_steps"] == steps
+        from llmcls.trainer import token_budget_sampler
+
+        assert plan(cfg, sampler=token_budget_sampler(cfg, lengths))["total_steps"] == steps
 
 
 class _Crash(TrainerCallback):

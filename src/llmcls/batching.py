@@ -100,8 +100,3 @@ class TokenBudgetSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.count
 
-
-def micro_batches(lengths: Sequence[int], budget: int, seed: int, group_by_length: bool, epochs: float,
-                  max_steps: int, grad_accum: int) -> int:
-    """Micro-batches per epoch under ``train.batch_tokens`` (what :func:`llmcls.recipes.train.plan` counts)."""
-    return len(TokenBudgetSampler(lengths, budget, seed, group_by_length, epochs, max_steps, grad_accum))

@@ -42,25 +42,22 @@ class RunExists(FileExistsError):
     pass
 
 
-def plan(cfg: Config, rows: int | None = None, lengths: list[int] | None = None) -> dict:
+def plan(cfg: Config, rows: int | None = None, sampler=None) -> dict:
     """Optimizer steps the run will take (for --dry-run), from the row count when known. With
-    ``train.batch_tokens`` a micro-batch's row count follows from the rows' token ``lengths`` (known once the data
-    is tokenised; ``train`` logs this plan then), and without them the steps are left out."""
+    ``train.batch_tokens`` the micro-batches follow from the rows' token lengths: counted by the run's
+    :class:`llmcls.batching.TokenBudgetSampler` (built once the data is tokenised; ``train`` logs this plan then),
+    and without it the steps are left out."""
     world = dist.world_size()
     t = cfg.train
     if t.batch_tokens is not None:
         out = {"tokens_per_micro_batch": t.batch_tokens, "micro_batches_per_optimizer_step": t.grad_accum,
                "world_size": world}
-        if lengths is None:
+        if sampler is None:
             if rows is not None:
                 out.update(rows=rows, note="train.batch_tokens: the steps follow from the rows' token lengths, "
                                            "counted once the data is tokenised (the training log states them)")
             return out
-        from llmcls.batching import micro_batches
-
-        per_epoch = micro_batches(lengths, t.batch_tokens, t.seed, t.group_by_length, t.epochs, t.max_steps,
-                                  t.grad_accum)
-        rows = len(lengths)
+        per_epoch, rows = len(sampler), len(sampler.lengths)
         out.update(micro_batches_per_epoch=per_epoch, mean_rows_per_micro_batch=round(rows / per_epoch, 2))
     else:
         out = {"rows_per_optimizer_step": t.batch_size * t.grad_accum * world, "world_size": world}
@@ -70,7 +67,7 @@ def plan(cfg: Config, rows: int | None = None, lengths: list[int] | None = None)
         total = t.max_steps if t.max_steps > 0 else math.ceil(steps_per_epoch * t.epochs)
         out.update(rows=rows, steps_per_epoch=steps_per_epoch, total_steps=total,
                    checkpoints=total // t.save_steps if t.save_steps > 0 else 0)
-        if t.long_text_windows == "all" and lengths is None:  # the windows are counted only once tokenised
+        if t.long_text_windows == "all" and sampler is None:  # the windows are counted only once tokenised
             out["note"] = ("train.long_text_windows=all: one example per window of a long text, so more steps than "
                            "planned from rows ('llmcls prepare' counts the examples)")
     return out
@@ -252,7 +249,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
     sampler = token_budget_sampler(cfg, dataset["length"])
     if sampler is not None:
         log.info("train.batch_tokens=%d replaces train.batch_size (%d rows): %s", cfg.train.batch_tokens,
-                 cfg.train.batch_size, plan(cfg, lengths=dataset["length"]))
+                 cfg.train.batch_size, plan(cfg, sampler=sampler))
     timer = StepTimer()
     trainer = build_trainer(model, tokenizer, dataset, args, callbacks=[
         timer, JsonlLogCallback(run.train_log, echo=dist.is_main()), *tracker.callbacks,
