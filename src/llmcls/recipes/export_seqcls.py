@@ -45,7 +45,9 @@ _SENTINEL = "\u2063LLMCLS_TEXT\u2063"  # an invisible separator around a name no
 
 def first_tokens(tok, labels: list[str]) -> list[int]:
     """Each label's first answer token; refuses labels that share one (their first-token logits are one number)."""
-    firsts = [tok(l, add_special_tokens=False)["input_ids"][0] for l in labels]
+    from llmcls.seqcls import first_token_ids
+
+    firsts = first_token_ids(tok, labels)
     seen: dict[int, str] = {}
     for label, t in zip(labels, firsts):
         if t in seen:
