@@ -86,6 +86,7 @@ def one_mode(mode: str, a, common: dict) -> dict:
     overrides = {**common, "lora.task": mode, "train.output_dir": str(Path(a.workdir) / mode)}
     if mode == "seq_cls":
         overrides["train.packing"] = False  # refused with a head: it pools each row's last token
+        overrides.update(dict(kv.split("=", 1) for kv in a.seq_cls_set))
     cfg = load_config(a.config, overrides)
     say(f"{mode}: training ({cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs} "
         f"{'steps' if cfg.train.max_steps > 0 else 'epochs'}, packing {cfg.train.packing}, compile "
@@ -150,6 +151,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-steps", type=int, default=None, help="Stop each training after N optimizer steps.")
     p.add_argument("--rows", type=int, default=None, help="Only the first N training rows and N test rows.")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="More overrides, for both modes.")
+    p.add_argument("--seq-cls-set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="Overrides for the seq_cls side only (recorded in the result's seq_cls_changes).")
     a = p.parse_args(argv)
     data, out = Path(a.data), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -177,7 +180,8 @@ def main(argv=None) -> int:
                                                     "train_wall_s", "eval_rows_per_s", "accuracy", "macro_f1")
              if isinstance(seq.get(k), (int, float)) and isinstance(gen.get(k), (int, float)) and gen[k]}
     res = {"model": a.model, "data": str(data), "config": a.config, "overrides": common,
-           "seq_cls_changes": {"lora.task": "seq_cls", "train.packing": False}, "device": device,
+           "seq_cls_changes": {"lora.task": "seq_cls", "train.packing": False,
+                                                    **dict(kv.split("=", 1) for kv in a.seq_cls_set)}, "device": device,
            "modes": modes, "ratio": ratio, "wall_s": round(time.perf_counter() - t0, 1), "environment": environment()}
     atomic_write_json(out / "seqcls_vs_generative.json", res)
     md = table(res)
