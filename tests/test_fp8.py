@@ -108,17 +108,18 @@ def test_selection_is_the_decoder_layers_base_linears_only():
     assert not fp8.is_base_linear(torch.nn.Linear(32, 40), "model.layers.0.self_attn.q_proj")  # 40 % 16
 
 
+@pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
 @pytest.mark.parametrize("order", ["fp8 then lora", "lora then fp8"])
-def test_conversion_swaps_exactly_the_base_linears(order):
+def test_conversion_swaps_exactly_the_base_linears(order, scaling):
     float8 = pytest.importorskip("torchao.float8", reason="torchao not installed (pip install 'llmcls[fp8]')")
     Float8Linear = float8.float8_linear.Float8Linear
     model = small_qwen(hidden=64)
     if order == "fp8 then lora":  # what load_model + prepare_for_training do
-        fp8.convert(model, emulate=True)
+        fp8.convert(model, scaling, emulate=True)
         model = add_lora(model, LORA)
     else:
         model = add_lora(model, LORA)
-        fp8.convert(model, emulate=True)
+        fp8.convert(model, scaling, emulate=True)
     converted = {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
     expected = {f"base_model.model.model.layers.{i}.{part}.base_layer" for i in range(2)
                 for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -102,8 +102,12 @@ def fp8_config(scaling: str = "rowwise", emulate: bool = False):
     # token dimension, which is symbolic under train.compile's dynamic shapes, and _scaled_mm's "multiple of 16"
     # rule then fails at trace time (measured on the H200). Kept in bf16 (torchao's own "disabled" cast, as in its
     # rowwise_with_gw_hp recipe), compile's dead-code pass removes it.
-    hp = CastConfig(scaling_type=ScalingType.DISABLED)
-    cfg = dataclasses.replace(cfg, cast_config_input_for_grad_weight=hp, cast_config_grad_output_for_grad_weight=hp)
+    # Each with its operand's dtype (torchao requires an operand cast alike in both products it enters: rowwise
+    # casts output gradients to e4m3, tensorwise to e5m2; a missing dtype is filled in place, which made one shared
+    # instance fail tensorwise's check on the H200).
+    off = lambda cast: CastConfig(scaling_type=ScalingType.DISABLED, target_dtype=cast.target_dtype)  # noqa: E731
+    cfg = dataclasses.replace(cfg, cast_config_input_for_grad_weight=off(cfg.cast_config_input),
+                              cast_config_grad_output_for_grad_weight=off(cfg.cast_config_grad_output))
     if emulate:
         cfg = dataclasses.replace(cfg, emulate=True)
     return cfg
