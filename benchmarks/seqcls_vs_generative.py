@@ -116,6 +116,7 @@ def one_mode(mode: str, a, common: dict) -> dict:
         "steady_steps": rates["steps"], "train_wall_s": summary["wall_s"], "global_step": summary["global_step"],
         "train_tokens_per_s_whole_run": summary["tokens_per_s"], "tokens_seen": summary["tokens_seen"],
         "train_loss": summary["train_loss"], "trainable": summary["trainable"],
+        "skipped_steps": summary.get("skipped_steps"),
         "peak_mem_gib": summary["peak_mem_gib"], "eval_rows_per_s": warm["rows_per_s"],
         "eval_rows_per_s_first_pass": first["rows_per_s"], "eval_peak_mem_gib": warm["peak_mem_gib"],
         "dev": {k: v for k, v in (summary.get("selection") or {}).get("history", [{}])[-1].items()},

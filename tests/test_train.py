@@ -1,5 +1,8 @@
 """Training: LoRA weights change while the base stays frozen; a resumed run ends where an uninterrupted one does."""
 
+import json
+import math
+
 import pytest
 import torch
 from transformers import TrainerCallback
@@ -236,3 +239,59 @@ def test_a_non_finite_loss_stops_training_naming_the_step_and_the_checkpoint(tmp
     state.global_step = 10
     with pytest.raises(TrainingDiverged, match="grad_norm inf.*no checkpoint predates it"):
         FiniteLoss(tmp_path).on_log(None, state, control, logs={"loss": 1.0, "grad_norm": float("inf")})
+
+
+class NanAtStep(TrainerCallback):
+    """Makes one LoRA weight's gradient NaN in every backward of optimizer step ``step`` (a hook on the weight:
+    it runs before any callback sees the step) and snapshots the trainable weights at each step's end."""
+
+    def __init__(self, step: int):
+        self.step, self.calls, self.at = step, 0, {}
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        p = next(p for n, p in model.named_parameters() if "lora_A" in n)
+
+        def hook(grad):
+            self.calls += 1
+            in_step = (self.calls - 1) // args.gradient_accumulation_steps + 1
+            return grad * float("nan") if in_step == self.step else grad
+        p.register_hook(hook)
+        self.at[0] = self._weights(model)
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        self.at[state.global_step] = self._weights(model)
+
+    @staticmethod
+    def _weights(model):
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_skip_nonfinite_steps_drops_that_steps_update_and_trains_on(tokenizer_dir, learnable_data, tmp_path):
+    nan = NanAtStep(3)
+    out = train(lora_cfg(learnable_data, tmp_path / "run", **{"train.skip_nonfinite_steps": "1"}), progress=False,
+                callbacks=[nan])
+    assert out["skipped_steps"] == [3] and out["global_step"] == 8
+    before, at3, at4 = nan.at[2], nan.at[3], nan.at[4]
+    assert all(torch.equal(before[n], at3[n]) for n in before)  # step 3 changed nothing
+    assert any(not torch.equal(at3[n], at4[n]) for n in at3)    # step 4 trained again
+    assert all(torch.isfinite(w).all() for w in nan.at[8].values())
+    logged = [json.loads(l) for l in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in logged if "loss" in r]
+    assert len(losses) == 8 and all(math.isfinite(float(x)) for x in losses)  # the NaN loss left out of the mean
+
+
+def test_without_skip_a_nonfinite_gradient_stops_the_run_and_too_many_skips_stop_it_too(tokenizer_dir, learnable_data,
+                                                                                       tmp_path):
+    from llmcls.trainer import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match="step 3: grad_norm nan"):  # the loss itself was finite
+        train(lora_cfg(learnable_data, tmp_path / "a"), progress=False, callbacks=[NanAtStep(3)])
+
+    class NanFrom(NanAtStep):  # steps 2 and on: more than one skip allowed
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            p = next(p for n, p in model.named_parameters() if "lora_A" in n)
+            p.register_hook(lambda g: g * float("nan") if state.global_step >= 1 else g)
+
+    with pytest.raises(TrainingDiverged, match=r"2 steps with non-finite gradients \(steps 2, 3\)"):
+        train(lora_cfg(learnable_data, tmp_path / "b", **{"train.skip_nonfinite_steps": "1"}), progress=False,
+              callbacks=[NanFrom(0)])

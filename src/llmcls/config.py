@@ -240,6 +240,11 @@ class TrainConfig:
                              "the first steps pay the compile time).")
     class_weights: str = f("none", "Weigh each row's answer tokens (lora.task=seq_cls: its cross-entropy) by its label: 'none', 'balanced' (rows / (labels x "
                                    "rows of the label)), or a JSON file {label: weight}.")
+    skip_nonfinite_steps: int = f(
+        0, "Drop the update of up to this many optimizer steps whose gradients are not finite (each named in a "
+        "warning and in train_summary.json's skipped_steps) instead of stopping the run at the first; checking "
+        "waits for the GPU once a step. 0: stop at the first non-finite loss or gradient norm logged.",
+        check=at_least(0))
     select_best: Literal["last", "macro_f1", "accuracy", "nll"] = f(
         "last", "Which weights the run keeps: the last step's, or those of the dev evaluation with the best dev "
         "macro-F1, accuracy or NLL (needs a dev set).")

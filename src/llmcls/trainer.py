@@ -63,8 +63,10 @@ def training_arguments(cfg: Config, checkpoints: Path, progress: bool = True) ->
         # GPU idle while the CPU prepares the next step (15% of a 7B step; docs/BENCHMARKS.md). Tokens are counted
         # by TokenCounter instead; a NaN loss shows up in the log as NaN rather than being averaged away.
         include_num_input_tokens_seen="no",
-        logging_nan_inf_filter=False,
-        accelerator_config={"non_blocking": True},
+        # With train.skip_nonfinite_steps a step is checked anyway, and a skipped step's NaN loss is left out of
+        # the logged mean as its update is left out of the weights.
+        logging_nan_inf_filter=cfg.train.skip_nonfinite_steps > 0,
+        accelerator_config={"non_blocking": torch.cuda.is_available()},  # pinned batches only (see next line)
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs a GPU; on a CPU torch warns every run
         remove_unused_columns=False,  # the collator needs 'labels'; 'length' is dropped there
         report_to="none",             # trackers are attached explicitly (see track.py)
@@ -201,13 +203,45 @@ class FiniteLoss(TrainerCallback):
     """Stops the run at the first logged non-finite loss or gradient norm, naming the step and the last good
     checkpoint. The Trainer would go on: one NaN gradient, clipped, makes every weight NaN, and the remaining
     steps and the evaluation after them are spent on a broken model (a seq_cls run on an H200 trained 270 such
-    steps before its eval failed)."""
+    steps before its eval failed).
 
-    def __init__(self, checkpoints: Optional[Path] = None):
-        self.checkpoints, self.last_good = checkpoints, None
+    ``skip`` > 0 (``train.skip_nonfinite_steps``): before each optimizer step the trainable gradients are checked
+    (one wait for the GPU per step); a step with a non-finite one loses its update (every gradient dropped, so
+    AdamW leaves every weight and its moments as they were, as a loss scaler does for fp16 overflows), is named
+    in a warning and in ``skipped``, and the run stops only past ``skip`` such steps."""
+
+    def __init__(self, checkpoints: Optional[Path] = None, skip: int = 0):
+        self.checkpoints, self.last_good, self.skip = checkpoints, None, skip
+        self.skipped: list[int] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
+        if not self.skip:
+            return
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return
+        ok = torch.stack([n.float() for n in torch._foreach_norm([p.grad for p in params])]).isfinite().all()
+        if torch.distributed.is_initialized() and dist.world_size() > 1:  # FSDP: shards differ; all must agree
+            ok = torch.tensor(int(ok), device=ok.device)
+            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+        if bool(ok):
+            return
+        step = state.global_step + 1  # the step being taken
+        self.skipped.append(step)
+        for p in params:
+            p.grad = None  # AdamW passes over a parameter without a gradient: no update, moments unchanged
+        if len(self.skipped) > self.skip:
+            raise TrainingDiverged(f"training diverged: {len(self.skipped)} steps with non-finite gradients "
+                                   f"(steps {', '.join(map(str, self.skipped))}), more than "
+                                   f"train.skip_nonfinite_steps={self.skip}. Lower train.lr, set lora.dtype "
+                                   "float32, or report the run's config with --debug")
+        log.warning("step %d: non-finite gradients, update skipped (%d of at most %d)", step, len(self.skipped),
+                    self.skip)
 
     def on_log(self, args, state, control, logs=None, **kw):
         bad = {k: v for k, v in (logs or {}).items() if k in ("loss", "grad_norm") and not _finite(v)}
+        if bad.keys() == {"grad_norm"} and state.global_step in self.skipped:
+            bad = {}  # the logged norm is the skipped step's own
         if not bad:
             if "loss" in (logs or {}):
                 self.last_good = state.global_step
@@ -220,7 +254,8 @@ class FiniteLoss(TrainerCallback):
             + ", ".join(f"{k} {v}" for k, v in bad.items())
             + (f" (last finite log at step {self.last_good})" if self.last_good is not None else "")
             + (f"; the checkpoint of step {good[-1]} predates it" if good else "; no checkpoint predates it")
-            + ". Lower train.lr, set lora.dtype float32, or report the run's config with --debug")
+            + ". Lower train.lr, set lora.dtype float32, set train.skip_nonfinite_steps, or report the run's "
+              "config with --debug")
 
 
 class PackedAttention(TrainerCallback):
@@ -302,15 +337,17 @@ def class_weights(spec: str, labels: list[str]) -> Optional[dict[str, float]]:
 
 
 def build_trainer(model, tokenizer, dataset, args: TrainingArguments, callbacks: list | None = None,
-                  packing: bool = False, dev=None, collator=None, loss=None, batch_sampler=None):
+                  packing: bool = False, dev=None, collator=None, loss=None, batch_sampler=None,
+                  skip_nonfinite: int = 0):
     """The HF Trainer with llmcls's collator (left padding, or rows packed end to end with attention kept within
     each row; answer-position logits) and loss. ``dev``: a :class:`llmcls.selection.DevEvaluator`, wired to the
     token counter (its forwards are not training) and to the Trainer's log. ``collator`` and ``loss`` replace the
     answer-token pair (``lora.task: seq_cls``: :class:`llmcls.seqcls.LabelCollator`, :class:`~llmcls.seqcls.LabelLoss`).
-    ``batch_sampler``: the training micro-batches (:func:`token_budget_sampler`), instead of fixed row counts."""
+    ``batch_sampler``: the training micro-batches (:func:`token_budget_sampler`), instead of fixed row counts.
+    ``skip_nonfinite``: :class:`FiniteLoss`'s ``skip``."""
     collator = collator or (PackedCollator() if packing else AnswerCollator(pad_id=tokenizer.pad_token_id))
     counter = TokenCounter(model)
-    extra = [FiniteLoss(Path(args.output_dir)), *([PackedAttention(model)] if packing else [])]
+    extra = [FiniteLoss(Path(args.output_dir), skip_nonfinite), *([PackedAttention(model)] if packing else [])]
     if dev is not None:
         dev.paused = counter.paused
         dev.attn = dev.attn or unwrap(model).config._attn_implementation  # what scoring expects, not packed

@@ -32,7 +32,7 @@ from llmcls.reporting.track import JsonlLogCallback, Tracker, trim_log, whole_ru
 from llmcls.rundir import RunDir
 from llmcls.selection import DevEvaluator
 from llmcls.warmup import StepTimer, cache_folder, process_age, split_line
-from llmcls.trainer import (build_trainer, class_weights, for_scoring, fsdp_loading, full_state_dict,
+from llmcls.trainer import (FiniteLoss, build_trainer, class_weights, for_scoring, fsdp_loading, full_state_dict,
                             prepare_for_training, reuse_refused, token_budget_sampler, training_arguments)
 
 log = logging.getLogger(__name__)
@@ -254,6 +254,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
     trainer = build_trainer(model, tokenizer, dataset, args, callbacks=[
         timer, JsonlLogCallback(run.train_log, echo=dist.is_main()), *tracker.callbacks,
         *(callbacks or [])], packing=cfg.train.packing, dev=dev, batch_sampler=sampler,
+        skip_nonfinite=cfg.train.skip_nonfinite_steps,
         **({"collator": seqcls.LabelCollator(tokenizer.pad_token_id), "loss": seqcls.LabelLoss(
             None if weights is None else torch.tensor([weights[l] for l in labels]))} if seq_cls else {}))
     checkpoint = _last_checkpoint(run) if resume else None
@@ -285,6 +286,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
         "tokens_per_s": round(trainer.state.num_input_tokens_seen / wall, 1) if wall > 0 else None,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
         "world_size": args.world_size, "fsdp": cfg.train.fsdp,
+        "skipped_steps": next(c.skipped for c in trainer.callback_handler.callbacks if isinstance(c, FiniteLoss)),
         "warmup": warmup_split(started, t_start, load_s, encode_s, t0, timer, cfg.train.compile),
         "environment": environment(),
     }
