@@ -266,15 +266,13 @@ class TrainedInMemory:
     second adapter, with the call and the dtype casting ``PeftModel.from_pretrained`` uses in :func:`load_trained`
     (so a bf16 adapter is cast to float32 there as here), the training's adapter is deleted; ``base`` disables the
     adapter (PEFT's ``disable_adapter()``: a seq_cls run's head is its initial one, as :func:`seqcls.load` builds
-    it). The tokenizer is the run's saved one, as :func:`load_trained` reads it."""
+    it). The tokenizer is the one training used, the very object it saved to the run's ``tokenizer/``, which
+    :func:`load_trained` reads."""
 
     NAMES = {"selected": "llmcls_selected", "last": "llmcls_last"}
 
-    def __init__(self, model, run_dir: str | Path, cfg: Config):
-        from llmcls.model.load import load_tokenizer
-
-        self.model, self.run = model, RunDir(run_dir)
-        self.tokenizer = load_tokenizer(cfg.model, str(self.run.tokenizer))
+    def __init__(self, model, tokenizer, run_dir: str | Path):
+        self.model, self.tokenizer, self.run = model, tokenizer, RunDir(run_dir)
 
     @contextlib.contextmanager
     def weights(self, which: str = "selected"):

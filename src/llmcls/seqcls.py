@@ -54,21 +54,31 @@ def first_token_ids(tok, labels: Sequence[str]) -> list[int]:
 def from_causal(causal, tok, labels: Sequence[str]):
     """The sequence classifier on ``causal``'s own backbone (the same modules: no copy of the weights, wherever
     and however they were loaded), its head the LM head's rows for each label's first token."""
-    from transformers import AutoModelForSequenceClassification
-
     ids = first_token_ids(tok, labels)
     shared = len(set(ids)) < len(ids)
     if shared:  # allowed here (the head is trained apart), unlike the export, whose head is never trained
         log.warning("lora.task=seq_cls: some labels share their first token, so their head rows start equal "
                     "(training sets them apart)")
+    return with_head(causal, labels, ids, tok.pad_token_id)
+
+
+def with_head(causal, labels: Sequence[str], token_ids: Sequence[int], pad_token_id: int):
+    """A ``*ForSequenceClassification`` over ``labels`` on ``causal``'s own backbone (shared, not copied) whose
+    bias-free ``score`` layer is the LM head's rows for ``token_ids`` (a copy: training it leaves the LM head).
+    :func:`from_causal` and ``llmcls export --as seq-cls`` (``build_seq_cls``) both build it here."""
+    from transformers import AutoModelForSequenceClassification
+
     head = causal.get_output_embeddings().weight
     with torch.device("meta"):  # the backbone is the causal LM's: nothing to allocate but the head
-        seq = AutoModelForSequenceClassification.from_config(seq_cls_config(causal.config, labels,
-                                                                             tok.pad_token_id), dtype=head.dtype)
+        seq = AutoModelForSequenceClassification.from_config(seq_cls_config(causal.config, labels, pad_token_id),
+                                                             dtype=head.dtype)
+    score = getattr(seq, "score", None)
+    if not isinstance(score, torch.nn.Linear) or score.bias is not None:
+        raise ValueError(f"{type(seq).__name__} has no bias-free 'score' layer to fill from the LM head")
     setattr(seq, seq.base_model_prefix, getattr(causal, causal.base_model_prefix))
     seq.score = torch.nn.Linear(head.shape[1], len(labels), bias=False, device=head.device, dtype=head.dtype)
     with torch.no_grad():
-        seq.score.weight.copy_(head[ids])
+        seq.score.weight.copy_(head[list(token_ids)])
     meta = [n for n, p in [*seq.named_parameters(), *seq.named_buffers()] if p.device.type == "meta"]
     if meta:
         raise RuntimeError(f"sequence classifier left uninitialised: {meta[:3]}")

@@ -70,26 +70,13 @@ def prompt_parts(builder, labels: list[str]) -> tuple[str, str]:
 
 
 def build_seq_cls(model, labels: list[str], token_ids: list[int], pad_token_id: int):
-    """A ``*ForSequenceClassification`` of the same architecture: the causal LM's backbone, and a score layer made
-    of the LM head's rows for ``token_ids``."""
-    from transformers import AutoModelForSequenceClassification
+    """A ``*ForSequenceClassification`` of the same architecture: the causal LM's backbone (its modules, shared:
+    :func:`llmcls.seqcls.with_head`, as ``lora.task: seq_cls`` builds its initial classifier), and a score layer
+    made of the LM head's rows for ``token_ids``."""
+    from llmcls.seqcls import with_head
 
-    from llmcls.seqcls import seq_cls_config
-
-    conf = seq_cls_config(model.config, labels, pad_token_id)
-    conf.architectures = [type(model).__name__.replace("ForCausalLM", "ForSequenceClassification")]
-    dtype = next(model.parameters()).dtype
-    seq = AutoModelForSequenceClassification.from_config(conf, dtype=dtype)
-    prefix = seq.base_model_prefix
-    missing, unexpected = getattr(seq, prefix).load_state_dict(getattr(model, prefix).state_dict(), strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"backbone weights do not match the sequence classifier: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
-    score = getattr(seq, "score", None)
-    if not isinstance(score, torch.nn.Linear) or score.bias is not None:
-        raise ValueError(f"{type(seq).__name__} has no bias-free 'score' layer to fill from the LM head")
-    with torch.no_grad():
-        score.weight.copy_(model.get_output_embeddings().weight[token_ids].to(score.weight.dtype))
+    seq = with_head(model, labels, token_ids, pad_token_id)
+    seq.config.architectures = [type(model).__name__.replace("ForCausalLM", "ForSequenceClassification")]
     return seq.eval()
 
 

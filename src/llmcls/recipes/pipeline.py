@@ -56,12 +56,12 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, with_baselin
     from llmcls.rundir import TrainedInMemory
 
     say = echo if dist.is_main() else (lambda _: None)
-    out, trained = train(cfg, resume=resume, overwrite=overwrite, callbacks=callbacks, keep_model=True)
+    out, trained, tokenizer = train(cfg, resume=resume, overwrite=overwrite, callbacks=callbacks, keep_model=True)
     say(f"trained {out['global_step']} steps in {out['wall_s']:.0f} s, final loss {out['final_logged_loss']}")
     _free_memory()  # the Trainer, its optimizer and (without reuse) the trained model
     run_dir = RunDir(cfg.train.output_dir)
     saved = run_dir.load_config()  # what training resolved (the tiny preset's base, for one)
-    memory = TrainedInMemory(trained, run_dir.path, saved) if trained is not None else None
+    memory = TrainedInMemory(trained, tokenizer, run_dir.path) if trained is not None else None
     if memory is not None:
         log.info("evaluating with the trained model in memory (no reload)")
 
@@ -85,7 +85,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, with_baselin
         say("zero-shot (base model): " + metrics_line(evaluate_weights("base")))
     if run_dir.last.is_dir():
         say("last step: " + metrics_line(evaluate_weights("last")))
-    del memory, trained
+    del memory, trained, tokenizer
     _free_memory()
     if dist.is_main():
         after_eval(run_dir.path, cfg, with_baseline=with_baseline, echo=say)

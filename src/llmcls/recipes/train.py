@@ -139,9 +139,10 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
           callbacks: list | None = None, keep_model: bool = False):
     """Fine-tune as configured; returns the training summary. ``callbacks`` are extra TrainerCallbacks.
 
-    ``keep_model`` (``llmcls run``): returns ``(summary, model)`` instead, ``model`` the trained model put in the
-    state of a fresh load for scoring (:func:`llmcls.trainer.for_scoring`), for the evaluations that follow to use
-    instead of loading the base again; None where :func:`llmcls.trainer.reuse_refused` says why they must load."""
+    ``keep_model`` (``llmcls run``): returns ``(summary, model, tokenizer)`` instead, ``model`` the trained model put
+    in the state of a fresh load for scoring (:func:`llmcls.trainer.for_scoring`), for the evaluations that follow
+    to use instead of loading the base again, None where :func:`llmcls.trainer.reuse_refused` says why they must
+    load; ``tokenizer`` the one training used and saved to the run's ``tokenizer/``."""
     from transformers import set_seed
 
     started = process_age()  # the interpreter's start and the imports, before anything of the run
@@ -328,8 +329,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
     why = reuse_refused(cfg)
     if why is not None:
         log.info("the evaluations load the model again: %s", why)
-        return out, None
+        return out, None, tokenizer
     trainer.optimizer = trainer.lr_scheduler = None  # the optimizer and its states go (free_memory collects)
     trainer.accelerator.free_memory()
     trainer = dev = None
-    return out, for_scoring(model, use_cache)
+    return out, for_scoring(model, use_cache), tokenizer
