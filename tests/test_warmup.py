@@ -63,6 +63,33 @@ def test_one_graph_for_all_layers_and_no_recompile_on_new_packed_lengths(model_f
     torch._dynamo.reset()
 
 
+def test_each_process_traces_the_layer_once_not_twice(model_factory, tmp_path, monkeypatch):
+    """The layer's Python floats (norm eps, LoRA dropout p and scaling) traced as symbolic floats made dynamo restart
+    the first compilation after AOTAutograd had traced it, in every process, so a warm compile cache still missed
+    one AOTAutograd entry (H200: 48 s of the warm run's first step compiling). compile_layers specialises them:
+    AOTAutograd runs once (``aot_eager``: AOTAutograd without Inductor's code generation)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from llmcls.model.load import compile_layers
+    from llmcls.trainer import one_graph_for_all_layers, prepare_for_training
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile"))
+    monkeypatch.setattr(torch._dynamo.config, "specialize_float", False)  # torch's default; compile_layers sets it
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = load_config(overrides={"lora.method": "lora", "lora.r": 4, "train.gradient_checkpointing": False})
+    model = prepare_for_training(model_factory(seed=3, layers=2), cfg)
+    one_graph_for_all_layers(model)
+    compile_layers(model, backend="aot_eager")
+    model.train()
+    ids = torch.randint(0, 200, (2, 9))
+    model(input_ids=ids).logits.float().pow(2).mean().backward()
+    assert counters["aot_autograd"]["total"] == 1, dict(counters["aot_autograd"])  # 2 when it restarts
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
 def test_without_the_input_gradient_the_first_layer_compiles_a_second_graph(model_factory, tmp_path, monkeypatch):
     """Why one_graph_for_all_layers exists: left alone, LoRA's frozen input table gives layer 0 an input without a
     gradient, and dynamo compiles a second graph for it (counted with the eager backend, as above)."""

@@ -281,6 +281,11 @@ def compile_layers(model, cache: Optional[str] = None, backend: str = "inductor"
     ``cache``: the on-disk compile cache folder (:func:`use_compile_cache`); ``backend``: torch.compile's
     (tests count dynamo's graphs with ``eager``, which generates no code)."""
     use_compile_cache(cache)
+    # A layer's Python floats (the norms' eps, LoRA's dropout p and scaling) are constants. Traced as symbolic
+    # floats (torch's default under dynamic shapes), they made dynamo restart every process's first compilation
+    # once AOTAutograd had traced it (its scalar-tensorifying pass specialises them anyway): a second trace, and
+    # an AOTAutograd cache miss even with a warm cache (docs/BENCHMARKS.md, warm-up).
+    torch._dynamo.config.specialize_float = True
     base = unwrap(model)
     for layer in base.model.layers:
         layer.compile(dynamic=True, backend=backend)
