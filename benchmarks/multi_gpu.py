@@ -66,6 +66,14 @@ def _shared() -> Path | None:
 
 
 # ----------------------------------------------------------------------------------------------- build
+def shape_config(shape: str | Path):
+    """``--shape``'s JSON (a published ``config.json``'s fields: ``../shared/model-shapes/*.json``,
+    ``benchmarks/shapes/*.json``) as a transformers ``Qwen2Config``."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(**json.loads(Path(shape).read_text()))
+
+
 def build(shape: str, tokenizer: str, out: Path) -> dict:
     """Runs in its own process (``_build``) so the parent never holds a GPU context."""
     import torch
@@ -79,9 +87,9 @@ def build(shape: str, tokenizer: str, out: Path) -> dict:
 
         build_tiny(TinyConfig(), tok, out, seed=0)
     else:
-        from transformers import Qwen2Config, Qwen2ForCausalLM
+        from transformers import Qwen2ForCausalLM
 
-        cfg = Qwen2Config(**json.loads(Path(shape).read_text()))
+        cfg = shape_config(shape)
         torch.manual_seed(0)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch.set_default_dtype(torch.bfloat16)  # initialise straight in bf16: no fp32 copy of 7B weights
