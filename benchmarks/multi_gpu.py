@@ -33,6 +33,20 @@ CPU smoke test (gloo, the tiny shape, no compilation, FSDP skipped: it needs CUD
 
 ``--dry-run`` prints the resolved config and every phase's command, and runs nothing.
 
+The Qwen2.5-72B shape on 4 or 8 GPUs (FSDP only: one card cannot hold it; not run yet, see the projection in
+docs/distributed.md). Micro-batch 16 without recomputation does not fit (``benchmarks/multi_gpu_projection.py``
+projects ~260 GiB per GPU); at the fast config's global batch 32, on 8 GPUs::
+
+    python benchmarks/multi_gpu.py --shape benchmarks/shapes/qwen2.5-72b-instruct.json --processes 8 \
+        --phases fsdp --batch-size 4 --global-batch 32 --gradient-checkpointing true --budget-s 3000 \
+        --out bench-out/multi_gpu-72b
+
+(4 GPUs: ``--processes 4 --batch-size 8``; without recomputation try ``--batch-size 4``, projected to fit.) The
+model is built in host memory (145 GB of bf16, more than one card) and saved once (~145 GB of disk), and FSDP's
+loading briefly holds one model-sized buffer per process in host memory (docs/distributed.md): ~580 GB for 4
+processes and ~1.2 TB for 8, more than the lent 4- and 8-GPU hosts have (512 / 560 GiB); untested. Measure the interconnect first: ``torchrun --standalone --nproc_per_node N
+benchmarks/nccl_bandwidth.py``.
+
 Writes ``OUT/multi_gpu.json`` and ``OUT/multi_gpu.md`` (the table for docs/BENCHMARKS.md, card named), and
 each phase's log and result files under ``OUT/phases/``. Models and run directories go to ``--workdir``.
 """
@@ -66,6 +80,14 @@ def _shared() -> Path | None:
 
 
 # ----------------------------------------------------------------------------------------------- build
+def shape_config(shape: str | Path):
+    """``--shape``'s JSON (a published ``config.json``'s fields: ``../shared/model-shapes/*.json``,
+    ``benchmarks/shapes/*.json``) as a transformers ``Qwen2Config``."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(**json.loads(Path(shape).read_text()))
+
+
 def build(shape: str, tokenizer: str, out: Path) -> dict:
     """Runs in its own process (``_build``) so the parent never holds a GPU context."""
     import torch
@@ -79,11 +101,14 @@ def build(shape: str, tokenizer: str, out: Path) -> dict:
 
         build_tiny(TinyConfig(), tok, out, seed=0)
     else:
-        from transformers import Qwen2Config, Qwen2ForCausalLM
+        from transformers import Qwen2ForCausalLM
 
-        cfg = Qwen2Config(**json.loads(Path(shape).read_text()))
+        cfg = shape_config(shape)
         torch.manual_seed(0)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        with torch.device("meta"):  # the size first: a model larger than the card is built in host memory
+            size = 2 * sum(p.numel() for p in Qwen2ForCausalLM(cfg).parameters())
+        fits = torch.cuda.is_available() and size < 0.8 * torch.cuda.mem_get_info()[0]
+        device = "cuda" if fits else "cpu"
         torch.set_default_dtype(torch.bfloat16)  # initialise straight in bf16: no fp32 copy of 7B weights
         with torch.device(device):
             model = Qwen2ForCausalLM(cfg)
