@@ -1,6 +1,8 @@
 """Training components for the HF Trainer: its arguments (one process or a DDP/FSDP launch), the model made ready
 to train, the collator and loss chosen together, and the callbacks that count tokens and switch packed attention
-on and off. ``llmcls.recipes.train`` puts them together into a run."""
+on and off. ``llmcls.recipes.train`` puts them together into a run. Over 400 lines on purpose: the arguments, the
+collator, the loss and the callbacks are chosen together in :func:`build_trainer` (packing, seq_cls, FSDP each change
+several of them), and one module shows what a training step is made of."""
 
 from __future__ import annotations
 
