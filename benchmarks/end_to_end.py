@@ -213,27 +213,27 @@ def markdown(res: dict) -> str:
         lines += [f"*{res['subset_note']}*", ""]
     lines += ["| side | wall clock | load | encode | train | evaluation | rows trained | test rows handled | metric |",
               "|---|---|---|---|---|---|---|---|---|"]
-    t = p.get("tutorial") or {}
-    if t.get("rc") == 0:
+    def tutorial_cells(t: dict) -> list:
         s, g = t["split"], t["generate"]
-        lines.append(f"| the tutorial's script | **{t['seconds']:.1f}** | {s['load_s']:.1f} | {s['encode_s']:.1f} "
-                     f"| {s['train_s']:.1f} | {s['generate_s']:.1f} ({g['rows']} generates, up to "
-                     f"{g['max_new_tokens']} new tokens each: {sum(g['new_tokens'])} in all) | {t['train_rows']} "
-                     f"| {g['rows']} | none |")
-    elif t:
-        lines.append(f"| the tutorial's script | {t.get('skipped') or 'failed (rc ' + str(t.get('rc')) + ')'} "
-                     "| | | | | | | |")
-    m = p.get("llmcls") or {}
-    if m.get("rc") == 0:
+        return [f"{s['load_s']:.1f}", f"{s['encode_s']:.1f}", f"{s['train_s']:.1f}",
+                f"{s['generate_s']:.1f} ({g['rows']} generates, up to {g['max_new_tokens']} new tokens each: "
+                f"{sum(g['new_tokens'])} in all)", t["train_rows"], g["rows"], "none"]
+
+    def llmcls_cells(m: dict) -> list:
         w = m.get("train_split") or {}
-        base = m.get("baseline") or {}
-        lines.append(f"| `llmcls run` (fast config) | **{m['seconds']:.1f}** | {w.get('load_s', 0):.1f} "
-                     f"| {w.get('encode_s', 0):.1f} | {m['train_s']:.1f} | {m['eval_s']:.1f} (scoring) "
-                     f"| {m['train_rows']} | {m['classified_rows']} | accuracy, macro-F1, per class"
-                     f"{', TF-IDF baseline' if base else ''}{', report' if m.get('report') else ''} |")
-    elif m:
-        lines.append(f"| `llmcls run` (fast config) | {m.get('skipped') or 'failed (rc ' + str(m.get('rc')) + ')'} "
-                     "| | | | | | | |")
+        return [f"{w.get('load_s', 0):.1f}", f"{w.get('encode_s', 0):.1f}", f"{m['train_s']:.1f}",
+                f"{m['eval_s']:.1f} (scoring)", m["train_rows"], m["classified_rows"],
+                "accuracy, macro-F1, per class" + (", TF-IDF baseline" if m.get("baseline") else "")
+                + (", report" if m.get("report") else "")]
+
+    for label, name, cells in (("the tutorial's script", "tutorial", tutorial_cells),
+                               ("`llmcls run` (fast config)", "llmcls", llmcls_cells)):
+        r = p.get(name)
+        if not r:
+            continue
+        got = ([f"**{r['seconds']:.1f}**", *cells(r)] if r.get("rc") == 0
+               else [r.get("skipped") or f"failed (rc {r.get('rc')})"] + [""] * 7)
+        lines.append(f"| {label} | " + " | ".join(map(str, got)) + " |")
     r = res.get("ratio") or {}
     if r:
         lines += ["", f"Wall clock, tutorial / llmcls: **{r['wall']:.2f}x** (target >= {TARGET:.0f}x: "
@@ -336,14 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.model and not (model_dir / "config.json").is_file():
         ap.error(f"--model {a.model}: no config.json there")
     if not a.model and ("build" in phases or not (model_dir / "config.json").is_file()):
-        t = time.perf_counter()
-        r = res["phases"]["build"] = ensure_model(a.shape, a.tokenizer, model_dir, out / "phases" / "build.log",
-                                                  deadline - time.perf_counter(), env)
-        if r["rc"] != 0:
-            print(f"building the model failed:\n{r.get('log_tail')}", file=sys.stderr)
+        res["phases"]["build"] = ensure_model(a.shape, a.tokenizer, model_dir, out / "phases" / "build.log",
+                                              deadline - time.perf_counter(), env)
+        if res["phases"]["build"]["rc"] != 0:
             return 1
-        print(f"[{time.perf_counter() - t_start:5.0f} s] model folder {model_dir} ready "
-              f"({time.perf_counter() - t:.0f} s)", flush=True)
     timed = [p for p in order if p in phases]
     if timed:
         res["prewarm"] = prewarm(model_dir)

@@ -170,14 +170,10 @@ def main(argv: list[str] | None = None) -> int:
                  "settings": {"config": os.path.relpath(a.config, ROOT), "overrides": over,
                               "train_rows": a.train_rows, "max_steps": a.max_steps, "eval_rows": a.eval_rows}}
 
-    t = time.perf_counter()
-    r = res["phases"]["build"] = ensure_model(a.model, a.tokenizer, model_dir, out / "phases" / "build.log",
-                                              deadline - time.perf_counter(), env)
-    if r["rc"] != 0:
-        print(f"building the model failed:\n{r.get('log_tail')}", file=sys.stderr)
+    res["phases"]["build"] = ensure_model(a.model, a.tokenizer, model_dir, out / "phases" / "build.log",
+                                          deadline - time.perf_counter(), env)
+    if res["phases"]["build"]["rc"] != 0:
         return 1
-    if "reused" not in r:
-        print(f"[{time.perf_counter() - t_start:5.0f} s] model built in {time.perf_counter() - t:.0f} s", flush=True)
 
     cli = [sys.executable, "-m", "llmcls.cli"]
     commands = {
