@@ -7,7 +7,8 @@ folder and the same first N training rows:
 
 ``tutorial``  the "Qwen1.5-7B-Chat + LoRA on zh_cls_fudan-news with SwanLab" script, in its order
               (``tutorial_phase``, run as ``end_to_end.py --_tutorial ...``): tokenizer (``use_fast=False``) and
-              model (``AutoModelForCausalLM``, bf16, ``device_map="auto"``: one card) loaded, ``enable_input_require_grads``,
+              model (``AutoModelForCausalLM``, bf16, ``device_map="auto"``: one card) loaded,
+              ``enable_input_require_grads``,
               train.jsonl read, its ``process_func`` mapped over the rows (``gpu_speed.tutorial_encode``, as published:
               right cut at 384, pad-token end) into a ``datasets.Dataset``, peft LoRA with its settings, its Trainer
               (``gpu_speed.tutorial_trainer``: batch 4 x accumulation 4, 2 epochs, lr 1e-4, gradient checkpointing,
@@ -239,6 +240,11 @@ def markdown(res: dict) -> str:
         lines += ["", f"Wall clock, tutorial / llmcls: **{r['wall']:.2f}x** (target >= {TARGET:.0f}x: "
                       f"{'met' if r['wall'] >= TARGET else 'not met'}); without the tutorial's generation: "
                       f"{r['wall_without_generate']:.2f}x; training alone: {r['train']:.2f}x."]
+    calls = {(r.get("invocation"), r.get("host")) for r in (p.get(n) or {} for n in PHASES) if r.get("invocation")}
+    if len(calls) > 1:
+        lines += ["", "The two phases ran in separate commands: " + "; ".join(
+            f"{n} started {p[n]['invocation']} on {p[n]['host']}" for n in PHASES if (p.get(n) or {}).get("invocation"))
+            + "."]
     lines += ["", f"git {res.get('git_commit')}; versions {res.get('versions')}; the weights read into the page "
                   f"cache before the phases ({(res.get('prewarm') or {}).get('gib')} GiB, untimed); order: "
                   f"{' then '.join(st['order'])}."]
@@ -299,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     if set(phases) - {"build", *PHASES} or sorted(order) != sorted(PHASES):
         ap.error(f"--phases: build and/or {', '.join(PHASES)}; --order: both of {', '.join(PHASES)}")
 
-    t_start = time.perf_counter()
+    t_start, started = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S")
     deadline = t_start + a.budget_s
     tiny = not a.model and a.shape == "tiny"
     out, work = Path(a.out), Path(a.workdir)
@@ -366,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                    *(["--max-steps", str(a.max_steps)] if a.max_steps else [])]
         print(f"[{time.perf_counter() - t_start:5.0f} s] {name}: {' '.join(cmd)}", flush=True)
         r = _launch(cmd, out / "phases" / f"{name}.log", left, env)
-        r["host"], r["finished_at"] = socket.gethostname(), time.strftime("%Y-%m-%d %H:%M:%S")
+        r.update(host=socket.gethostname(), finished_at=time.strftime("%Y-%m-%d %H:%M:%S"), invocation=started)
         if r["rc"] == 0:
             got = (collect_llmcls(RunDir(run_dir), out / "phases" / "llmcls") if name == "llmcls"
                    else read_json(result) or {})
