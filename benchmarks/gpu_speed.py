@@ -240,24 +240,40 @@ def tutorial_config_drift(path: Path = TUTORIAL_CONFIG) -> dict:
     return {k: [v, mine[k]] for k, v in TUTORIAL.items() if mine[k] != v}
 
 
-def run_tutorial(model, tok, rows, device, out_dir, warmup_epochs=1):
+def tutorial_lora(model):
+    """The tutorial's adapter on ``model``: input gradients switched on (for its gradient checkpointing), then peft's
+    LoRA with its settings (fp32 adapter weights, peft's default)."""
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     t = TUTORIAL
     cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=list(t["target_modules"]), inference_mode=False,
                      r=t["lora_r"], lora_alpha=t["lora_alpha"], lora_dropout=t["lora_dropout"])
     model.enable_input_require_grads()
-    peft_model = get_peft_model(model, cfg)
+    return get_peft_model(model, cfg)
 
-    def make_trainer(ds, callbacks):
-        args = TrainingArguments(output_dir=str(out_dir / "tutorial"), per_device_train_batch_size=t["batch_size"],
-                                 gradient_accumulation_steps=t["grad_accum"], logging_steps=10, num_train_epochs=1,
-                                 save_steps=100, learning_rate=t["lr"], save_on_each_node=True,
-                                 gradient_checkpointing=t["gradient_checkpointing"],
-                                 report_to="none", save_strategy="no", disable_tqdm=True)
-        return Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=callbacks,
-                       data_collator=DataCollatorForSeq2Seq(tokenizer=tok, padding=True))
+
+def tutorial_trainer(peft_model, tok, ds, output_dir, callbacks=(), **changes):
+    """The tutorial's Trainer: its TrainingArguments as published (2 epochs, a checkpoint every 100 steps, its
+    SwanLab callback aside: ``report_to`` was "none" there too) with ``changes`` over them, and its collator."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    t = TUTORIAL
+    kw = dict(output_dir=str(output_dir), per_device_train_batch_size=t["batch_size"],
+              gradient_accumulation_steps=t["grad_accum"], logging_steps=10, num_train_epochs=2, save_steps=100,
+              learning_rate=t["lr"], save_on_each_node=True, gradient_checkpointing=t["gradient_checkpointing"],
+              report_to="none")
+    args = TrainingArguments(**{**kw, **changes})
+    return Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=list(callbacks),
+                   data_collator=DataCollatorForSeq2Seq(tokenizer=tok, padding=True))
+
+
+def run_tutorial(model, tok, rows, device, out_dir, warmup_epochs=1):
+    t = TUTORIAL
+    peft_model = tutorial_lora(model)
+
+    def make_trainer(ds, callbacks):  # one epoch per Trainer (timed_training), no checkpoint inside the timing
+        return tutorial_trainer(peft_model, tok, ds, out_dir / "tutorial", callbacks, num_train_epochs=1,
+                                save_strategy="no", disable_tqdm=True)
 
     ds = [tutorial_encode(tok, r) for r in rows]  # the Trainer takes any sized sequence of examples
     res = {**timed_training(make_trainer, ds, device, warmup_epochs), "peak_gib": peak_gib(device),

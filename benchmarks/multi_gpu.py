@@ -120,6 +120,24 @@ def build(shape: str, tokenizer: str, out: Path) -> dict:
     return {"seconds": round(time.perf_counter() - t0, 1)}
 
 
+def ensure_model(shape: str, tokenizer: str, model_dir: Path, log: Path, timeout: float, env: dict) -> dict:
+    """The model folder of ``shape`` (reused when it exists): the tiny preset built here, any other shape in its own
+    process (``--_build``), so that the caller never holds a GPU context. Returns the phase's record (``rc``); says
+    how long the build took, or why it failed."""
+    if (model_dir / "config.json").is_file():
+        return {"rc": 0, "reused": str(model_dir)}
+    if shape == "tiny":
+        r = {"rc": 0, **build("tiny", tokenizer, model_dir)}
+    else:
+        r = _launch([sys.executable, str(Path(__file__).resolve()), "--tokenizer", tokenizer, "--_build", shape,
+                     str(model_dir)], log, timeout, env)
+    if r["rc"] != 0:
+        print(f"building the model failed:\n{r.get('log_tail')}", file=sys.stderr)
+    else:
+        print(f"model folder {model_dir} built in {r['seconds']:.0f} s", flush=True)
+    return r
+
+
 # ----------------------------------------------------------------------------------------- the run config
 def run_overrides(a: argparse.Namespace, model_dir: Path, test_file: Path, tiny: bool) -> dict:
     """What the benchmark sets over the shipped config, for every phase (the phase adds its output folder, its

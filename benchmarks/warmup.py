@@ -38,7 +38,7 @@ from pathlib import Path
 
 # the same model build and launcher as the multi-GPU benchmark (this script's folder is on the path, as for any
 # script run by its path)
-from multi_gpu import _env, _launch, _shared, build, cli_options  # noqa: E402
+from multi_gpu import _env, _launch, _shared, cli_options, ensure_model  # noqa: E402
 
 from llmcls.env import environment  # noqa: E402
 from llmcls.files import atomic_write_json, atomic_write_text  # noqa: E402
@@ -170,21 +170,10 @@ def main(argv: list[str] | None = None) -> int:
                  "settings": {"config": os.path.relpath(a.config, ROOT), "overrides": over,
                               "train_rows": a.train_rows, "max_steps": a.max_steps, "eval_rows": a.eval_rows}}
 
-    if not (model_dir / "config.json").is_file():
-        t = time.perf_counter()
-        if tiny:
-            res["phases"]["build"] = build("tiny", a.tokenizer, model_dir)
-        else:  # its own process: this one never holds a GPU context
-            r = _launch([sys.executable, str(ROOT / "benchmarks" / "multi_gpu.py"), "--tokenizer", a.tokenizer,
-                         "--_build", a.model, str(model_dir)], out / "phases" / "build.log",
-                        deadline - time.perf_counter(), env)
-            res["phases"]["build"] = r
-            if r["rc"] != 0:
-                print(f"building the model failed:\n{r.get('log_tail')}", file=sys.stderr)
-                return 1
-        print(f"[{time.perf_counter() - t_start:5.0f} s] model built in {time.perf_counter() - t:.0f} s", flush=True)
-    else:
-        res["phases"]["build"] = {"rc": 0, "reused": str(model_dir)}
+    res["phases"]["build"] = ensure_model(a.model, a.tokenizer, model_dir, out / "phases" / "build.log",
+                                          deadline - time.perf_counter(), env)
+    if res["phases"]["build"]["rc"] != 0:
+        return 1
 
     cli = [sys.executable, "-m", "llmcls.cli"]
     commands = {

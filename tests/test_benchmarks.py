@@ -149,7 +149,7 @@ _HEAVY = pytest.mark.slow
 @pytest.mark.parametrize("script", ["gpu_speed", "multi_gpu", pytest.param("score_profile", marks=_HEAVY),
                                     pytest.param("score_shapes", marks=_HEAVY), "serve_load", "real_accuracy",
                                     "hybrid_offline", pytest.param("score_candidates", marks=_HEAVY),
-                                    "multilabel_offline", "warmup", "prepare_speed", "onnx_speed",
+                                    "multilabel_offline", "warmup", "prepare_speed", "onnx_speed", "end_to_end",
                                     pytest.param("fp8_speed", marks=_HEAVY),
                                     pytest.param("seqcls_vs_generative", marks=_HEAVY)])
 def test_every_benchmark_imports_the_installed_package(script):
@@ -320,3 +320,37 @@ def test_prepare_speed_times_both_paths_and_checks_they_agree(tmp_path):
     assert "num_proc_64" not in res["runs"] or res["environment"]["cpu"]["available"] >= 64
     assert all(r["rows_per_s"] > 0 and r["cpu_ms_per_row"] > 0 for r in res["runs"].values())
     assert res["environment"]["cpu"]["count"] >= 1 and res["environment"]["versions"]["tokenizers"]
+
+
+@pytest.mark.slow  # a CPU run of a GPU benchmark: the second test tier (scripts/test.sh -m slow)
+@pytest.mark.skipif(not (FUDAN / "train.jsonl").is_file() or not (SHARED / "qwen-tokenizer").is_dir(),
+                    reason="../shared (Fudan rows, Qwen tokenizer) is absent")
+def test_end_to_end_times_both_sides_on_a_cpu(tmp_path):
+    """The tutorial's script and `llmcls run` on the tiny model, 16 rows, one epoch: both phases timed, each side's
+    rows as asked, the ratio and the subset stated."""
+    out_dir = tmp_path / "out"
+    env = {**os.environ, "LLMCLS_SHARED": str(SHARED)}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "end_to_end.py"), "--shape", "tiny",
+                          "--train-rows", "16", "--test-rows", "8", "--epochs", "1", "--generate-tokens", "4",
+                          "--workdir", str(tmp_path / "work"), "--out", str(out_dir)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    res = json.loads((out_dir / "end_to_end.json").read_text())
+    t, m = res["phases"]["tutorial"], res["phases"]["llmcls"]
+    assert t["rc"] == 0 and m["rc"] == 0 and t["seconds"] > 0 and m["seconds"] > 0
+    assert all(t["split"][k] > 0 for k in ("load_s", "encode_s", "train_s", "generate_s"))
+    assert t["seconds"] > sum(t["split"].values())  # the parent's clock holds the child's own split
+    assert t["train_rows"] == m["train_rows"] == 16 and t["global_step"] == m["global_step"] == 1
+    # the tutorial: 10 generates of up to 4 new tokens, no metric; llmcls: the asked test rows scored, a metric
+    assert t["generate"]["rows"] == 10 and t["generate"]["max_new_tokens"] == 4 and t["metric"] is None
+    assert all(0 < n <= 4 for n in t["generate"]["new_tokens"])
+    assert m["classified_rows"] == 8 and 0 <= m["metric"]["accuracy"] <= 1 and m["baseline"]["rows"] == 8
+    assert m["report"] is True and m["train_s"] > 0 and m["eval_s"] > 0
+    assert res["ratio"]["wall"] == pytest.approx(t["seconds"] / m["seconds"], rel=1e-2)
+    assert res["settings"]["order"] == ["llmcls", "tutorial"] and res["prewarm"]["gib"] > 0
+    saved = yaml.safe_load((out_dir / "phases" / "llmcls" / "config.yaml").read_text())
+    assert saved["train"]["compile"] is False and saved["train"]["packing"] is False  # GPU-only, off on a CPU
+    assert saved["data"]["max_train_rows"] == 16 and saved["track"]["tracker"] == "none"
+    md = (out_dir / "end_to_end.md").read_text()
+    assert "the first 16 of the 6,675 training rows" in md and "| the tutorial's script |" in md
+    assert "| `llmcls run` (fast config) |" in md
