@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal, NamedTuple, Sequence
 
 import numpy as np
-import torch
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +146,8 @@ class _Layout:
 
 def _fit(logliks, candidates, truth, labels: Sequence[str] | None, min_rows: int, l2: float,
          lexical=None) -> Calibration:
+    import torch  # only the fit needs it: `llmcls report` reads calibrations without importing torch
+
     lay = _Layout(logliks, candidates)
     lex = torch.from_numpy(_Layout(lexical, candidates).values) if lexical is not None else None
     hits = lay.truth_hits(truth)
