@@ -1,8 +1,9 @@
 """Training components for the HF Trainer: its arguments (one process or a DDP/FSDP launch), the model made ready
-to train, the collator and loss chosen together, and the callbacks that count tokens and switch packed attention
-on and off. ``llmcls.recipes.train`` puts them together into a run. Over 400 lines on purpose: the arguments, the
-collator, the loss and the callbacks are chosen together in :func:`build_trainer` (packing, seq_cls, FSDP each change
-several of them), and one module shows what a training step is made of."""
+to train, the collator and loss chosen together, and the callbacks that count tokens, time the steps (the warm-up
+split, ``llmcls.warmup``) and switch packed attention on and off. ``llmcls.recipes.train`` puts them together into
+a run. Over 400 lines on purpose: the arguments, the collator, the loss and the callbacks are chosen together in
+:func:`build_trainer` (packing, seq_cls, FSDP each change several of them), and one module shows what a training
+step is made of. ``llmcls eval`` never imports it (the Trainer's modules pull in peft)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +23,7 @@ from llmcls.collate import AnswerCollator, AnswerLoss, PackedCollator
 from llmcls.config import Config
 from llmcls.model.attention import packed_rows
 from llmcls.model.load import add_lora, compile_layers, unwrap
+from llmcls.warmup import compile_delta, compile_stats
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +191,48 @@ class TokenCounter(TrainerCallback):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(n)  # every process publishes at the same steps
         state.num_input_tokens_seen = self.base + int(n.item())
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():  # the step is done when the GPU is, not when its kernels are queued
+        torch.cuda.synchronize()
+
+
+class StepTimer(TrainerCallback):
+    """Times the Trainer from ``train()`` to the end of the first optimizer step and the mean of the steps after
+    it. The GPU is synchronised twice in the whole run (after the first step and at the end), so no other step
+    waits for it. ``begin`` is set by the caller just before ``trainer.train()``: the Trainer's own setup (data
+    loader, optimizer) counts in the first step."""
+
+    def __init__(self):
+        self.begin = self.first = self.end = None
+        self.first_step = self.last_step = 0
+        self.compile_before: Optional[dict] = None
+        self.compile_first: Optional[dict] = None
+
+    def start(self) -> None:
+        self.begin, self.compile_before = time.perf_counter(), compile_stats()
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.first is None:
+            _sync()
+            self.first, self.first_step = time.perf_counter(), state.global_step
+            self.compile_first = compile_delta(self.compile_before) if self.compile_before else None
+
+    def on_train_end(self, args, state, control, **kw):
+        _sync()
+        self.end, self.last_step = time.perf_counter(), state.global_step
+
+    def summary(self) -> dict:
+        if self.begin is None or self.first is None:
+            return {}
+        later = self.last_step - self.first_step
+        out = {"first_step_s": round(self.first - self.begin, 3),
+               "later_step_s": round((self.end - self.first) / later, 4) if later > 0 and self.end else None,
+               "later_steps": later}
+        if self.compile_first is not None:
+            out["first_step_compile"] = self.compile_first
+        return out
 
 
 class TrainingDiverged(ValueError):

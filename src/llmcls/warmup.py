@@ -5,16 +5,17 @@ filled compile cache.
 
 Compile time is torch's own account (``torch._dynamo.utils.compilation_time_metrics``): the seconds spent in
 dynamo's compilation of each frame, the backend (AOTAutograd, Inductor, their caches) included. Dynamo compiles
-lazily, inside the first forward, so it is a part of the first step's time, not added to it."""
+lazily, inside the first forward, so it is a part of the first step's time, not added to it.
+
+The Trainer callback that times the steps lives in llmcls.trainer (:class:`llmcls.trainer.StepTimer`) so that this
+module imports no model library: every evaluation imports it, and transformers' Trainer modules would bring in
+peft (and bitsandbytes where installed) where no adapter is applied (``llmcls eval RUN --weights base``)."""
 
 from __future__ import annotations
 
 import os
 import time
 from typing import Optional
-
-import torch
-from transformers import TrainerCallback
 
 _IMPORTED = time.perf_counter()
 
@@ -58,48 +59,6 @@ def compile_delta(before: dict, after: Optional[dict] = None) -> dict:
 def cache_folder() -> Optional[str]:
     """The compile cache folder in use (set by :func:`llmcls.model.load.use_compile_cache`), if any."""
     return os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():  # the step is done when the GPU is, not when its kernels are queued
-        torch.cuda.synchronize()
-
-
-class StepTimer(TrainerCallback):
-    """Times the Trainer from ``train()`` to the end of the first optimizer step and the mean of the steps after
-    it. The GPU is synchronised twice in the whole run (after the first step and at the end), so no other step
-    waits for it. ``begin`` is set by the caller just before ``trainer.train()``: the Trainer's own setup (data
-    loader, optimizer) counts in the first step."""
-
-    def __init__(self):
-        self.begin = self.first = self.end = None
-        self.first_step = self.last_step = 0
-        self.compile_before: Optional[dict] = None
-        self.compile_first: Optional[dict] = None
-
-    def start(self) -> None:
-        self.begin, self.compile_before = time.perf_counter(), compile_stats()
-
-    def on_step_end(self, args, state, control, **kw):
-        if self.first is None:
-            _sync()
-            self.first, self.first_step = time.perf_counter(), state.global_step
-            self.compile_first = compile_delta(self.compile_before) if self.compile_before else None
-
-    def on_train_end(self, args, state, control, **kw):
-        _sync()
-        self.end, self.last_step = time.perf_counter(), state.global_step
-
-    def summary(self) -> dict:
-        if self.begin is None or self.first is None:
-            return {}
-        later = self.last_step - self.first_step
-        out = {"first_step_s": round(self.first - self.begin, 3),
-               "later_step_s": round((self.end - self.first) / later, 4) if later > 0 and self.end else None,
-               "later_steps": later}
-        if self.compile_first is not None:
-            out["first_step_compile"] = self.compile_first
-        return out
 
 
 def split_line(what: str, w: dict) -> str:

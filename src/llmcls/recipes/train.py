@@ -31,9 +31,10 @@ from llmcls.recipes.prepare import load_encoded, prepare
 from llmcls.reporting.track import JsonlLogCallback, Tracker, trim_log, whole_run_loss
 from llmcls.rundir import RunDir
 from llmcls.selection import DevEvaluator
-from llmcls.warmup import StepTimer, cache_folder, process_age, split_line
-from llmcls.trainer import (FiniteLoss, build_trainer, class_weights, for_scoring, fsdp_loading, full_state_dict,
-                            prepare_for_training, reuse_refused, token_budget_sampler, training_arguments)
+from llmcls.warmup import cache_folder, process_age, split_line
+from llmcls.trainer import (FiniteLoss, StepTimer, build_trainer, class_weights, for_scoring, fsdp_loading,
+                            full_state_dict, prepare_for_training, reuse_refused, token_budget_sampler,
+                            training_arguments)
 
 log = logging.getLogger(__name__)
 
