@@ -302,7 +302,7 @@ def test_paired_dataset_joins_two_classes_and_uses_each_row_once(tmp_path):
 def test_dry_run_plans_one_example_per_true_label(tmp_path):
     import yaml
 
-    from llmcls.recipes.train import dry_run
+    from llmcls.recipes.plan import dry_run
 
     rows = multilabel_rows(40, 7)
     path = write_jsonl(tmp_path / "train.jsonl", rows)

@@ -168,14 +168,20 @@ def _check_files(args) -> None:
         writable(args.run_dir, "RUN_DIR")
 
 
+def _dry_run(cfg: Config) -> int:
+    from llmcls.recipes.plan import dry_run  # imports no model library (llmcls.recipes.train does)
+
+    if _is_main():  # under a launcher: one plan, not one per process
+        print(dry_run(cfg), end="")
+    return 0
+
+
 def cmd_train(args) -> int:
     cfg = _training_config(args)
-    from llmcls.recipes.train import dry_run, train
-
     if args.dry_run:
-        if _is_main():  # under a launcher: one plan, not one per process
-            print(dry_run(cfg), end="")
-        return 0
+        return _dry_run(cfg)
+    from llmcls.recipes.train import train
+
     out = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if _is_main():
         _print_json(out)
@@ -184,13 +190,10 @@ def cmd_train(args) -> int:
 
 def cmd_run(args) -> int:
     cfg = _training_config(args)
-    from llmcls.recipes.pipeline import run
-    from llmcls.recipes.train import dry_run
-
     if args.dry_run:
-        if _is_main():
-            print(dry_run(cfg), end="")
-        return 0
+        return _dry_run(cfg)
+    from llmcls.recipes.pipeline import run
+
     run(cfg, resume=args.resume, overwrite=args.overwrite, with_baseline=not args.no_baseline)
     return 0
 
