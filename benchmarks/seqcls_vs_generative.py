@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import time
 from pathlib import Path
 
@@ -78,7 +77,7 @@ def steady(marks: list, rows_per_step: int) -> dict:
                                                                                (t1 - t0), 2), "steps": s1 - s0}
 
 
-def one_mode(mode: str, a, common: dict) -> dict:
+def one_mode(mode: str, a, common: dict, seq_only: dict) -> dict:
     from llmcls.recipes.evaluate import evaluate
     from llmcls.recipes.train import train
     from llmcls.rundir import load_trained
@@ -86,7 +85,7 @@ def one_mode(mode: str, a, common: dict) -> dict:
     overrides = {**common, "lora.task": mode, "train.output_dir": str(Path(a.workdir) / mode)}
     if mode == "seq_cls":
         overrides["train.packing"] = False  # refused with a head: it pools each row's last token
-        overrides.update(dict(kv.split("=", 1) for kv in a.seq_cls_set))
+        overrides.update(seq_only)
     cfg = load_config(a.config, overrides)
     say(f"{mode}: training ({cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs} "
         f"{'steps' if cfg.train.max_steps > 0 else 'epochs'}, packing {cfg.train.packing}, compile "
@@ -175,14 +174,14 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name() if cuda else "cpu"
     say(f"{a.model} on {device}, config {a.config}")
     t0 = time.perf_counter()
-    modes = {m: one_mode(m, a, common) for m in MODES}
+    seq_only = dict(kv.split("=", 1) for kv in a.seq_cls_set)
+    modes = {m: one_mode(m, a, common, seq_only) for m in MODES}
     gen, seq = modes["generate"], modes["seq_cls"]
     ratio = {k: round(seq[k] / gen[k], 3) for k in ("train_tokens_per_s_steady", "train_rows_per_s_steady",
                                                     "train_wall_s", "eval_rows_per_s", "accuracy", "macro_f1")
              if isinstance(seq.get(k), (int, float)) and isinstance(gen.get(k), (int, float)) and gen[k]}
     res = {"model": a.model, "data": str(data), "config": a.config, "overrides": common,
-           "seq_cls_changes": {"lora.task": "seq_cls", "train.packing": False,
-                                                    **dict(kv.split("=", 1) for kv in a.seq_cls_set)}, "device": device,
+           "seq_cls_changes": {"lora.task": "seq_cls", "train.packing": False, **seq_only}, "device": device,
            "modes": modes, "ratio": ratio, "wall_s": round(time.perf_counter() - t0, 1), "environment": environment()}
     atomic_write_json(out / "seqcls_vs_generative.json", res)
     md = table(res)
