@@ -78,12 +78,13 @@ def phase_env(tiny: bool, tokenizer: str) -> dict:
     return env
 
 
-def collect(run: RunDir) -> dict:
+def collect(run: RunDir, weights: str = "selected") -> dict:
     train = read_json(run.train_summary) or {}
-    metrics = read_json(run.results("selected").metrics) or {}
+    metrics = read_json(run.results(weights).metrics) or {}
     return {"train": train.get("warmup"), "eval": metrics.get("warmup"), "global_step": train.get("global_step"),
             "peak_mem_gib": train.get("peak_mem_gib"), "eval_peak_mem_gib": metrics.get("peak_mem_gib"),
-            "eval_rows": metrics.get("rows"), "environment": train.get("environment")}
+            "eval_rows": metrics.get("rows"), "eval_rows_per_s": metrics.get("rows_per_s"),
+            "environment": train.get("environment")}
 
 
 def markdown(res: dict) -> str:
@@ -105,7 +106,7 @@ def markdown(res: dict) -> str:
                      f"| {c.get('fx_graph_cache_hits', 0)} / {c.get('autograd_cache_hits', 0)} |")
     lines += ["", "| evaluation | start | load | first batch (compiling) | to first batch (from its load) | other "
               "batches | graphs | cache hits (FX / AOT) |", "|---|---|---|---|---|---|---|---|"]
-    for name in ("cold", "warm", "eval-warm"):
+    for name in ("cold", "warm", "eval-warm", "eval-merged", "eval-base"):
         w = (res["runs"].get(name) or {}).get("eval")
         if not w:
             continue
@@ -150,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-rows", type=int, default=200)
     ap.add_argument("--max-steps", type=int, default=10)
     ap.add_argument("--eval-rows", type=int, default=128)
-    ap.add_argument("--phases", default="cold,warm", help="cold,warm[,eval]: eval is `llmcls eval` after them.")
+    ap.add_argument("--phases", default="cold,warm",
+                    help="cold,warm[,eval,eval-merged,eval-base]: `llmcls eval` after them (the adapter attached, "
+                         "merged, or the base alone).")
     ap.add_argument("--budget-s", type=float, default=560, help="Skip phases that would start past this.")
     a = ap.parse_args(argv)
     if not (a.model and a.tokenizer and a.data):
@@ -181,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
                  "--overwrite", "--no-baseline"],
         "eval": [*cli, "eval", str(run_dir), "--model.compile_cache", str(cache)],
     }
+    # where scoring's time goes beside the base model's own forward: the adapter merged, and no adapter at all
+    commands["eval-merged"] = [*commands["eval"], "--eval.merge_lora", "true"]
+    commands["eval-base"] = [*commands["eval"], "--zero-shot"]
     commands["warm"] = commands["cold"]
     for name in [p for p in a.phases.split(",") if p]:
         left = deadline - time.perf_counter()
@@ -193,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         if r["rc"] != 0:
             print(f"{name} failed (rc {r['rc']}); log: {out / 'phases' / f'{name}.log'}", flush=True)
             continue
-        got = collect(RunDir(run_dir))
-        if name == "eval":
-            got = {"eval": got["eval"], "eval_peak_mem_gib": got["eval_peak_mem_gib"]}
+        got = collect(RunDir(run_dir), "base" if name == "eval-base" else "selected")
+        if name.startswith("eval"):
+            got = {k: got[k] for k in ("eval", "eval_peak_mem_gib", "eval_rows", "eval_rows_per_s")}
         got["process_s"] = r["seconds"]
         res["runs"]["eval-warm" if name == "eval" else name] = got
         print(f"    {json.dumps({k: v for k, v in got.items() if k in ('train', 'eval')})}", flush=True)

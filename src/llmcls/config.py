@@ -287,6 +287,9 @@ class EvalConfig:
         "confidence does not grow with length), max (each candidate's best window) or sum (product of experts).")
     compile: bool = f(False, "torch.compile each decoder layer for eval and predict (GPU: fused kernels; the first "
                              "batches pay ~30 s of compile time, so it pays from a few thousand rows).")
+    merge_lora: bool = f(False, "Merge the LoRA adapter into the base weights before scoring (eval, predict, serve): "
+                                "no adapter products per layer, so faster; the merged weights are rounded to the "
+                                "base's dtype, as export's are, so scores can move in their last digits.")
 
 
 @dataclass
@@ -657,6 +660,17 @@ _NOT_WITH_SEQ_CLS = {
     "model.offload_embeddings": (True, "not supported with the classification head yet"),
     "train.fsdp": (("full_shard", "shard_grad_op"), "not supported with the classification head yet"),
 }
+
+
+def check_scoring(cfg: Config) -> None:
+    """eval.merge_lora: an adapter to merge, into weights that can take it."""
+    if cfg.eval.merge_lora and cfg.model.quantize != "none":
+        # nf4 would be dequantised, merged and quantised again (lossy); FP8 bases are torchao modules
+        raise ConfigError(f"eval.merge_lora with model.quantize={cfg.model.quantize}: merging into a quantised base "
+                          "changes it; score with the adapter attached (eval.merge_lora false), or export the run "
+                          "(which merges into the unquantised base)")
+    if cfg.eval.merge_lora and cfg.lora.method == "full":
+        raise ConfigError("eval.merge_lora with lora.method=full: a full fine-tune has no adapter to merge")
 
 
 def check_task(cfg: Config) -> None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from llmcls.config import Config, ConfigError, check_model, check_task, load_config
+from llmcls.config import Config, ConfigError, check_model, check_scoring, check_task, load_config
 
 EXPORT_META = "llmcls.json"
 EXPORT_FORMAT = "llmcls-export"
@@ -199,13 +199,15 @@ class RunDir:
 
 
 def load_trained(run_dir: str | Path, cfg: Optional[Config] = None, device: Optional[str] = None,
-                 dtype=None, weights: str = "selected"):
+                 dtype=None, weights: str = "selected", merge: Optional[bool] = None):
     """Load a finished run: (model, tokenizer, config). LoRA runs load the base named in the run's config and apply
     ``adapter/``; full fine-tunes load ``model/``. ``weights``: the run's own (``selected``), the last step's kept
     by ``train.keep_last`` (``last``), or the base model alone (``base``: zero-shot, same prompt and tokenizer).
     ``cfg`` is the run's config with the caller's overrides (default: read from the run), e.g.
     ``model.device_map: auto`` to evaluate a model trained with FSDP on a single process, or
-    ``model.quantize: none`` (export merges a QLoRA adapter into the unquantised base)."""
+    ``model.quantize: none`` (export merges a QLoRA adapter into the unquantised base). The adapter keeps the dtype
+    it trained in (:func:`adapter_autocast`); ``merge`` (default ``eval.merge_lora``; export passes True) merges it
+    into the base weights."""
     from llmcls import dist
     from llmcls.model.load import load_model, load_tokenizer, peft_quietly, resolve_model_path
 
@@ -213,6 +215,9 @@ def load_trained(run_dir: str | Path, cfg: Optional[Config] = None, device: Opti
     cfg = cfg or run.load_config()
     check_model(cfg.model, dist.world_size())
     check_task(cfg)
+    if merge is None:
+        check_scoring(cfg)
+        merge = cfg.eval.merge_lora
     tok = load_tokenizer(cfg.model, str(run.tokenizer))
     folder = None if weights == "base" else run.weights(weights)
     if cfg.lora.task == "seq_cls":  # a classification head over the run's labels (llmcls.seqcls)
@@ -231,7 +236,8 @@ def load_trained(run_dir: str | Path, cfg: Optional[Config] = None, device: Opti
 
         with peft_quietly():
             model = PeftModel.from_pretrained(load_model(cfg.model, resolve_model_path(cfg.model), device, dtype),
-                                              folder)
+                                              # a merge computes the delta in float32 and rounds once
+                                              folder, autocast_adapter_dtype=adapter_autocast(cfg) or merge)
     elif (folder / "config.json").is_file():
         model = load_model(cfg.model, str(folder), device, dtype)
     elif weights == "last":
@@ -240,8 +246,17 @@ def load_trained(run_dir: str | Path, cfg: Optional[Config] = None, device: Opti
     else:
         raise FileNotFoundError(f"{run.path} holds neither adapter/ nor model/: did training finish? "
                                 "Resume it with 'llmcls train --resume'")
+    if merge and hasattr(model, "merge_and_unload"):  # a PEFT model; weights=base has no adapter to merge
+        model = model.merge_and_unload()
     model.eval()
     return model, tok, cfg
+
+
+def adapter_autocast(cfg: Config) -> bool:
+    """Whether a loaded adapter is cast to float32: only where it trained in float32 (``lora.dtype``). PEFT's own
+    default casts a bf16 adapter up, so scoring would run arithmetic training never ran, with a copy of every
+    adapter's input to float32 in each of the 7 projections of every layer."""
+    return cfg.lora.dtype == "float32"
 
 
 def model_for_run(run_dir: str | Path, cfg: Optional[Config] = None, model=None, tokenizer=None,
@@ -264,29 +279,41 @@ class TrainedInMemory:
     :meth:`weights` gives it each set of weights :func:`load_trained` would load, without loading the base again:
     ``selected`` and ``last`` load the run's own adapter folder (``adapter/``, ``last/``) into the model as a
     second adapter, with the call and the dtype casting ``PeftModel.from_pretrained`` uses in :func:`load_trained`
-    (so a bf16 adapter is cast to float32 there as here), the training's adapter is deleted; ``base`` disables the
+    (a bf16 adapter stays bf16 there as here: :func:`adapter_autocast`), the training's adapter is deleted; with
+    ``merge`` the adapter is merged into the base for good, so no other weights can follow; ``base`` disables the
     adapter (PEFT's ``disable_adapter()``: a seq_cls run's head is its initial one, as :func:`seqcls.load` builds
     it). The tokenizer is the one training used, the very object it saved to the run's ``tokenizer/``, which
     :func:`load_trained` reads."""
 
     NAMES = {"selected": "llmcls_selected", "last": "llmcls_last"}
 
-    def __init__(self, model, tokenizer, run_dir: str | Path):
-        self.model, self.tokenizer, self.run = model, tokenizer, RunDir(run_dir)
+    def __init__(self, model, tokenizer, run_dir: str | Path, cfg: Config):
+        self.model, self.tokenizer, self.run, self.cfg = model, tokenizer, RunDir(run_dir), cfg
+        self.merged = False
 
     @contextlib.contextmanager
-    def weights(self, which: str = "selected"):
-        """A context giving ``(model, tokenizer)`` with the ``which`` weights (``selected``, ``last``, ``base``)."""
+    def weights(self, which: str = "selected", merge: bool = False):
+        """A context giving ``(model, tokenizer)`` with the ``which`` weights (``selected``, ``last``, ``base``),
+        the adapter merged into the base weights with ``merge`` (eval.merge_lora). Unmerging would not give the
+        base back bit for bit (each weight is rounded to bf16 twice), so a merge is final: score it last."""
+        if self.merged:
+            raise RuntimeError("the adapter was merged into the base weights for an evaluation; the model in "
+                               "memory can score no other weights now")
         if which == "base":
             with self.model.disable_adapter():
                 yield self.model, self.tokenizer
             return
         folder, name = self.weights_folder(which), self.NAMES[which]
         if name not in self.model.peft_config:
-            self.model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+            self.model.load_adapter(str(folder), adapter_name=name, is_trainable=False,
+                                    autocast_adapter_dtype=adapter_autocast(self.cfg))
         self.model.set_adapter(name, inference_mode=True)
         if "default" in self.model.peft_config:  # the training's own adapter: its weights are on disk
             self.model.delete_adapter("default")
+        if merge:
+            check_scoring(self.cfg)
+            self.model.merge_adapter()
+            self.merged = True
         self.model.eval()
         yield self.model, self.tokenizer
 

@@ -106,8 +106,10 @@ def load(cfg, tok, labels: Sequence[str], folder, device=None, dtype=None):
 
     from llmcls.model.load import peft_quietly
 
+    from llmcls.rundir import adapter_autocast
+
     with peft_quietly():
-        return PeftModel.from_pretrained(seq, folder)
+        return PeftModel.from_pretrained(seq, folder, autocast_adapter_dtype=adapter_autocast(cfg))
 
 
 def is_seq_cls(model) -> bool:

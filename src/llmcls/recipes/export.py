@@ -133,10 +133,8 @@ def export(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, cf
     # A QLoRA adapter goes into the base's own unquantised weights: the export needs neither bitsandbytes nor a
     # second rounding of the base (the adapter was trained against the NF4-rounded base; the difference is small)
     cfg.model.quantize = "none"
-    model, tok, cfg = load_trained(run.path, cfg, device=device, dtype=dtype)
+    model, tok, cfg = load_trained(run.path, cfg, device=device, dtype=dtype, merge=True)
     method = run.method()
-    if method == "lora":
-        model = model.merge_and_unload()
     model.config.use_cache = True  # training switched it off; users of the export generate with a cache
     model.generation_config = _generation_config(model, tok, cfg, labels)
 

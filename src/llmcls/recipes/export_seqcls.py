@@ -233,13 +233,10 @@ def export_seq_cls(run_dir: str | Path, out_dir: str | Path, overwrite: bool = F
     dtype = dtype or _base_dtype(run, cfg)
     m = read_json(run.eval.metrics)
     cfg.model.quantize = "none"  # as the causal-LM export: the adapter goes into the unquantised base
-    model, tok, cfg = load_trained(run.path, cfg, device=device, dtype=dtype)
+    model, tok, cfg = load_trained(run.path, cfg, device=device, dtype=dtype, merge=True)
     trained = cfg.lora.task == "seq_cls"  # the run's own classifier (llmcls.seqcls), head and all
-    # refuses shared first tokens before the merge and the measurement (a trained head has its own rows)
+    # refuses shared first tokens before the measurement (a trained head has its own rows)
     token_ids = None if trained else first_tokens(tok, labels)
-    if run.method() == "lora":
-        model = model.merge_and_unload()
-    model.eval()
     if trained:
         seq, agree = model, None
     else:

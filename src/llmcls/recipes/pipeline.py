@@ -61,7 +61,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, with_baselin
     _free_memory()  # the Trainer, its optimizer and (without reuse) the trained model
     run_dir = RunDir(cfg.train.output_dir)
     saved = run_dir.load_config()  # what training resolved (the tiny preset's base, for one)
-    memory = TrainedInMemory(trained, tokenizer, run_dir.path) if trained is not None else None
+    memory = TrainedInMemory(trained, tokenizer, run_dir.path, saved) if trained is not None else None
     if memory is not None:
         log.info("evaluating with the trained model in memory (no reload)")
 
@@ -69,10 +69,13 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, with_baselin
         if memory is None:
             return evaluate(run_dir.path, saved, weights=weights, **kwargs)
         started, t = process_age(), time.perf_counter()
-        with memory.weights(weights) as (model, tokenizer):
+        # eval.merge_lora merges the run's own adapter into the base in memory for good: scored last
+        with memory.weights(weights, merge=saved.eval.merge_lora and weights == "selected") as (model, tokenizer):
             loaded = {"start_s": started, "load_s": time.perf_counter() - t}  # the adapter's load
             return evaluate(run_dir.path, saved, model, tokenizer, weights=weights, loaded=loaded, **kwargs)
 
+    others = (["base"] if saved.eval.zero_shot else []) + (["last"] if run_dir.last.is_dir() else [])
+    before = {w: evaluate_weights(w) for w in others} if saved.eval.merge_lora and memory is not None else {}
     tracker = eval_tracker(run_dir.path, saved)
     metrics = evaluate_weights("selected", tracker=tracker)
     tracker.finish()
@@ -81,10 +84,9 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, with_baselin
         say(split_line("training", out["warmup"]))
     say(split_line("eval", metrics["warmup"]))
     # what fine-tuning bought, and what selecting on the dev set bought: same prompt, same test rows
-    if saved.eval.zero_shot:
-        say("zero-shot (base model): " + metrics_line(evaluate_weights("base")))
-    if run_dir.last.is_dir():
-        say("last step: " + metrics_line(evaluate_weights("last")))
+    for w in others:
+        m = before[w] if w in before else evaluate_weights(w)
+        say(("zero-shot (base model): " if w == "base" else "last step: ") + metrics_line(m))
     del memory, trained, tokenizer
     _free_memory()
     if dist.is_main():
