@@ -287,9 +287,11 @@ class EvalConfig:
         "confidence does not grow with length), max (each candidate's best window) or sum (product of experts).")
     compile: bool = f(False, "torch.compile each decoder layer for eval and predict (GPU: fused kernels; the first "
                              "batches pay ~30 s of compile time, so it pays from a few thousand rows).")
-    merge_lora: bool = f(False, "Merge the LoRA adapter into the base weights before scoring (eval, predict, serve): "
-                                "no adapter products per layer, so faster; the merged weights are rounded to the "
-                                "base's dtype, as export's are, so scores can move in their last digits.")
+    merge_lora: bool = f(False, "Merge the LoRA adapter into the base weights before scoring (eval, predict, "
+                                "calibrate, serve; in 'llmcls run' the run's own weights, scored after the others): "
+                                "no adapter products per layer (7B shape, H200: 122 against 110 rows/s steady); the "
+                                "merged weights are rounded to the base's dtype, as export's are, so scores move a "
+                                "little (real 0.5B, bf16: 3 of 1,669 test labels changed).")
 
 
 @dataclass
