@@ -215,6 +215,8 @@ def test_scoring_keeps_the_adapter_in_the_dtype_it_trained_in(tmp_path, tokenize
         over = RunDir(out).load_config({"model.dtype": "bfloat16", "lora.dtype": lora_dtype})
         model, tok, _ = load_trained(out, over)
         assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {want}
+        # the name the model in memory gives it: the parameters' paths, and so the compile cache's keys, match
+        assert list(model.peft_config) == ["llmcls_selected"]
         memory = TrainedInMemory(model, tok, out, over)
         with memory.weights("selected") as (scored, _):
             assert {p.dtype for n, p in scored.named_parameters() if "lora_" in n} == {want}

@@ -228,7 +228,7 @@ def load_trained(run_dir: str | Path, cfg: Optional[Config] = None, device: Opti
         labels = run.labels()
         if not labels:
             raise FileNotFoundError(f"{run.data.summary} is missing: the classification head's labels are unknown")
-        model = seqcls.load(cfg, tok, labels, folder, device, dtype)
+        model = seqcls.load(cfg, tok, labels, folder, device, dtype, adapter_name=ADAPTER_NAMES.get(weights))
     elif folder is None:
         model = load_model(cfg.model, resolve_model_path(cfg.model), device, dtype)
     elif (folder / "adapter_config.json").is_file():
@@ -237,7 +237,8 @@ def load_trained(run_dir: str | Path, cfg: Optional[Config] = None, device: Opti
         with peft_quietly():
             model = PeftModel.from_pretrained(load_model(cfg.model, resolve_model_path(cfg.model), device, dtype),
                                               # a merge computes the delta in float32 and rounds once
-                                              folder, autocast_adapter_dtype=adapter_autocast(cfg) or merge)
+                                              folder, adapter_name=ADAPTER_NAMES[weights],
+                                              autocast_adapter_dtype=adapter_autocast(cfg) or merge)
     elif (folder / "config.json").is_file():
         model = load_model(cfg.model, str(folder), device, dtype)
     elif weights == "last":
@@ -250,6 +251,12 @@ def load_trained(run_dir: str | Path, cfg: Optional[Config] = None, device: Opti
         model = model.merge_and_unload()
     model.eval()
     return model, tok, cfg
+
+
+# The adapter's name in the PEFT model, the same in a fresh load as in the model `llmcls run` keeps in memory: the
+# name is part of every parameter's path in the compiled layer's graph, so a second name would miss the AOTAutograd
+# compile cache the other path filled (seen: a fresh `llmcls eval` after `llmcls run` recompiled for 5.9 s, 7B shape).
+ADAPTER_NAMES = {"selected": "llmcls_selected", "last": "llmcls_last"}
 
 
 def adapter_autocast(cfg: Config) -> bool:
@@ -285,8 +292,6 @@ class TrainedInMemory:
     it). The tokenizer is the one training used, the very object it saved to the run's ``tokenizer/``, which
     :func:`load_trained` reads."""
 
-    NAMES = {"selected": "llmcls_selected", "last": "llmcls_last"}
-
     def __init__(self, model, tokenizer, run_dir: str | Path, cfg: Config):
         self.model, self.tokenizer, self.run, self.cfg = model, tokenizer, RunDir(run_dir), cfg
         self.merged = False
@@ -303,7 +308,7 @@ class TrainedInMemory:
             with self.model.disable_adapter():
                 yield self.model, self.tokenizer
             return
-        folder, name = self.weights_folder(which), self.NAMES[which]
+        folder, name = self.weights_folder(which), ADAPTER_NAMES[which]
         if name not in self.model.peft_config:
             self.model.load_adapter(str(folder), adapter_name=name, is_trainable=False,
                                     autocast_adapter_dtype=adapter_autocast(self.cfg))

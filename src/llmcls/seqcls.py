@@ -85,7 +85,7 @@ def with_head(causal, labels: Sequence[str], token_ids: Sequence[int], pad_token
     return seq
 
 
-def load(cfg, tok, labels: Sequence[str], folder, device=None, dtype=None):
+def load(cfg, tok, labels: Sequence[str], folder, device=None, dtype=None, adapter_name: str = "default"):
     """A ``seq_cls`` run's model for :func:`llmcls.rundir.load_trained`: ``folder`` holds a LoRA adapter (with the
     trained head), a full fine-tune's model, or is None (the base with the initial head: zero-shot)."""
     from llmcls.model.load import load_model, place_model, resolve_model_path
@@ -109,7 +109,8 @@ def load(cfg, tok, labels: Sequence[str], folder, device=None, dtype=None):
     from llmcls.rundir import adapter_autocast
 
     with peft_quietly():
-        return PeftModel.from_pretrained(seq, folder, autocast_adapter_dtype=adapter_autocast(cfg))
+        return PeftModel.from_pretrained(seq, folder, adapter_name=adapter_name,
+                                         autocast_adapter_dtype=adapter_autocast(cfg))
 
 
 def is_seq_cls(model) -> bool:
