@@ -18,7 +18,8 @@ from conftest import FUDAN, ROOT, SHARED
 def test_gpu_speed_runs_every_part_and_compares_like_with_like(tmp_path):
     env = {**os.environ, "LLMCLS_SHARED": str(SHARED), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_speed.py"), "--shape", "tiny", "--device",
-                          "cpu", "--steps", "1", "--rows", "4", "--eval-batch", "2", "--single-rows", "2", "--only",
+                          "cpu", "--steps", "1", "--warmup", "0", "--rows", "4", "--eval-batch", "2", "--single-rows", "2",
+                          "--no-eval-compile", "--only",
                           "check,eval,tutorial,llmcls-eager,llmcls-padded,llmcls-16gb,llmcls-qlora-ckpt", "--out", str(tmp_path)],
                          capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
