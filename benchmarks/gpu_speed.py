@@ -508,7 +508,7 @@ def same_results(model, tok, rows, device) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def run_eval(model, tok, rows, device, batch, n_single) -> dict:
+def run_eval(model, tok, rows, device, batch, n_single, compiled=True) -> dict:
     from llmcls.encode import fit_row
 
     b = PromptBuilder(tok, PromptConfig())
@@ -532,12 +532,15 @@ def run_eval(model, tok, rows, device, batch, n_single) -> dict:
     out["tutorial_generate"] = {"rows_per_s": round(n_single / sum(per_row), 2), "batch": 1,
                                 "row_ms_median": round(1e3 * statistics.median(per_row), 1),
                                 "row_ms_p10": round(1e3 * q[0], 1), "row_ms_p90": round(1e3 * q[-1], 1)}
-    # (b) llmcls score, (c) llmcls batched generate; then score again with compiled decoder layers (eval.compile)
-    for name, kw in (("llmcls_score", {"method": "score"}),
-                     ("llmcls_generate", {"method": "generate", "max_new_tokens": 4}),
-                     ("llmcls_score_b64", {"method": "score", "batch_size": 2 * batch}),
-                     ("llmcls_score_compiled", {"method": "score", "compile": True}),
-                     ("llmcls_score_compiled_b64", {"method": "score", "batch_size": 2 * batch, "compile": True})):
+    # (b) llmcls score, (c) llmcls batched generate; then score again with compiled decoder layers (eval.compile),
+    # unless ``compiled`` is off (--no-eval-compile: a CPU smoke run, where Inductor would take most of the time)
+    methods = [("llmcls_score", {"method": "score"}),
+               ("llmcls_generate", {"method": "generate", "max_new_tokens": 4}),
+               ("llmcls_score_b64", {"method": "score", "batch_size": 2 * batch})]
+    if compiled:
+        methods += [("llmcls_score_compiled", {"method": "score", "compile": True}),
+                    ("llmcls_score_compiled_b64", {"method": "score", "batch_size": 2 * batch, "compile": True})]
+    for name, kw in methods:
         # classify() tokenises inside the timed region: the llmcls numbers are end to end
         kw = {"batch_size": batch, **kw}
         bs = kw["batch_size"]
@@ -654,6 +657,8 @@ def main(argv=None):
                          "cut at 384 tokens (memory's worst case)")
     ap.add_argument("--eval-batch", type=int, default=32)
     ap.add_argument("--single-rows", type=int, default=96, help="rows for one-at-a-time generate")
+    ap.add_argument("--no-eval-compile", action="store_true",
+                    help="leave out the evaluation's compiled scoring (llmcls_score_compiled*): a CPU smoke run")
     ap.add_argument("--only", default="check,eval,tutorial,llmcls,llmcls-padded,llmcls-16gb-compiled",
                     help="what to run, comma-separated: check, eval, tutorial, " + ", ".join(VARIANTS))
     ap.add_argument("--profile", default="", help="training variants to profile (comma-separated): two steps "
@@ -689,7 +694,8 @@ def main(argv=None):
         print("same_results", json.dumps(res["same_results"]), flush=True)
         save(res, n_embed, out_dir)
     if "eval" in only:
-        res["eval"] = run_eval(model, tok, eval_rows, a.device, a.eval_batch, a.single_rows)
+        res["eval"] = run_eval(model, tok, eval_rows, a.device, a.eval_batch, a.single_rows,
+                               compiled=not a.no_eval_compile)
         print("eval", json.dumps(res["eval"]), flush=True)
         save(res, n_embed, out_dir)
     if "tutorial" in only:

@@ -65,7 +65,7 @@ def test_dry_run_plan_without_lengths(learnable_data, tmp_path):
 
 
 def test_tiny_run_steps_equal_plan(tokenizer_dir, learnable_data, tmp_path, caplog, monkeypatch):
-    cfg = _cfg(learnable_data, tmp_path / "run", **{"train.group_by_length": "true"})
+    cfg = _cfg(learnable_data, tmp_path / "run", **{"train.group_by_length": "true", "data.max_train_rows": "120"})
     epochs, iters = [], []
     monkeypatch.setattr(TokenBudgetSampler, "set_epoch", lambda self, e: (epochs.append(e), setattr(self, "epoch", e)))
     real_iter = TokenBudgetSampler.__iter__
@@ -97,15 +97,16 @@ class _Crash(TrainerCallback):
 
 def test_resume_mid_epoch_matches_uninterrupted(tokenizer_dir, learnable_data, tmp_path):
     """A resumed run skips the micro-batches already trained in its epoch, in the same token-budget order."""
-    a = train(_cfg(learnable_data, tmp_path / "a"), progress=False)
+    half = {"data.max_train_rows": "120"}  # half the rows: still several steps an epoch, a third of the time
+    a = train(_cfg(learnable_data, tmp_path / "a", **half), progress=False)
     steps = a["global_step"]
     per_epoch = steps // 2
     assert per_epoch >= 3
     save = per_epoch + 1  # a checkpoint inside the second epoch
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(learnable_data, tmp_path / "b", **{"train.save_steps": str(save)}), progress=False,
+        train(_cfg(learnable_data, tmp_path / "b", **{"train.save_steps": str(save), **half}), progress=False,
               callbacks=[_Crash(save + 1)])
-    b = train(_cfg(learnable_data, tmp_path / "b", **{"train.save_steps": str(save)}), resume=True,
+    b = train(_cfg(learnable_data, tmp_path / "b", **{"train.save_steps": str(save), **half}), resume=True,
               progress=False)
     assert b["resumed_from"].endswith(f"checkpoint-{save}")
     assert b["global_step"] == steps and b["tokens_seen"] == a["tokens_seen"]

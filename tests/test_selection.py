@@ -112,13 +112,14 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement(tmp
                                                                              learnable_data):
     from llmcls.recipes.train import train
 
+    at = 12  # the third evaluation (every 4 steps); the stop comes two evaluations after the best, by step 20
     cfg = _cfg(learnable_data, tmp_path / "run", **{"train.early_stopping_patience": 2, "train.select_best": "nll"})
-    summary = train(cfg, progress=False, callbacks=[Scramble(at=24)])
+    summary = train(cfg, progress=False, callbacks=[Scramble(at=at)])
     dev = _dev_logs(tmp_path / "run")
     steps = [d["step"] for d in dev]
     assert summary["global_step"] < 120  # stopped early
     best = min(dev, key=lambda d: d["dev_nll"])
-    assert best["step"] <= 24 and steps[-1] == summary["global_step"]
+    assert best["step"] <= at and steps[-1] == summary["global_step"]
     # after the best, exactly `patience` evaluations without improvement, then the stop
     assert len([s for s in steps if s > best["step"]]) == 2
     assert summary["selection"]["step"] == best["step"]
@@ -275,21 +276,21 @@ class Crash(TrainerCallback):
 
 @pytest.mark.slow  # two trainings: the second test tier
 def test_a_resumed_run_selects_what_an_uninterrupted_one_does(tmp_path, tokenizer_dir, learnable_data):
-    """Crash after the checkpoint at step 16, resume: the dev history, the kept step and its weights are those of
+    """Crash after the checkpoint at step 8, resume: the dev history, the kept step and its weights are those of
     the run that never stopped (training here is deterministic)."""
     from llmcls.recipes.train import train
 
-    extra = {"train.max_steps": 28, "train.save_steps": 8, "eval.every_steps": 4, "train.select_best": "nll",
+    extra = {"train.max_steps": 20, "train.save_steps": 8, "eval.every_steps": 4, "train.select_best": "nll",
              "train.early_stopping_patience": 3}
-    whole = train(_cfg(learnable_data, tmp_path / "whole", **extra), progress=False, callbacks=[Scramble(at=20)])
+    whole = train(_cfg(learnable_data, tmp_path / "whole", **extra), progress=False, callbacks=[Scramble(at=12)])
     cfg = _cfg(learnable_data, tmp_path / "crashed", **extra)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, progress=False, callbacks=[Scramble(at=20), Crash(at=18)])
-    resumed = train(cfg, resume=True, progress=False, callbacks=[Scramble(at=20)])
-    assert resumed["resumed_from"].endswith("checkpoint-16")
+        train(cfg, progress=False, callbacks=[Scramble(at=12), Crash(at=10)])
+    resumed = train(cfg, resume=True, progress=False, callbacks=[Scramble(at=12)])
+    assert resumed["resumed_from"].endswith("checkpoint-8")
     hist = lambda s: [(h["step"], round(h["nll"], 6)) for h in s["selection"]["history"]]  # noqa: E731
     assert hist(resumed) == hist(whole)
-    assert resumed["selection"]["step"] == whole["selection"]["step"] <= 20
+    assert resumed["selection"]["step"] == whole["selection"]["step"] <= 12
     assert resumed["global_step"] == whole["global_step"]  # early stopping counted the same evaluations
     a = (tmp_path / "whole" / "model" / "model.safetensors").read_bytes()
     b = (tmp_path / "crashed" / "model" / "model.safetensors").read_bytes()

@@ -166,7 +166,8 @@ def test_qlora_trains_adapters_on_a_frozen_4bit_base_and_exports_unquantised(tok
 
     snap = Inspect()
     run = tmp_path / "run"
-    out = train(lora_cfg(learnable_data, run, **{"model.quantize": "nf4"}), progress=False, callbacks=[snap])
+    one = {"train.grad_accum": "1"}  # 8 rows a step: half the 4-bit forwards and backwards of the default 2
+    out = train(lora_cfg(learnable_data, run, **{"model.quantize": "nf4", **one}), progress=False, callbacks=[snap])
     assert seen["q_proj"] is bnb.nn.Linear4bit
     packed = [n for n in snap.before if "base_layer.weight" in n and "proj" in n]
     assert len(packed) == 2 * 7 and all(snap.before[n].dtype == torch.uint8 for n in packed)
@@ -175,7 +176,7 @@ def test_qlora_trains_adapters_on_a_frozen_4bit_base_and_exports_unquantised(tok
     lora_b = [n for n in snap.before if "lora_B" in n]
     assert len(lora_b) == 2 * 7 and all(snap.after[n].abs().max() > 0 for n in lora_b)
     # the unpacked size is reported, not the bytes: the same count as the unquantised tiny model
-    plain = train(lora_cfg(learnable_data, tmp_path / "plain", **{"train.max_steps": "1"}), progress=False)
+    plain = train(lora_cfg(learnable_data, tmp_path / "plain", **{"train.max_steps": "1", **one}), progress=False)
     assert out["parameters"] == plain["parameters"] == seen["summary"]["parameters"]
     assert out["train_loss"] < plain["train_loss"]  # 8 steps of learning against 1
 
