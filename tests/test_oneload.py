@@ -170,13 +170,15 @@ def test_merged_scoring_is_last_in_run_and_agrees_with_the_attached_adapter(tmp_
     from llmcls.rundir import RunDir, load_trained
 
     out = tmp_path / "run"
-    cfg = _config(learnable_data, out, **{"eval.merge_lora": "true"})
+    # 12 steps, the selection among steps 4 and 8, the weights scrambled from step 8 on: the last step differs
+    cfg = _config(learnable_data, out, **{"eval.merge_lora": "true", "train.max_steps": 12})
     loads, merges = _count_loads(monkeypatch), []
     real_merge = BaseTuner.merge_adapter
     monkeypatch.setattr(BaseTuner, "merge_adapter",
                         lambda self, *a, **k: (merges.append(self.active_adapter), real_merge(self, *a, **k))[1])
-    run(cfg, with_baseline=False, echo=lambda _: None, callbacks=[ScrambleFrom(at=20)])
+    run(cfg, with_baseline=False, echo=lambda _: None, callbacks=[ScrambleFrom(at=8)])
     assert len(loads) == 1 and merges == ["llmcls_selected"]
+    assert json.loads((out / "train_summary.json").read_text())["selection"]["step"] < 12
     in_run = {name: _results(out / name) for name in ("eval", "eval-last", "zero-shot")}
     # a fresh load follows the run's config and merges; the last step's weights were scored attached in the run
     for args, name in ((["--eval.merge_lora", "false"], "eval"), (["--weights", "last", "--eval.merge_lora", "false"],
