@@ -206,10 +206,10 @@ def load_trained(run_dir: str | Path, cfg: Optional[Config] = None, device: Opti
     ``cfg`` is the run's config with the caller's overrides (default: read from the run), e.g.
     ``model.device_map: auto`` to evaluate a model trained with FSDP on a single process, or
     ``model.quantize: none`` (export merges a QLoRA adapter into the unquantised base). The adapter keeps the dtype
-    it trained in (:func:`adapter_autocast`); ``merge`` (default ``eval.merge_lora``; export passes True) merges it
-    into the base weights."""
+    it trained in (:func:`llmcls.model.load.adapter_autocast`); ``merge`` (default ``eval.merge_lora``; export
+    passes True) merges it into the base weights."""
     from llmcls import dist
-    from llmcls.model.load import load_model, load_tokenizer, peft_quietly, resolve_model_path
+    from llmcls.model.load import adapter_autocast, load_model, load_tokenizer, peft_quietly, resolve_model_path
 
     run = RunDir(run_dir)
     cfg = cfg or run.load_config()
@@ -238,7 +238,7 @@ def load_trained(run_dir: str | Path, cfg: Optional[Config] = None, device: Opti
             model = PeftModel.from_pretrained(load_model(cfg.model, resolve_model_path(cfg.model), device, dtype),
                                               # a merge computes the delta in float32 and rounds once
                                               folder, adapter_name=ADAPTER_NAMES[weights],
-                                              autocast_adapter_dtype=adapter_autocast(cfg) or merge)
+                                              autocast_adapter_dtype=adapter_autocast(cfg.lora) or merge)
     elif (folder / "config.json").is_file():
         model = load_model(cfg.model, str(folder), device, dtype)
     elif weights == "last":
@@ -257,13 +257,6 @@ def load_trained(run_dir: str | Path, cfg: Optional[Config] = None, device: Opti
 # name is part of every parameter's path in the compiled layer's graph, so a second name would miss the AOTAutograd
 # compile cache the other path filled (seen: a fresh `llmcls eval` after `llmcls run` recompiled for 5.9 s, 7B shape).
 ADAPTER_NAMES = {"selected": "llmcls_selected", "last": "llmcls_last"}
-
-
-def adapter_autocast(cfg: Config) -> bool:
-    """Whether a loaded adapter is cast to float32: only where it trained in float32 (``lora.dtype``). PEFT's own
-    default casts a bf16 adapter up, so scoring would run arithmetic training never ran, with a copy of every
-    adapter's input to float32 in each of the 7 projections of every layer."""
-    return cfg.lora.dtype == "float32"
 
 
 def model_for_run(run_dir: str | Path, cfg: Optional[Config] = None, model=None, tokenizer=None,
@@ -286,10 +279,10 @@ class TrainedInMemory:
     :meth:`weights` gives it each set of weights :func:`load_trained` would load, without loading the base again:
     ``selected`` and ``last`` load the run's own adapter folder (``adapter/``, ``last/``) into the model as a
     second adapter, with the call and the dtype casting ``PeftModel.from_pretrained`` uses in :func:`load_trained`
-    (a bf16 adapter stays bf16 there as here: :func:`adapter_autocast`), the training's adapter is deleted; with
-    ``merge`` the adapter is merged into the base for good, so no other weights can follow; ``base`` disables the
-    adapter (PEFT's ``disable_adapter()``: a seq_cls run's head is its initial one, as :func:`seqcls.load` builds
-    it). The tokenizer is the one training used, the very object it saved to the run's ``tokenizer/``, which
+    (a bf16 adapter stays bf16 there as here: :func:`llmcls.model.load.adapter_autocast`), the training's adapter
+    is deleted; with ``merge`` the adapter is merged into the base for good, so no other weights can follow;
+    ``base`` disables the adapter (PEFT's ``disable_adapter()``: a seq_cls run's head is its initial one, as
+    :func:`seqcls.load` builds it). The tokenizer is the one training used, the very object it saved to the run's ``tokenizer/``, which
     :func:`load_trained` reads."""
 
     def __init__(self, model, tokenizer, run_dir: str | Path, cfg: Config):
@@ -310,8 +303,10 @@ class TrainedInMemory:
             return
         folder, name = self.weights_folder(which), ADAPTER_NAMES[which]
         if name not in self.model.peft_config:
+            from llmcls.model.load import adapter_autocast
+
             self.model.load_adapter(str(folder), adapter_name=name, is_trainable=False,
-                                    autocast_adapter_dtype=adapter_autocast(self.cfg))
+                                    autocast_adapter_dtype=adapter_autocast(self.cfg.lora))
         self.model.set_adapter(name, inference_mode=True)
         if "default" in self.model.peft_config:  # the training's own adapter: its weights are on disk
             self.model.delete_adapter("default")

@@ -106,11 +106,11 @@ def load(cfg, tok, labels: Sequence[str], folder, device=None, dtype=None, adapt
 
     from llmcls.model.load import peft_quietly
 
-    from llmcls.rundir import adapter_autocast
+    from llmcls.model.load import adapter_autocast
 
     with peft_quietly():
         return PeftModel.from_pretrained(seq, folder, adapter_name=adapter_name,
-                                         autocast_adapter_dtype=adapter_autocast(cfg))
+                                         autocast_adapter_dtype=adapter_autocast(cfg.lora))
 
 
 def is_seq_cls(model) -> bool:

@@ -205,10 +205,16 @@ def add_lora(model, cfg: LoraConfig):
     task = TaskType.SEQ_CLS if cfg.task == "seq_cls" else TaskType.CAUSAL_LM
     peft_cfg = PeftLoraConfig(task_type=task, r=cfg.r, lora_alpha=cfg.alpha,
                               lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules))
-    # peft keeps adapters in float32 by default (the tutorial's setup): every LoRA input is then copied to
-    # float32. dtype "auto" keeps them in the base model's dtype instead.
     with peft_quietly():
-        return get_peft_model(model, peft_cfg, autocast_adapter_dtype=cfg.dtype == "float32")
+        return get_peft_model(model, peft_cfg, autocast_adapter_dtype=adapter_autocast(cfg))
+
+
+def adapter_autocast(cfg: LoraConfig) -> bool:
+    """Whether PEFT casts the adapter to float32, in training and when a run's adapter is loaded to score: only for
+    ``lora.dtype: float32`` (the tutorial's setup). PEFT's default casts a bf16 adapter up, which copies every
+    LoRA input to float32 in each of the 7 projections of every layer; loading for scoring, it would also run
+    arithmetic the bf16 training never ran. ``auto`` keeps the adapter in the base model's dtype."""
+    return cfg.dtype == "float32"
 
 
 COMPILE_CACHE_ENV = "LLMCLS_COMPILE_CACHE"
