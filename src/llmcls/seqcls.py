@@ -104,9 +104,7 @@ def load(cfg, tok, labels: Sequence[str], folder, device=None, dtype=None, adapt
         return seq
     from peft import PeftModel
 
-    from llmcls.model.load import peft_quietly
-
-    from llmcls.model.load import adapter_autocast
+    from llmcls.model.load import adapter_autocast, peft_quietly
 
     with peft_quietly():
         return PeftModel.from_pretrained(seq, folder, adapter_name=adapter_name,
