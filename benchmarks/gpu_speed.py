@@ -50,7 +50,7 @@ from llmcls.files import atomic_write_json, atomic_write_text
 from llmcls.infer import classify, generate_batch
 from llmcls.model.attention import packed_rows
 from llmcls.model.load import HostEmbedding, compile_layers, load_model, place_model
-from llmcls.trainer import build_trainer, prepare_for_training, training_arguments
+from llmcls.trainer import GRAPH_PAD, build_trainer, prepare_for_training, training_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LLMCLS_SHARED", ROOT.parent / "shared"))
@@ -306,6 +306,8 @@ VARIANTS = {  # llmcls training paths; each keeps the config's 16 rows per optim
     "llmcls-padded": Variant(FAST, {"train.packing": False}),
     "llmcls-eager": Variant(FAST, {"train.compile": False}),
     "llmcls-m8": Variant(FAST, {"train.batch_size": 8, "train.grad_accum": 2}),
+    # each compiled layer replayed from recorded CUDA graphs (small models: steps bound by kernel launches)
+    "llmcls-graphs": Variant(FAST, {"train.cuda_graphs": True}),
     # the Trainer's defaults that wait for the GPU in every step (token count, NaN filter, blocking batch
     # copies): what llmcls's training arguments switch off
     "llmcls-syncs": Variant(FAST, syncs=True),
@@ -367,6 +369,7 @@ def uncompile(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for layer in base.model.layers:
         layer._compiled_call_impl = None
+    base.model._compiled_call_impl = None  # train.cuda_graphs compiles the whole stack
     # The compiled code of earlier variants (eval mode, other adapters) also stays cached per code object, and
     # once the recompile limit is reached dynamo quietly runs the layers eagerly: start each variant afresh.
     torch._dynamo.reset()
@@ -395,7 +398,8 @@ def run_llmcls(model, tok, rows, device, cfg: Config, name: str, syncs=False, wa
         if syncs:
             args.include_num_input_tokens_seen, args.logging_nan_inf_filter = "non_padding", True
             args.accelerator_config.non_blocking = False
-        return build_trainer(peft_model, tok, ds, args, callbacks=callbacks, packing=cfg.train.packing)
+        return build_trainer(peft_model, tok, ds, args, callbacks=callbacks, packing=cfg.train.packing,
+                             pad_multiple=GRAPH_PAD if cfg.train.cuda_graphs else 0)
 
     ds = [{"input_ids": e.input_ids, "labels": e.labels}
           for e in (encode_train(b, r, cfg.data.max_length, cfg.data.truncation) for r in rows)]

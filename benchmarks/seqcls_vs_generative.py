@@ -119,6 +119,7 @@ def one_mode(mode: str, a, common: dict, seq_only: dict) -> dict:
         "peak_mem_gib": summary["peak_mem_gib"], "eval_rows_per_s": warm["rows_per_s"],
         "eval_rows_per_s_first_pass": first["rows_per_s"], "eval_peak_mem_gib": warm["peak_mem_gib"],
         "dev": {k: v for k, v in (summary.get("selection") or {}).get("history", [{}])[-1].items()},
+        "warmup": summary.get("warmup"),
     }
     say(f"{mode}: accuracy {out['accuracy']:.4f} macro-F1 {out['macro_f1']:.4f}, eval {out['eval_rows_per_s']} rows/s")
     return out

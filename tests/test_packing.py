@@ -104,6 +104,39 @@ def test_packed_batch_gives_the_padded_loss_and_lora_gradients(tokenizer, model_
         torch.testing.assert_close(packed[n], padded[n], rtol=1e-4, atol=1e-6)
 
 
+def test_padding_to_a_graph_shape_changes_neither_loss_nor_gradients(tokenizer, model_factory):
+    """train.cuda_graphs pads each packed step up to a multiple of a bucket, as a continuation of the last row: the
+    real tokens must compute exactly what they compute unpadded, and the bounds and longest row take the padded
+    length (the shapes a recorded graph is keyed on)."""
+    model = add_lora(model_factory(seed=7), LoraConfig(r=4, dropout=0.0))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    feats = features(tokenizer)
+    total = sum(len(f["input_ids"]) for f in feats)
+    plain = PackedCollator()(feats)
+    padded = PackedCollator(pad_multiple=64, pad_id=tokenizer.pad_token_id)(feats)
+    n = padded["input_ids"].shape[1]
+    assert n % 64 == 0 and total < n < total + 64 and padded["padding_tokens"] == n - total
+    assert "padding_tokens" not in plain
+    assert padded["cu_seq_lens_q"].tolist() == [*plain["cu_seq_lens_q"][:-1].tolist(), n]
+    assert padded["max_length_q"] == padded["max_length_k"] == n
+    assert padded["input_ids"][0, total:].eq(tokenizer.pad_token_id).all()
+    assert padded["position_ids"][0, total - 1] + 1 == padded["position_ids"][0, total]  # the last row goes on
+    assert torch.equal(padded["labels"], plain["labels"]) and torch.equal(padded["logits_to_keep"], plain["logits_to_keep"])
+    with packed_rows(model):
+        plain_loss, plain_grads = _loss_and_grads(model, plain)
+        pad_loss, pad_grads = _loss_and_grads(model, {k: v for k, v in padded.items() if k != "padding_tokens"})
+    assert plain_loss.item() > 1.0
+    torch.testing.assert_close(pad_loss, plain_loss, rtol=1e-5, atol=1e-6)
+    for k in plain_grads:
+        assert plain_grads[k].abs().max() > 0, k
+        torch.testing.assert_close(pad_grads[k], plain_grads[k], rtol=1e-4, atol=1e-6)
+    # a total already on the multiple gets no padding
+    exact = PackedCollator(pad_multiple=total)(feats)
+    assert exact["padding_tokens"] == 0 and exact["input_ids"].shape[1] == total
+
+
 def test_answer_loss_refuses_labels_from_elsewhere(tokenizer, model_factory):
     model = model_factory()
     batch = AnswerCollator(pad_id=tokenizer.pad_token_id)(features(tokenizer))
@@ -152,18 +185,20 @@ def test_packed_training_counts_the_same_tokens_and_learns(tokenizer, model_fact
                 self.seen.append(logs["loss"])
 
     runs = {}
-    for packing in (False, True):
+    # (packing, pad_multiple): padded rows, packed rows, packed rows padded up to graph shapes (train.cuda_graphs)
+    for packing, pad in ((False, 0), (True, 0), (True, 64)):
         model = add_lora(model_factory(seed=1), LoraConfig(r=4, dropout=0.0))
         log = Losses()
-        trainer = build_trainer(model, tokenizer, feats, training_arguments(cfg, tmp_path / str(packing),
+        trainer = build_trainer(model, tokenizer, feats, training_arguments(cfg, tmp_path / f"{packing}{pad}",
                                                                             progress=False),
-                                callbacks=[log], packing=packing)
+                                callbacks=[log], packing=packing, pad_multiple=pad)
         trainer.train()
         assert model.get_base_model().config._attn_implementation == "sdpa"  # as before the training
-        runs[packing] = (trainer.state.num_input_tokens_seen, log.seen)
+        runs[packing, pad] = (trainer.state.num_input_tokens_seen, log.seen)
     tokens = sum(len(f["input_ids"]) for f in feats)
-    assert runs[True][0] == runs[False][0] == 2 * tokens
-    padded, packed = runs[False][1], runs[True][1]
+    assert runs[True, 0][0] == runs[False, 0][0] == runs[True, 64][0] == 2 * tokens  # the padding is not counted
+    torch.testing.assert_close(runs[True, 64][1], runs[True, 0][1], rtol=1e-4, atol=1e-4)
+    padded, packed = runs[False, 0][1], runs[True, 0][1]
     assert len(packed) == len(padded) == 6 and packed[-1] < packed[0]
     for a, b in zip(padded, packed):
         assert abs(a - b) < 1e-3 * max(1.0, abs(a)), (padded, packed)

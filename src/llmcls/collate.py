@@ -48,22 +48,37 @@ class PackedCollator:
     transformers passes through to attention) so that attention stays within each row
     (:func:`llmcls.model.attention.packed_attention`). No compute is spent on padding, and the LM head runs only at the
     positions that predict an answer token. ``labels`` as in :class:`AnswerCollator`: [1, 1 + K]; so are
-    ``answer_weights`` [1, K] for rows with a ``weight``."""
+    ``answer_weights`` [1, K] for rows with a ``weight``.
+
+    ``pad_multiple`` (``train.cuda_graphs``): the sequence is padded up to a multiple of this many tokens, and
+    ``max_length_*`` set to that padded length, so that the compiled layers meet a few shapes (each a recorded CUDA
+    graph) rather than one per step. The padding continues the last row: causal attention keeps every real token
+    from seeing it, and its labels are ignored, so the loss and gradients are those of the unpadded batch.
+    ``padding_tokens`` says how many were added (taken out of the batch before the model by
+    :class:`llmcls.trainer.WeightedTrainer`, and left out of the token count)."""
+
+    pad_multiple: int = 0
+    pad_id: int = 0
 
     def __call__(self, features: list[dict]) -> dict:
         lengths = [len(f["input_ids"]) for f in features]
-        ids = torch.tensor([t for f in features for t in f["input_ids"]])
-        labels = torch.tensor([t for f in features for t in f["labels"]])
+        pad = -sum(lengths) % self.pad_multiple if self.pad_multiple else 0
+        ids = torch.tensor([t for f in features for t in f["input_ids"]] + [self.pad_id] * pad)
+        labels = torch.tensor([t for f in features for t in f["labels"]] + [IGNORE] * pad)
+        lengths[-1] += pad
         bounds = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
         labels[bounds[:-1].long()] = IGNORE  # a row's first token is never predicted, least of all by the row before
         keep = (labels[1:] != IGNORE).nonzero().squeeze(1)
-        longest = max(lengths)
+        # A graph is recorded per distinct value of every size its layers see: one bound per padded length
+        longest = int(bounds[-1]) if self.pad_multiple else max(lengths)
         out = {"input_ids": ids[None], "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
                "labels": torch.cat([torch.tensor([IGNORE]), labels[keep + 1]])[None], "logits_to_keep": keep,
                "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
         if "weight" in features[0]:
             per_token = torch.cat([torch.full((n,), float(f["weight"])) for n, f in zip(lengths, features)])
             out["answer_weights"] = per_token[keep + 1][None]
+        if self.pad_multiple:
+            out["padding_tokens"] = pad
         return out
 
 

@@ -238,6 +238,12 @@ class TrainConfig:
                              "it falls back to a dense mask and is slower than padding.")
     compile: bool = f(False, "torch.compile each decoder layer: fused kernels, far fewer launches (GPU; "
                              "the first steps pay the compile time).")
+    cuda_graphs: bool = f(False, "Replay each compiled layer's kernels from recorded CUDA graphs (torch.compile's "
+                                 "'reduce-overhead'): for small models whose steps wait on the host launching "
+                                 "kernels. The decoder stack is compiled whole (longer first compile). Needs "
+                                 "train.compile, train.packing, train.grad_accum 1 and one CUDA GPU; each step's "
+                                 "packed rows are padded up to a multiple of 512 tokens, so that a few shapes are "
+                                 "recorded.")
     class_weights: str = f("none", "Weigh each row's answer tokens (lora.task=seq_cls: its cross-entropy) by its label: 'none', 'balanced' (rows / (labels x "
                                    "rows of the label)), or a JSON file {label: weight}.")
     skip_nonfinite_steps: int = f(
@@ -591,6 +597,20 @@ def check_launch(cfg: Config, world_size: int = 1, cuda: bool = False) -> None:
     elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
         raise ConfigError("the launcher asks for FSDP (an accelerate FSDP config) but train.fsdp is 'off'; set "
                           "train.fsdp to full_shard or shard_grad_op and launch without the FSDP config")
+    if cfg.train.cuda_graphs:
+        t = cfg.train
+        why = ("needs train.compile: true (the graphs are recorded from the compiled layers)" if not t.compile else
+               "needs train.packing: true (padded batches change shape with every step)" if not t.packing else
+               "needs a CUDA GPU" if not cuda else
+               f"runs in one process ({world_size} launched): not measured under DDP or FSDP yet" if world_size > 1
+               else f"needs train.grad_accum: 1 (got {t.grad_accum}): a replay overwrites the gradients of the "
+                    "micro-batch before; raise train.batch_size instead" if t.grad_accum > 1
+               else "with train.gradient_checkpointing: recomputation inside recorded graphs is not measured; turn "
+                    "one off" if t.gradient_checkpointing else
+               f"with model.quantize={cfg.model.quantize}: not measured yet" if cfg.model.quantize != "none" else
+               None)
+        if why:
+            raise ConfigError(f"train.cuda_graphs {why}")
     if cfg.train.batch_tokens is not None and world_size > 1:
         # accelerate deals a batch sampler's batches out round robin: ranks would step on batches of different
         # token counts, and repeat rows to even out the count

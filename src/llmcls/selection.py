@@ -146,12 +146,13 @@ class DevEvaluator(TrainerCallback):
     # ---- one evaluation
     def _evaluate(self, state, control, final: bool = False) -> None:
         from llmcls.model.attention import attention_implementation
+        from llmcls.model.load import stack_uncompiled
 
         was_training = self.model.training
         self.model.eval()
         switch = attention_implementation(self.model, self.attn) if self.attn else contextlib.nullcontext()
         try:
-            with switch, self.paused():
+            with switch, self.paused(), stack_uncompiled(self.model):
                 preds = classify(self.model, self.builder, self.rows, batch_size=self.cfg.eval.batch_size,
                                  max_length=self.cfg.data.max_length, progress=False, desc="dev",
                                  lockstep=self.cfg.train.fsdp != "off", lexical=self.lexical,

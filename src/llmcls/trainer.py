@@ -22,7 +22,7 @@ from llmcls import dist
 from llmcls.collate import AnswerCollator, AnswerLoss, PackedCollator
 from llmcls.config import Config
 from llmcls.model.attention import packed_rows
-from llmcls.model.load import add_lora, compile_layers, unwrap
+from llmcls.model.load import add_lora, compile_layers, compile_stack, uncompile_stack, unwrap
 from llmcls.warmup import compile_delta, compile_stats
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,9 @@ def prepare_for_training(model, cfg: Config):
     if not cfg.train.gradient_checkpointing and getattr(model, f"is_{_CHECKPOINTING}", False):
         getattr(model, f"{_CHECKPOINTING}_disable")()
     model = add_lora(model, cfg.lora)
-    if cfg.train.compile:
+    if cfg.train.cuda_graphs:
+        compile_stack(model, cfg.model.compile_cache)
+    elif cfg.train.compile:
         one_graph_for_all_layers(model)
         compile_layers(model, cfg.model.compile_cache)
     return model
@@ -157,6 +159,7 @@ class TokenCounter(TrainerCallback):
 
     def __init__(self, model):
         self.model, self.count, self.base, self.hook, self.off = model, None, 0, None, False
+        self.padding = 0  # tokens fed but not real: PackedCollator's pad_multiple (train.cuda_graphs)
 
     @contextlib.contextmanager
     def paused(self):
@@ -175,7 +178,7 @@ class TokenCounter(TrainerCallback):
         self.count = n if self.count is None else self.count + n
 
     def on_train_begin(self, args, state, control, **kw):
-        self.base, self.count = state.num_input_tokens_seen, None
+        self.base, self.count, self.padding = state.num_input_tokens_seen, None, 0
         self.hook = self.model.register_forward_pre_hook(self._add, with_kwargs=True)
 
     def on_step_end(self, args, state, control, **kw):
@@ -187,7 +190,7 @@ class TokenCounter(TrainerCallback):
         self.hook.remove()
 
     def _publish(self, args, state):
-        n = torch.as_tensor(0 if self.count is None else self.count, device=args.device)
+        n = torch.as_tensor(0 if self.count is None else self.count, device=args.device) - self.padding
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(n)  # every process publishes at the same steps
         state.num_input_tokens_seen = self.base + int(n.item())
@@ -328,6 +331,7 @@ class WeightedTrainer(Trainer):
     only from its ``batch_rebalance`` strategy)."""
 
     batch_sampler = None
+    token_counter: Optional[TokenCounter] = None
 
     def get_train_dataloader(self):
         if self.batch_sampler is None:
@@ -346,6 +350,9 @@ class WeightedTrainer(Trainer):
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         self.compute_loss_func.weights = inputs.pop("answer_weights", None)
+        padding = inputs.pop("padding_tokens", 0)
+        if padding and self.token_counter is not None and not self.token_counter.off:
+            self.token_counter.padding += padding
         return super().compute_loss(model, inputs, *args, **kwargs)
 
 
@@ -383,16 +390,23 @@ def class_weights(spec: str, labels: list[str]) -> Optional[dict[str, float]]:
     return {k: float(v) for k, v in given.items()}
 
 
+# train.cuda_graphs: packed steps padded up to a multiple of this many tokens. A step of 16 Fudan rows is 1-6k
+# tokens: ~12 shapes to record, and ~256 tokens (~4%) of padding on average, on a GPU the host leaves idle anyway.
+GRAPH_PAD = 512
+
+
 def build_trainer(model, tokenizer, dataset, args: TrainingArguments, callbacks: list | None = None,
                   packing: bool = False, dev=None, collator=None, loss=None, batch_sampler=None,
-                  skip_nonfinite: int = 0):
+                  skip_nonfinite: int = 0, pad_multiple: int = 0):
     """The HF Trainer with llmcls's collator (left padding, or rows packed end to end with attention kept within
     each row; answer-position logits) and loss. ``dev``: a :class:`llmcls.selection.DevEvaluator`, wired to the
     token counter (its forwards are not training) and to the Trainer's log. ``collator`` and ``loss`` replace the
     answer-token pair (``lora.task: seq_cls``: :class:`llmcls.seqcls.LabelCollator`, :class:`~llmcls.seqcls.LabelLoss`).
     ``batch_sampler``: the training micro-batches (:func:`token_budget_sampler`), instead of fixed row counts.
-    ``skip_nonfinite``: :class:`FiniteLoss`'s ``skip``."""
-    collator = collator or (PackedCollator() if packing else AnswerCollator(pad_id=tokenizer.pad_token_id))
+    ``skip_nonfinite``: :class:`FiniteLoss`'s ``skip``. ``pad_multiple``: :class:`PackedCollator`'s
+    (:data:`GRAPH_PAD` for ``train.cuda_graphs``)."""
+    collator = collator or (PackedCollator(pad_multiple, tokenizer.pad_token_id or 0) if packing
+                            else AnswerCollator(pad_id=tokenizer.pad_token_id))
     counter = TokenCounter(model)
     extra = [FiniteLoss(Path(args.output_dir), skip_nonfinite), *([PackedAttention(model)] if packing else [])]
     if dev is not None:
@@ -401,7 +415,7 @@ def build_trainer(model, tokenizer, dataset, args: TrainingArguments, callbacks:
         extra.append(dev)
     trainer = WeightedTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                               compute_loss_func=loss or AnswerLoss(), callbacks=[counter, *extra, *(callbacks or [])])
-    trainer.batch_sampler = batch_sampler
+    trainer.batch_sampler, trainer.token_counter = batch_sampler, counter
     if dev is not None:
         dev.trainer = trainer
     return trainer
@@ -456,6 +470,7 @@ def for_scoring(model, use_cache: Optional[bool] = None):
     base = unwrap(model)
     if base.config._attn_implementation == PACKED_ATTENTION:  # PackedAttention.on_train_end did not run
         raise RuntimeError("the trained model still attends in packed rows; it cannot score")
+    uncompile_stack(model)  # train.cuda_graphs' recorded graphs are for training steps
     model.eval()
     model.requires_grad_(False)
     model.zero_grad(set_to_none=True)

@@ -45,7 +45,29 @@ def compile_stats() -> dict:
             "fx_graph_cache_hits": counters["inductor"].get("fxgraph_cache_hit", 0),
             "fx_graph_cache_misses": counters["inductor"].get("fxgraph_cache_miss", 0),
             "autograd_cache_hits": counters["aot_autograd"].get("autograd_cache_hit", 0),
-            "autograd_cache_misses": counters["aot_autograd"].get("autograd_cache_miss", 0)}
+            "autograd_cache_misses": counters["aot_autograd"].get("autograd_cache_miss", 0),
+            "cuda_graphs": cuda_graphs_recorded(), "cuda_graph_skips": counters["inductor"].get("cudagraph_skips", 0)}
+
+
+def cuda_graphs_recorded() -> int:
+    """CUDA graphs recorded so far by torch.compile's graph trees (``train.cuda_graphs``), over every GPU: one per
+    compiled layer, forward and backward, and shape. Read from the trees themselves (torch keeps no count)."""
+    import sys
+
+    trees = sys.modules.get("torch._inductor.cudagraph_trees")
+    if trees is None:  # nothing was compiled with mode='reduce-overhead' in this process
+        return 0
+    import torch
+
+    n = 0
+    for device in range(torch.cuda.device_count()):
+        manager = trees.get_manager(device, create_if_none_exists=False)
+        nodes = list(manager.get_roots()) if manager is not None else []
+        while nodes:
+            node = nodes.pop()
+            n += 1
+            nodes.extend(c for children in node.children.values() for c in children)
+    return n
 
 
 def compile_delta(before: dict, after: Optional[dict] = None) -> dict:

@@ -278,14 +278,49 @@ def _torch_default_cache_dir() -> str:
     return os.path.abspath(default_cache_dir())
 
 
-def compile_layers(model, cache: Optional[str] = None, backend: str = "inductor") -> None:
+def compile_stack(model, cache: Optional[str] = None) -> None:
+    """``train.cuda_graphs``: the whole decoder stack (embeddings, every layer, the final norm; not the LM head,
+    whose answer positions change with every step) compiled as one graph with torch.compile's
+    ``reduce-overhead``, so that a step's forward and its backward are each one recorded CUDA graph, replayed.
+    Not layer by layer as :func:`compile_layers` does: with a graph per layer, each layer's forward runs while the
+    backward of the one before is still pending, and torch's graph trees then leave their fast path (measured on
+    an H200: slower than no graphs at all, docs/BENCHMARKS.md). One graph is recorded per padded step length
+    (``PackedCollator.pad_multiple``)."""
+    use_compile_cache(cache)
+    torch._dynamo.config.specialize_float = True  # as in compile_layers
+    unwrap(model).model.compile(dynamic=True, mode="reduce-overhead")
+
+
+def uncompile_stack(model) -> None:
+    """Undo :func:`compile_stack` (``nn.Module.compile`` has no public undo): scoring after training compiles the
+    layers its own way, and must not run inside the training's recorded graphs."""
+    unwrap(model).model._compiled_call_impl = None
+
+
+@contextlib.contextmanager
+def stack_uncompiled(model):
+    """Inside, the decoder stack runs as if :func:`compile_stack` had not compiled it (a no-op for a stack it did
+    not compile): dev evaluations during a ``train.cuda_graphs`` run score eagerly instead of recording graphs
+    for every shape of a scoring batch."""
+    stack = unwrap(model).model
+    compiled = stack._compiled_call_impl
+    stack._compiled_call_impl = None
+    try:
+        yield model
+    finally:
+        stack._compiled_call_impl = compiled
+
+
+def compile_layers(model, cache: Optional[str] = None, backend: str = "inductor", mode: Optional[str] = None) -> None:
     """Regional ``torch.compile``: each decoder layer is compiled, launches per layer drop from hundreds to a few,
     and the elementwise work between matrix products is fused. The layers share their code and dynamo inlines
     their modules (parameters are inputs of the graph), so one compiled graph serves every layer: compile time is
     that of one layer, not of 32. Shapes are dynamic: batches of any size and length (packed rows of any total
     length) reuse the compiled code instead of recompiling (``tests/test_warmup.py`` counts the graphs).
     ``cache``: the on-disk compile cache folder (:func:`use_compile_cache`); ``backend``: torch.compile's
-    (tests count dynamo's graphs with ``eager``, which generates no code)."""
+    (tests count dynamo's graphs with ``eager``, which generates no code); ``mode``: torch.compile's
+    (``reduce-overhead`` for ``train.cuda_graphs``: each layer's kernels recorded once per shape as a CUDA graph and
+    replayed, one graph per layer at its place in the step)."""
     use_compile_cache(cache)
     # A layer's Python floats (the norms' eps, LoRA's dropout p and scaling) are constants. Traced as symbolic
     # floats (torch's default under dynamic shapes), they made dynamo restart every process's first compilation
@@ -294,7 +329,7 @@ def compile_layers(model, cache: Optional[str] = None, backend: str = "inductor"
     torch._dynamo.config.specialize_float = True
     base = unwrap(model)
     for layer in base.model.layers:
-        layer.compile(dynamic=True, backend=backend)
+        layer.compile(dynamic=True, backend=backend, **({"mode": mode} if mode else {}))
 
 
 def _numel(p: torch.Tensor) -> int:
