@@ -30,7 +30,7 @@ from llmcls.recipes.prepare import load_encoded, prepare
 from llmcls.reporting.track import JsonlLogCallback, Tracker, trim_log, whole_run_loss
 from llmcls.rundir import RunDir
 from llmcls.selection import DevEvaluator
-from llmcls.warmup import cache_folder, process_age, split_line
+from llmcls.warmup import cache_folder, cuda_graphs_recorded, process_age, split_line
 from llmcls.trainer import (GRAPH_PAD, FiniteLoss, StepTimer, build_trainer, class_weights, for_scoring, fsdp_loading,
                             full_state_dict, prepare_for_training, reuse_refused, token_budget_sampler,
                             training_arguments)
@@ -240,6 +240,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
         "world_size": args.world_size, "fsdp": cfg.train.fsdp,
         "skipped_steps": next(c.skipped for c in trainer.callback_handler.callbacks if isinstance(c, FiniteLoss)),
         "warmup": warmup_split(started, t_start, load_s, encode_s, t0, timer, cfg.train.compile),
+        # train.cuda_graphs: graphs recorded in this process (a stack's forward and backward per padded length)
+        **({"cuda_graphs_recorded": cuda_graphs_recorded()} if cfg.train.cuda_graphs else {}),
         "environment": environment(),
     }
     if args.world_size > 1:
