@@ -29,7 +29,7 @@ import torch
 from llmcls.env import environment
 from llmcls.files import atomic_write_json, atomic_write_text
 # A sibling module: ``python benchmarks/cuda_graphs_real.py`` puts this folder on sys.path, as it does any script's.
-from seqcls_vs_generative import FAST, one_mode
+from seqcls_vs_generative import FAST, header, one_mode, run_overrides
 
 VARIANTS = {"plain": {}, "graphs": {"train.cuda_graphs": True}}
 KEYS = [("accuracy", "test accuracy"), ("macro_f1", "test macro-F1"),
@@ -48,10 +48,7 @@ def table(res: dict) -> str:
     for k, label in KEYS:
         vals = [res["variants"][n].get(k) for n in names]
         lines.append(f"| {label} | " + " | ".join("" if v is None else str(v) for v in vals) + " |")
-    env = res["environment"]
-    return (f"{res['model']} on {res['device']}; {res['config']}; torch {env['versions'].get('torch')}, "
-            f"transformers {env['versions'].get('transformers')}, peft {env['versions'].get('peft')}; "
-            f"git {env.get('git_commit')}\n\n" + "\n".join(lines) + "\n")
+    return header(res) + "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -71,19 +68,8 @@ def main(argv=None) -> int:
         p.error(f"--variants: unknown {', '.join(sorted(unknown))}")
     data, out = Path(a.data), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    cuda = torch.cuda.is_available()
-    common = {"model.name_or_path": a.model, "data.train_file": str(data / "train.jsonl"),
-              "data.test_file": str(data / "test.jsonl"), "data.dev_fraction": 0.1, "data.split_seed": 0,
-              "track.tracker": "none", "eval.every_steps": 0, "eval.zero_shot": False}
-    if a.model != "tiny":
-        common.update({"model.source": "local", "model.offline": True})
-    if not cuda:
-        common.update({"train.compile": False, "eval.compile": False, "train.packing": False})
-    if a.max_steps:
-        common.update({"train.max_steps": a.max_steps, "train.logging_steps": 1})
-    if a.rows:
-        common.update({"data.max_train_rows": a.rows, "data.max_eval_rows": a.rows})
-    device = torch.cuda.get_device_name() if cuda else "cpu"
+    common = run_overrides(a.model, data, a.max_steps, a.rows)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     res = {"model": a.model, "data": str(data), "config": a.config, "overrides": common, "device": device,
            "variants": {}, "environment": environment()}
     for name in names:

@@ -136,10 +136,34 @@ def table(res: dict) -> str:
         lines.append(f"| {name} | " + " | ".join("" if v is None else (f"{v:.4f}" if isinstance(v, float) and v < 1
                                                                             else str(v)) for v in vals)
                      + f" | {'' if ratio is None else f'{ratio:.2f}x'} |")
+    return header(res) + "\n".join(lines) + "\n"
+
+
+def header(res: dict) -> str:
+    """The line above a result table: model, card, config, versions, commit."""
     env = res["environment"]
     return (f"{res['model']} on {res['device']}; {res['config']}; torch {env['versions'].get('torch')}, "
             f"transformers {env['versions'].get('transformers')}, peft {env['versions'].get('peft')}; "
-            f"git {env.get('git_commit')}\n\n" + "\n".join(lines) + "\n")
+            f"git {env.get('git_commit')}\n\n")
+
+
+def run_overrides(model: str, data: Path, max_steps=None, rows=None) -> dict:
+    """The settings every run of a real-model comparison shares over its config: the files, a stratified 10% dev
+    split (seed 0), no tracker, no dev scoring during training, no zero-shot pass; GPU-only levers off on a CPU."""
+    common = {"model.name_or_path": model, "data.train_file": str(data / "train.jsonl"),
+              "data.test_file": str(data / "test.jsonl"), "data.dev_fraction": 0.1, "data.split_seed": 0,
+              "track.tracker": "none", "eval.every_steps": 0, "eval.zero_shot": False}
+    if model != "tiny":
+        common.update({"model.source": "local", "model.offline": True})
+    if not torch.cuda.is_available():  # compile is slow to start and packing falls back to a dense mask on a CPU
+        common.update({"train.compile": False, "eval.compile": False, "train.packing": False})
+    if max_steps:
+        common["train.max_steps"] = max_steps
+        if max_steps <= 30:  # enough logging steps for a steady interval in a short run
+            common["train.logging_steps"] = 1
+    if rows:
+        common.update({"data.max_train_rows": rows, "data.max_eval_rows": rows})
+    return common
 
 
 def main(argv=None) -> int:
@@ -158,19 +182,7 @@ def main(argv=None) -> int:
     data, out = Path(a.data), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
-    common = {"model.name_or_path": a.model, "data.train_file": str(data / "train.jsonl"),
-              "data.test_file": str(data / "test.jsonl"), "data.dev_fraction": 0.1, "data.split_seed": 0,
-              "track.tracker": "none", "eval.every_steps": 0, "eval.zero_shot": False}
-    if a.model != "tiny":
-        common.update({"model.source": "local", "model.offline": True})
-    if not cuda:  # GPU-only levers: compile is slow to start and packing falls back to a dense mask on a CPU
-        common.update({"train.compile": False, "eval.compile": False, "train.packing": False})
-    if a.max_steps:
-        common["train.max_steps"] = a.max_steps
-        if a.max_steps <= 30:  # enough logging steps for a steady interval in a short run
-            common["train.logging_steps"] = 1
-    if a.rows:
-        common.update({"data.max_train_rows": a.rows, "data.max_eval_rows": a.rows})
+    common = run_overrides(a.model, data, a.max_steps, a.rows)
     common.update(dict(kv.split("=", 1) for kv in a.set))
     device = torch.cuda.get_device_name() if cuda else "cpu"
     say(f"{a.model} on {device}, config {a.config}")

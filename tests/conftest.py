@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -155,3 +156,15 @@ def lora_export(tmp_path_factory, lora_run) -> Path:
     out = tmp_path_factory.mktemp("exports") / "lora-merged"
     assert main(["export", str(lora_run), str(out)]) == 0
     return out
+
+
+
+class LoggedLosses(TrainerCallback):
+    """Keeps every training loss the Trainer logs (``seen``), in order."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if "loss" in logs:
+            self.seen.append(logs["loss"])

@@ -146,7 +146,8 @@ def test_seqcls_vs_generative_runs_on_a_cpu(tmp_path, tokenizer_dir):
 # The scripts built on gpu_speed's imports take ~7 s each to start: one of them in the default tier, the rest slow.
 # The slow ones share one interpreter (_HELP_ALL), which pays those imports once: each script still runs by its
 # path as __main__, its own folder first on sys.path and nothing else added, as `python SCRIPT.py --help` does.
-_HEAVY_SCRIPTS = ("score_profile", "score_shapes", "score_candidates", "fp8_speed", "seqcls_vs_generative")
+_HEAVY_SCRIPTS = ("score_profile", "score_shapes", "score_candidates", "fp8_speed", "seqcls_vs_generative",
+                  "cuda_graphs_real")
 _HEAVY = pytest.mark.slow
 _HELP_ALL = r"""
 import contextlib, io, json, runpy, sys, traceback
@@ -189,7 +190,8 @@ def _help(script: str) -> subprocess.CompletedProcess:
                                     "hybrid_offline", pytest.param("score_candidates", marks=_HEAVY),
                                     "multilabel_offline", "warmup", "prepare_speed", "onnx_speed", "end_to_end",
                                     pytest.param("fp8_speed", marks=_HEAVY),
-                                    pytest.param("seqcls_vs_generative", marks=_HEAVY)])
+                                    pytest.param("seqcls_vs_generative", marks=_HEAVY),
+                                    pytest.param("cuda_graphs_real", marks=_HEAVY)])
 def test_every_benchmark_imports_the_installed_package(script):
     out = _help(script)
     assert out.returncode == 0, out.stderr[-3000:]

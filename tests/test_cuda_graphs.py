@@ -1,4 +1,5 @@
-"""train.cuda_graphs: compiled layers replayed from recorded CUDA graphs, steps padded to a few shapes.
+"""train.cuda_graphs: the decoder stack compiled whole and replayed from recorded CUDA graphs, steps padded to a few
+lengths.
 
 On a CPU: what the option needs is refused with the reason, and `llmcls train` refuses it before loading anything.
 On a GPU: training with graphs computes what training without them computes (same losses step by step, dropout
@@ -8,9 +9,9 @@ import json
 
 import pytest
 import torch
-from transformers import TrainerCallback
+from conftest import LoggedLosses
 
-from llmcls.config import ConfigError, LoraConfig, check_launch, load_config
+from llmcls.config import ConfigError, check_launch, load_config
 
 FAST = {"model.name_or_path": "tiny", "train.compile": "true", "train.packing": "true",
         "train.gradient_checkpointing": "false", "train.cuda_graphs": "true", "train.grad_accum": "1",
@@ -56,14 +57,6 @@ def test_training_with_cuda_graphs_gives_the_losses_of_training_without(tokenize
             for i in range(48)]
     feats = [{"input_ids": e.input_ids, "labels": e.labels} for e in (encode_train(b, r, 128) for r in rows)]
 
-    class Losses(TrainerCallback):
-        def __init__(self):
-            self.seen = []
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if "loss" in logs:
-                self.seen.append(logs["loss"])
-
     runs = {}
     for graphs in (False, True):
         torch._dynamo.reset()
@@ -73,7 +66,7 @@ def test_training_with_cuda_graphs_gives_the_losses_of_training_without(tokenize
                                  "train.save_steps": "0", "train.lr": "1e-3", "lora.dropout": "0.0",
                                  "train.group_by_length": "true"})
         model = prepare_for_training(model_factory(seed=3).to("cuda", torch.bfloat16), cfg)
-        log = Losses()
+        log = LoggedLosses()
         trainer = build_trainer(model, tokenizer, feats, training_arguments(cfg, tmp_path / str(graphs),
                                                                             progress=False),
                                 callbacks=[log], packing=True, pad_multiple=GRAPH_PAD if graphs else 0)

@@ -7,6 +7,8 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from conftest import LoggedLosses
+
 from llmcls.config import LoraConfig, PromptConfig, load_config
 from llmcls.data import Row
 from llmcls.collate import AnswerCollator, PackedCollator, answer_loss
@@ -176,19 +178,11 @@ def test_packed_training_counts_the_same_tokens_and_learns(tokenizer, model_fact
                              "train.epochs": "2", "train.logging_steps": "1", "train.save_steps": "0",
                              "train.lr": "1e-2", "track.tracker": "none"})
 
-    class Losses(TrainerCallback):
-        def __init__(self):
-            self.seen = []
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if "loss" in logs:
-                self.seen.append(logs["loss"])
-
     runs = {}
     # (packing, pad_multiple): padded rows, packed rows, packed rows padded up to graph shapes (train.cuda_graphs)
     for packing, pad in ((False, 0), (True, 0), (True, 64)):
         model = add_lora(model_factory(seed=1), LoraConfig(r=4, dropout=0.0))
-        log = Losses()
+        log = LoggedLosses()
         trainer = build_trainer(model, tokenizer, feats, training_arguments(cfg, tmp_path / f"{packing}{pad}",
                                                                             progress=False),
                                 callbacks=[log], packing=packing, pad_multiple=pad)
