@@ -30,6 +30,85 @@ def test_prompt_equals_tutorial_string(tokenizer):
         assert b.prompt_text(r) == tutorial_prompt(r.text, r.candidates)
 
 
+EDGY = ["", " lead and trail \n", "{{ braces }} {% tag %} <|im_end|> <|im_start|>user", "\t\n\n", "国" * 30]
+
+
+def _rendered(tokenizer, b, r):
+    return tokenizer.apply_chat_template(b.messages(r), tokenize=False, add_generation_prompt=True)
+
+
+def test_prompt_text_is_the_templates_rendering(tokenizer):
+    """prompt_text fills the template's frame instead of rendering the template for every row: it must give the
+    rendering, character for character, for texts and candidates with the template's own syntax in them, for
+    Fudan rows, and with another system prompt."""
+    from llmcls.config import DataConfig
+    from llmcls.data import read_rows
+
+    rows = [Row(t, ["Sport", "{{ x }}", " Art "], "Sport") for t in EDGY]
+    if (FUDAN / "train.jsonl").is_file():
+        rows += read_rows(FUDAN / "train.jsonl", DataConfig(), limit=300)[0]
+    for prompt in (PromptConfig(), PromptConfig(system="Be brief. {{ system }}")):
+        b = PromptBuilder(tokenizer, prompt)
+        assert b._template_frame() is not None  # ChatML inserts the message as it is: the frame is used
+        for r in rows:
+            assert b.prompt_text(r) == _rendered(tokenizer, b, r)
+
+
+def test_a_template_that_changes_the_message_is_rendered_for_every_row(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = tok.chat_template.replace("message['content']", "(message['content'] | trim)")
+    assert tok.chat_template != tokenizer.chat_template
+    b = PromptBuilder(tok, PromptConfig())
+    assert b._template_frame() is None
+    for t in EDGY:
+        r = Row(t, ["Sport", "Art"], "Sport")
+        assert b.prompt_text(r) == _rendered(tok, b, r)
+
+
+def test_encode_texts_gives_the_tokenizers_ids_and_offsets(tokenizer):
+    import copy
+
+    texts = ["国务院召开会议，讨论经济形势。", "Arsenal won 2-1.\n", "", "😀 x" * 20, " " * 9 + "end"]
+    b = PromptBuilder(tokenizer, PromptConfig())
+    want = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = b.encode_texts(texts, offsets=True)
+    assert ids == want["input_ids"] and [list(map(tuple, o)) for o in offsets] == \
+        [list(map(tuple, o)) for o in want["offset_mapping"]]
+    assert b.encode_texts(texts) == (want["input_ids"], None)
+    # a backend set to cut is not called directly: the tokenizer's own call (which never cuts here) is
+    cutting = copy.deepcopy(tokenizer)
+    cutting.backend_tokenizer.enable_truncation(3)
+    assert PromptBuilder(cutting, PromptConfig()).encode_texts(texts)[0] == want["input_ids"]
+
+
+def test_a_head_too_short_to_prove_the_length_is_extended_not_tokenised_whole(tokenizer):
+    """The first head of "x x x ..." holds just over the text's token budget: too few tokens to prove the prompt at
+    least max_length long (PROOF_SLACK). A head twice as long proves it; the whole text is never tokenised, and the
+    ids are the reference's."""
+    from llmcls.encode import encode_train_fit
+
+    b = PromptBuilder(tokenizer, PromptConfig())
+    rows = [Row("x " * 2200, ["Economy", "Sport", "Politics"], "Sport"),
+            Row("x " * 200 + "国" * 28 + "x " * 2000, ["Economy", "Sport", "Politics"], "Sport")]
+    heads = {}
+    limit = 384 - len(b.answer_ids("Sport"))
+    fit_rows(b, rows, [limit] * 2, heads=heads)
+    for k in heads:  # the first proof fails for both rows
+        n, whole, _ = heads[k]
+        assert not whole and 0 <= n - (limit - b.empty_prompt_length(rows[k].candidates)) < 32 + 2
+    seen = []
+    encode_texts = b.encode_texts
+    b.encode_texts = lambda texts, offsets=False: (seen.extend(texts), encode_texts(texts, offsets))[1]
+    got = encode_train_fit(b, rows, 384, [False, False])
+    assert not any(r.text in t for r in rows for t in seen)  # no whole text was tokenised
+    for g, r in zip(got, rows):
+        want = encode_train(b, r, 384)
+        assert g.full_length is None and want.full_length > 384
+        assert (g.input_ids, g.labels, g.shortened, g.answer_kept) == (want.input_ids, want.labels, True, True)
+
+
 def test_masking_and_end_token(tokenizer):
     b = PromptBuilder(tokenizer, PromptConfig())
     r = Row("短新闻", ["Enviornment", "Sport"], "Enviornment")
