@@ -26,6 +26,7 @@ FAST = {"model.name_or_path": "tiny", "train.compile": "true", "train.packing": 
     ({"train.grad_accum": "2"}, True, 1, "grad_accum: 1"),
     ({"train.gradient_checkpointing": "true"}, True, 1, "gradient_checkpointing"),
     ({"model.quantize": "nf4"}, True, 1, "model.quantize=nf4"),
+    ({"model.offload_embeddings": "true"}, True, 1, "offload_embeddings"),
 ])
 def test_what_cuda_graphs_need_is_refused_with_the_reason(change, cuda, world, why):
     with pytest.raises(ConfigError, match=why):

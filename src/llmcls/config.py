@@ -608,7 +608,8 @@ def check_launch(cfg: Config, world_size: int = 1, cuda: bool = False) -> None:
                else "with train.gradient_checkpointing: recomputation inside recorded graphs is not measured; turn "
                     "one off" if t.gradient_checkpointing else
                f"with model.quantize={cfg.model.quantize}: not measured yet" if cfg.model.quantize != "none" else
-               None)
+               "with model.offload_embeddings: the input table in host memory would put host work inside the "
+               "recorded graph" if cfg.model.offload_embeddings else None)
         if why:
             raise ConfigError(f"train.cuda_graphs {why}")
     if cfg.train.batch_tokens is not None and world_size > 1:
