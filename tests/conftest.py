@@ -1,8 +1,8 @@
 """Shared fixtures: the real Qwen tokenizer, tiny random models built from a config, tiny learnable datasets.
 
-The tokenizer comes from ``../shared/qwen-tokenizer`` when present; otherwise it is rebuilt from Qwen's BPE
-ranks in the ``dashscope`` wheel on PyPI (see ``llmcls.model.tiny.build_qwen_tokenizer``), so a fresh clone tests the
-same tokenizer. Tests that need the shared *data* skip with a reason when it is absent.
+The tokenizer comes from ``../shared/qwen-tokenizer`` (``$LLMCLS_SHARED/qwen-tokenizer`` where that is set) when
+present; otherwise it is rebuilt from Qwen's BPE ranks in the ``dashscope`` wheel on PyPI (see
+``llmcls.model.tiny.build_qwen_tokenizer``), so a fresh clone tests the same tokenizer. Tests that need the shared *data* skip with a reason when it is absent.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+# ../shared beside the checkout, or wherever $LLMCLS_SHARED says (as the benchmarks read it): a clone elsewhere
+# (a CI folder under /tmp) tests the same data and tokenizer
+SHARED = Path(os.environ.get("LLMCLS_SHARED") or ROOT.parent / "shared")
 SHARED_TOKENIZER = SHARED / "qwen-tokenizer"
 FUDAN = SHARED / "data" / "fudan-news"
 
