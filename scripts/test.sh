@@ -5,9 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-# --no-compile: pip would byte-compile every installed file (torch, transformers, ...: ~45 s of a fresh clone's
-# 2-minute setup on 2 cores); Python compiles the modules the tests import when they first do, once.
-PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check --no-compile)
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # The installs below are skipped when this environment already holds them for the same pyproject.toml and torch pin
 # (CI calls this script once per test tier; pip's own "already satisfied" pass costs ~20 s on 2 cores).
 STAMP=".venv/.llmcls-installed"
