@@ -63,8 +63,10 @@ def selected_run(tmp_path_factory, tokenizer_dir, learnable_data):
     from llmcls.recipes.train import train
 
     out = tmp_path_factory.mktemp("sel") / "run"
+    # the dev set scored every 8 steps (15 evaluations of its 60 rows, not 30): the same training, the planted drop
+    # at step 100 between two of them
     cfg = _cfg(learnable_data, out, **{"train.keep_last": "true", "calibration.target_precision": 0.9,
-                                       "train.save_steps": 20})
+                                       "train.save_steps": 20, "eval.every_steps": 8})
     summary = train(cfg, progress=False, callbacks=[Scramble(at=100)])
     return out, summary
 
@@ -84,7 +86,7 @@ def test_the_selected_weights_are_those_of_the_best_logged_dev_evaluation(select
     assert len(dev_lines) == prep["dev"]["rows"] and prep["rows"] + prep["dev"]["rows"] == 240  # out of training
     assert abs(prep["dev"]["rows"] - 60) <= 4  # a quarter of each label, rounded per label
     dev = _dev_logs(run)
-    assert [d["step"] for d in dev] == list(range(4, 120 + 1, 4))  # every 4 steps, the last one included
+    assert [d["step"] for d in dev] == list(range(8, 120 + 1, 8))  # every 8 steps, the last one included
     assert dev[-1]["dev_macro_f1"] < 0.6 < max(d["dev_macro_f1"] for d in dev)  # the planted drop
     best = max(dev, key=lambda d: (d["dev_macro_f1"], -d["step"]))  # ties: the earlier evaluation
     sel = summary["selection"]
