@@ -69,16 +69,27 @@ def test_run_writes_baseline_and_report(trained_run):
     assert "transformers" in text and summary["environment"]["versions"]["transformers"] in text
 
 
-def test_mistakes_are_the_most_confident_with_their_text(trained_run, learnable_data):
+def test_mistakes_are_the_most_confident_with_their_text(trained_run, learnable_data, tmp_path):
+    """The tiny run usually makes no mistake on its test rows, so a copy of it gets some: every third prediction
+    is turned into a wrong one (the runner-up candidate, its confidence kept), and its report drawn again."""
+    from llmcls.cli import main
     from llmcls.reporting.report import confident_mistakes
 
-    preds = [json.loads(line) for line in (trained_run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    run = tmp_path / "with-mistakes"
+    _copy_run_files(trained_run, run)
+    preds = [json.loads(line) for line in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    for p in preds[::3]:
+        if p["correct"]:
+            p["pred"] = next(c for c in sorted(p["probs"], key=p["probs"].get, reverse=True) if c != p["truth"])
+            p["correct"] = False
+    (run / "eval" / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
     wrong = [p for p in preds if p["correct"] is False]
-    if not wrong:
-        pytest.skip("the tiny run made no mistake on the test rows: nothing to list")
+    assert len(wrong) >= 20
     top = confident_mistakes(preds, 10)
+    assert len(top) == 10 and all(p["correct"] is False for p in top)
     assert [p["confidence"] for p in top] == sorted((p["confidence"] for p in wrong), reverse=True)[:10]
-    text = (trained_run / "report.html").read_text()
+    assert main(["report", str(run)]) == 0
+    text = (run / "report.html").read_text()
     rows = learnable_data["test"].read_text().splitlines()
     section = text[text.index('id="mistakes"'):text.index('id="data"')]
     assert f"{len(top)} most confident of {len(wrong)} wrong predictions" in section
