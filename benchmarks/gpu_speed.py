@@ -50,7 +50,7 @@ from llmcls.files import atomic_write_json, atomic_write_text
 from llmcls.infer import classify, generate_batch
 from llmcls.model.attention import packed_rows
 from llmcls.model.load import HostEmbedding, compile_layers, load_model, place_model
-from llmcls.trainer import GRAPH_PAD, build_trainer, prepare_for_training, training_arguments
+from llmcls.trainer import build_trainer, graph_padding, prepare_for_training, training_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LLMCLS_SHARED", ROOT.parent / "shared"))
@@ -399,7 +399,7 @@ def run_llmcls(model, tok, rows, device, cfg: Config, name: str, syncs=False, wa
             args.include_num_input_tokens_seen, args.logging_nan_inf_filter = "non_padding", True
             args.accelerator_config.non_blocking = False
         return build_trainer(peft_model, tok, ds, args, callbacks=callbacks, packing=cfg.train.packing,
-                             pad_multiple=GRAPH_PAD if cfg.train.cuda_graphs else 0)
+                             pad_multiple=graph_padding(cfg))
 
     ds = [{"input_ids": e.input_ids, "labels": e.labels}
           for e in (encode_train(b, r, cfg.data.max_length, cfg.data.truncation) for r in rows)]

@@ -49,7 +49,7 @@ def test_training_with_cuda_graphs_gives_the_losses_of_training_without(tokenize
     from llmcls.encode import PromptBuilder, encode_train
     from llmcls.config import PromptConfig
     from llmcls.model.attention import _varlen_attn
-    from llmcls.trainer import GRAPH_PAD, build_trainer, for_scoring, prepare_for_training, training_arguments
+    from llmcls.trainer import build_trainer, for_scoring, graph_padding, prepare_for_training, training_arguments
     from llmcls.warmup import compile_stats
 
     assert _varlen_attn() is not None
@@ -70,7 +70,7 @@ def test_training_with_cuda_graphs_gives_the_losses_of_training_without(tokenize
         log = LoggedLosses()
         trainer = build_trainer(model, tokenizer, feats, training_arguments(cfg, tmp_path / str(graphs),
                                                                             progress=False),
-                                callbacks=[log], packing=True, pad_multiple=GRAPH_PAD if graphs else 0)
+                                callbacks=[log], packing=True, pad_multiple=graph_padding(cfg))
         trainer.train()
         runs[graphs] = (log.seen, trainer.state.num_input_tokens_seen, compile_stats())
     (plain, n_plain, before), (graphed, n_graphed, after) = runs[False], runs[True]

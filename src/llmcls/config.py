@@ -599,17 +599,19 @@ def check_launch(cfg: Config, world_size: int = 1, cuda: bool = False) -> None:
                           "train.fsdp to full_shard or shard_grad_op and launch without the FSDP config")
     if cfg.train.cuda_graphs:
         t = cfg.train
-        why = ("needs train.compile: true (the graphs are recorded from the compiled layers)" if not t.compile else
-               "needs train.packing: true (padded batches change shape with every step)" if not t.packing else
-               "needs a CUDA GPU" if not cuda else
-               f"runs in one process ({world_size} launched): not measured under DDP or FSDP yet" if world_size > 1
-               else f"needs train.grad_accum: 1 (got {t.grad_accum}): a replay overwrites the gradients of the "
-                    "micro-batch before; raise train.batch_size instead" if t.grad_accum > 1
-               else "with train.gradient_checkpointing: recomputation inside recorded graphs is not measured; turn "
-                    "one off" if t.gradient_checkpointing else
-               f"with model.quantize={cfg.model.quantize}: not measured yet" if cfg.model.quantize != "none" else
-               "with model.offload_embeddings: the input table in host memory would put host work inside the "
-               "recorded graph" if cfg.model.offload_embeddings else None)
+        refused = [  # (what refuses it, why): the first that holds is named
+            (not t.compile, "needs train.compile: true (the graphs are recorded from the compiled layers)"),
+            (not t.packing, "needs train.packing: true (padded batches change shape with every step)"),
+            (not cuda, "needs a CUDA GPU"),
+            (world_size > 1, f"runs in one process ({world_size} launched): not measured under DDP or FSDP yet"),
+            (t.grad_accum > 1, f"needs train.grad_accum: 1 (got {t.grad_accum}): a replay overwrites the gradients of "
+                               "the micro-batch before; raise train.batch_size instead"),
+            (t.gradient_checkpointing, "with train.gradient_checkpointing: recomputation inside recorded graphs is "
+                                       "not measured; turn one off"),
+            (cfg.model.quantize != "none", f"with model.quantize={cfg.model.quantize}: not measured yet"),
+            (cfg.model.offload_embeddings, "with model.offload_embeddings: the input table in host memory would put "
+                                           "host work inside the recorded graph")]
+        why = next((reason for holds, reason in refused if holds), None)
         if why:
             raise ConfigError(f"train.cuda_graphs {why}")
     if cfg.train.batch_tokens is not None and world_size > 1:

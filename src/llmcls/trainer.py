@@ -395,6 +395,11 @@ def class_weights(spec: str, labels: list[str]) -> Optional[dict[str, float]]:
 GRAPH_PAD = 512
 
 
+def graph_padding(cfg: Config) -> int:
+    """:class:`PackedCollator`'s ``pad_multiple`` for this config (0: no padding)."""
+    return GRAPH_PAD if cfg.train.cuda_graphs else 0
+
+
 def build_trainer(model, tokenizer, dataset, args: TrainingArguments, callbacks: list | None = None,
                   packing: bool = False, dev=None, collator=None, loss=None, batch_sampler=None,
                   skip_nonfinite: int = 0, pad_multiple: int = 0):

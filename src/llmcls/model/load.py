@@ -311,16 +311,14 @@ def stack_uncompiled(model):
         stack._compiled_call_impl = compiled
 
 
-def compile_layers(model, cache: Optional[str] = None, backend: str = "inductor", mode: Optional[str] = None) -> None:
+def compile_layers(model, cache: Optional[str] = None, backend: str = "inductor") -> None:
     """Regional ``torch.compile``: each decoder layer is compiled, launches per layer drop from hundreds to a few,
     and the elementwise work between matrix products is fused. The layers share their code and dynamo inlines
     their modules (parameters are inputs of the graph), so one compiled graph serves every layer: compile time is
     that of one layer, not of 32. Shapes are dynamic: batches of any size and length (packed rows of any total
     length) reuse the compiled code instead of recompiling (``tests/test_warmup.py`` counts the graphs).
     ``cache``: the on-disk compile cache folder (:func:`use_compile_cache`); ``backend``: torch.compile's
-    (tests count dynamo's graphs with ``eager``, which generates no code); ``mode``: torch.compile's
-    (``reduce-overhead`` for ``train.cuda_graphs``: each layer's kernels recorded once per shape as a CUDA graph and
-    replayed, one graph per layer at its place in the step)."""
+    (tests count dynamo's graphs with ``eager``, which generates no code)."""
     use_compile_cache(cache)
     # A layer's Python floats (the norms' eps, LoRA's dropout p and scaling) are constants. Traced as symbolic
     # floats (torch's default under dynamic shapes), they made dynamo restart every process's first compilation
@@ -329,7 +327,7 @@ def compile_layers(model, cache: Optional[str] = None, backend: str = "inductor"
     torch._dynamo.config.specialize_float = True
     base = unwrap(model)
     for layer in base.model.layers:
-        layer.compile(dynamic=True, backend=backend, **({"mode": mode} if mode else {}))
+        layer.compile(dynamic=True, backend=backend)
 
 
 def _numel(p: torch.Tensor) -> int:

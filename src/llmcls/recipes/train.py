@@ -31,8 +31,8 @@ from llmcls.reporting.track import JsonlLogCallback, Tracker, trim_log, whole_ru
 from llmcls.rundir import RunDir
 from llmcls.selection import DevEvaluator
 from llmcls.warmup import cache_folder, cuda_graphs_recorded, process_age, split_line
-from llmcls.trainer import (GRAPH_PAD, FiniteLoss, StepTimer, build_trainer, class_weights, for_scoring, fsdp_loading,
-                            full_state_dict, prepare_for_training, reuse_refused, token_budget_sampler,
+from llmcls.trainer import (FiniteLoss, StepTimer, build_trainer, class_weights, for_scoring, fsdp_loading,
+                            full_state_dict, graph_padding, prepare_for_training, reuse_refused, token_budget_sampler,
                             training_arguments)
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
     trainer = build_trainer(model, tokenizer, dataset, args, callbacks=[
         timer, JsonlLogCallback(run.train_log, echo=dist.is_main()), *tracker.callbacks,
         *(callbacks or [])], packing=cfg.train.packing, dev=dev, batch_sampler=sampler,
-        skip_nonfinite=cfg.train.skip_nonfinite_steps, pad_multiple=GRAPH_PAD if cfg.train.cuda_graphs else 0,
+        skip_nonfinite=cfg.train.skip_nonfinite_steps, pad_multiple=graph_padding(cfg),
         **({"collator": seqcls.LabelCollator(tokenizer.pad_token_id), "loss": seqcls.LabelLoss(
             None if weights is None else torch.tensor([weights[l] for l in labels]))} if seq_cls else {}))
     checkpoint = _last_checkpoint(run) if resume else None
