@@ -164,3 +164,43 @@ def test_the_baseline_reads_what_the_llm_reads(trained_run, learnable_data, tmp_
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"] == "same"
     assert main(["baseline", "--train", str(learnable_data["train"]), "--test", str(learnable_data["test"]),
                  "--baseline.text", "same"]) == 2  # what the LLM reads needs a run
+
+
+def test_run_trains_the_baseline_in_its_own_process_with_the_same_result(trained_run, tmp_path):
+    """`llmcls run` trains the baseline in a spawned process while it evaluates: RUN/baseline holds what the same
+    baseline computed in this process gives (same predictions, same decision values, same metrics)."""
+    import shutil
+
+    from llmcls.recipes.baseline import BaselineProcess, baseline_of_run
+    from llmcls.rundir import RunDir
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    cfg = RunDir(run).load_config()
+    shutil.rmtree(run / "baseline")
+    here = baseline_of_run(run, cfg, progress=False)
+    here_preds = (run / "baseline" / "predictions.jsonl").read_text()
+    shutil.rmtree(run / "baseline")
+    child = BaselineProcess(run, cfg).result()
+    assert (run / "baseline" / "predictions.jsonl").read_text() == here_preds
+    for key in ("all_labels", "candidates"):
+        assert child[key] == here[key], key
+    assert child["text"] == "same" and child["test_rows"] == 60
+    # and the run's own (the fixture's) is that result too
+    assert (trained_run / "baseline" / "predictions.jsonl").read_text() == here_preds
+
+
+def test_a_failing_background_baseline_says_why_and_stop_ends_it(trained_run, tmp_path):
+    import dataclasses
+
+    from llmcls.recipes.baseline import BaselineProcess
+    from llmcls.rundir import RunDir
+
+    cfg = RunDir(trained_run).load_config()
+    gone = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, test_file=str(tmp_path / "nope.jsonl")))
+    with pytest.raises(RuntimeError, match="nope.jsonl"):
+        BaselineProcess(trained_run, gone).result()
+    # stop() before the result: the child is ended, nothing is left running
+    job = BaselineProcess(trained_run, cfg)
+    job.stop()
+    assert not job._proc.is_alive() and job._proc.exitcode is not None

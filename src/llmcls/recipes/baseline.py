@@ -14,9 +14,10 @@ both predictions and the decision value of every label, so any metric can be rec
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 
@@ -27,6 +28,9 @@ from llmcls.env import environment
 from llmcls.files import write_results
 from llmcls.metrics import compute_metrics
 from llmcls.rundir import ResultsDir
+
+if TYPE_CHECKING:
+    from llmcls.config import Config
 
 MODEL = "char 1-2-gram TF-IDF (sublinear tf) + LinearSVC (C={C}), one-vs-rest"
 
@@ -106,6 +110,66 @@ def view_of_run(run_dir: str | Path) -> Callable[[list[Row]], list[Row]]:
     cfg = run.load_config()
     builder = PromptBuilder(load_tokenizer(cfg.model, str(run.tokenizer)), cfg.prompt)
     return reader(builder, cfg.data.max_length, settings(cfg))
+
+
+def baseline_of_run(run_dir: str | Path, cfg: "Config", progress: bool = True) -> dict:
+    """The baseline ``llmcls run`` writes to ``RUN/baseline``: the run's data files and row limits, and with
+    ``baseline.text: same`` the text as the run's LLM reads it."""
+    from llmcls.rundir import RunDir
+
+    text = cfg.baseline.text
+    return baseline(cfg.data.train_file, cfg.data.test_file, RunDir(run_dir).baseline.path, cfg.data,
+                    C=cfg.baseline.svm_c, progress=progress, max_train_rows=cfg.data.max_train_rows,
+                    max_test_rows=cfg.data.max_eval_rows, text=text,
+                    view=view_of_run(run_dir) if text == "same" else None)
+
+
+def _baseline_child(conn, run_dir: str, cfg: "Config") -> None:
+    try:
+        conn.send(("ok", baseline_of_run(run_dir, cfg, progress=False)))
+    except Exception as e:  # noqa: BLE001 (handed to the parent, which decides)
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        conn.close()
+
+
+class BaselineProcess:
+    """:func:`baseline_of_run` in a process of its own, so that it runs on spare CPU cores while the GPU scores
+    the test file: ``llmcls run`` starts it when training ends and waits for it before the report. On all of
+    Fudan news it takes ~20 s of one core (cutting 8,344 texts to what the LLM reads, then the SVMs), which no
+    longer adds to the run's wall clock.
+
+    A spawned process, not a fork: the parent holds a CUDA context, and the child needs no GPU. No progress bars
+    (they would cross the evaluation's); a failure comes back as a message from :meth:`result`. Daemonic: if the
+    parent dies, so does the child, and nothing is left half-written (the results are written atomically)."""
+
+    def __init__(self, run_dir: str | Path, cfg: "Config"):
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, send = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_baseline_child, args=(send, str(run_dir), cfg), daemon=True,
+                                 name="llmcls-baseline")
+        self._proc.start()
+        send.close()  # the child holds the only sending end: its death reads as EOF here
+
+    def result(self) -> dict:
+        """Wait for the child; its metrics, or a RuntimeError saying why there are none."""
+        try:
+            status, value = self._conn.recv()
+        except EOFError:
+            status, value = "error", "the baseline's process ended without a result"
+        finally:
+            self._proc.join()
+            self._conn.close()
+        if status != "ok":
+            raise RuntimeError(value if self._proc.exitcode == 0 else f"{value} (exit code {self._proc.exitcode})")
+        return value
+
+    def stop(self) -> None:
+        """End the child now (the run failed before it needed the result)."""
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join()
+        self._conn.close()
 
 
 def summary_line(m: dict) -> str:

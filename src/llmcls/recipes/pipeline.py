@@ -6,31 +6,30 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from llmcls import dist
 from llmcls.config import Config
 from llmcls.rundir import RunDir
 from llmcls.warmup import process_age, split_line
 
+if TYPE_CHECKING:
+    from llmcls.recipes.baseline import BaselineProcess
+
 log = logging.getLogger(__name__)
 
 
 def after_eval(run_dir: str | Path, cfg: Optional[Config] = None, with_baseline: bool = False,
-               echo: Callable[[str], None] = print) -> None:
-    """What follows an evaluation: the baseline on the run's own data (``llmcls run``), then RUN/report.html.
-    Neither may fail a finished run: a problem is logged and the run's results stand."""
+               echo: Callable[[str], None] = print, started: Optional["BaselineProcess"] = None) -> None:
+    """What follows an evaluation: the baseline on the run's own data (``llmcls run``; ``started``: the one
+    :func:`start_baseline` started, whose result is awaited here), then RUN/report.html. Neither may fail a
+    finished run: a problem is logged and the run's results stand."""
     run = RunDir(run_dir)
-    # the baseline is a single-label classifier: nothing to compare a multi-label run with
-    if with_baseline and cfg is not None and cfg.data.train_file and cfg.data.test_file and not run.multi_label:
-        from llmcls.recipes.baseline import baseline, summary_line, view_of_run
+    if started is not None or (with_baseline and wants_baseline(run, cfg)):
+        from llmcls.recipes.baseline import baseline_of_run, summary_line
 
         try:
-            text = cfg.baseline.text
-            m = baseline(cfg.data.train_file, cfg.data.test_file, run.baseline.path, cfg.data, C=cfg.baseline.svm_c,
-                         max_train_rows=cfg.data.max_train_rows, max_test_rows=cfg.data.max_eval_rows, text=text,
-                         view=view_of_run(run.path) if text == "same" else None)
-            echo(summary_line(m))
+            echo(summary_line(started.result() if started is not None else baseline_of_run(run.path, cfg)))
         except Exception as e:  # noqa: BLE001 (e.g. a single-label training file)
             log.warning("baseline skipped: %s", e)
     try:
@@ -39,6 +38,25 @@ def after_eval(run_dir: str | Path, cfg: Optional[Config] = None, with_baseline:
         echo(f"report: {write_report([run.path])}")
     except Exception as e:  # noqa: BLE001
         log.warning("report not written: %s (run 'llmcls report %s' to retry)", e, run.path)
+
+
+def wants_baseline(run: RunDir, cfg: Optional[Config]) -> bool:
+    # the baseline is a single-label classifier: nothing to compare a multi-label run with
+    return bool(cfg is not None and cfg.data.train_file and cfg.data.test_file and not run.multi_label)
+
+
+def start_baseline(run: RunDir, cfg: Config) -> Optional["BaselineProcess"]:
+    """The baseline in a process of its own, started before the evaluation so that the two overlap; None where
+    the run gets none, or the process could not start (after_eval then logs why)."""
+    if not (dist.is_main() and wants_baseline(run, cfg)):
+        return None
+    from llmcls.recipes.baseline import BaselineProcess
+
+    try:
+        return BaselineProcess(run.path, cfg)
+    except Exception as e:  # noqa: BLE001
+        log.warning("baseline not started in the background (%s): it runs after the evaluation", e)
+        return None
 
 
 def run(cfg: Config, resume: bool = False, overwrite: bool = False, with_baseline: bool = True,
@@ -74,24 +92,31 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, with_baselin
             loaded = {"start_s": started, "load_s": time.perf_counter() - t}  # the adapter's load
             return evaluate(run_dir.path, saved, model, tokenizer, weights=weights, loaded=loaded, **kwargs)
 
-    others = (["base"] if saved.eval.zero_shot else []) + (["last"] if run_dir.last.is_dir() else [])
-    before = {w: evaluate_weights(w) for w in others} if saved.eval.merge_lora and memory is not None else {}
-    tracker = eval_tracker(run_dir.path, saved)
-    metrics = evaluate_weights("selected", tracker=tracker)
-    tracker.finish()
-    say(metrics_line(metrics))
-    if out.get("warmup"):  # where the time before the first step and the first scored batch went
-        say(split_line("training", out["warmup"]))
-    say(split_line("eval", metrics["warmup"]))
-    # what fine-tuning bought, and what selecting on the dev set bought: same prompt, same test rows
-    for w in others:
-        m = before[w] if w in before else evaluate_weights(w)
-        say(("zero-shot (base model): " if w == "base" else "last step: ") + metrics_line(m))
-    del memory, trained, tokenizer
-    _free_memory()
-    if dist.is_main():
-        after_eval(run_dir.path, cfg, with_baseline=with_baseline, echo=say)
-        say(f"run directory: {run_dir.path}")
+    # the baseline needs only the CPU and the run's files: it runs while the GPU evaluates
+    background = start_baseline(run_dir, cfg) if with_baseline else None
+    try:
+        others = (["base"] if saved.eval.zero_shot else []) + (["last"] if run_dir.last.is_dir() else [])
+        before = {w: evaluate_weights(w) for w in others} if saved.eval.merge_lora and memory is not None else {}
+        tracker = eval_tracker(run_dir.path, saved)
+        metrics = evaluate_weights("selected", tracker=tracker)
+        tracker.finish()
+        say(metrics_line(metrics))
+        if out.get("warmup"):  # where the time before the first step and the first scored batch went
+            say(split_line("training", out["warmup"]))
+        say(split_line("eval", metrics["warmup"]))
+        # what fine-tuning bought, and what selecting on the dev set bought: same prompt, same test rows
+        for w in others:
+            m = before[w] if w in before else evaluate_weights(w)
+            say(("zero-shot (base model): " if w == "base" else "last step: ") + metrics_line(m))
+        del memory, trained, tokenizer
+        _free_memory()
+        if dist.is_main():
+            after_eval(run_dir.path, cfg, with_baseline=with_baseline and background is None, echo=say,
+                       started=background)
+            say(f"run directory: {run_dir.path}")
+    finally:
+        if background is not None:  # a failed evaluation leaves no baseline process behind
+            background.stop()
     return metrics
 
 
