@@ -188,7 +188,7 @@ def _help(script: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("script", ["gpu_speed", "multi_gpu", pytest.param("score_profile", marks=_HEAVY),
                                     pytest.param("score_shapes", marks=_HEAVY), "serve_load", "real_accuracy",
                                     "hybrid_offline", pytest.param("score_candidates", marks=_HEAVY),
-                                    "multilabel_offline", "warmup", "prepare_speed", "onnx_speed", "end_to_end",
+                                    "multilabel_offline", "warmup", "prepare_speed", "onnx_speed", "end_to_end", "load_speed",
                                     pytest.param("fp8_speed", marks=_HEAVY),
                                     pytest.param("seqcls_vs_generative", marks=_HEAVY),
                                     pytest.param("cuda_graphs_real", marks=_HEAVY)])
@@ -393,3 +393,30 @@ def test_end_to_end_times_both_sides_on_a_cpu(tmp_path):
     md = (out_dir / "end_to_end.md").read_text()
     assert "the first 16 of the 6,675 training rows" in md and "| the tutorial's script |" in md
     assert "| `llmcls run` (fast config) |" in md
+
+
+def test_end_to_end_projects_a_subset_to_all_rows_step_by_step():
+    """A subset's wall clocks carried to all rows: encoding per row, training per optimizer step (llmcls's compiling
+    first step once), everything else as measured; nothing projected for a run on all rows or cut by max_steps."""
+    import math
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from end_to_end import project
+
+    res = {"settings": {"train_rows": 160, "max_steps": None}, "all_train_rows": 1000,
+           "phases": {"tutorial": {"seconds": 300.0, "split": {"load_s": 5, "encode_s": 4, "train_s": 200,
+                                                                "generate_s": 50}},
+                      "llmcls": {"seconds": 100.0, "global_step": 20, "train_s": 43.0,
+                                 "train_split": {"encode_s": 1.0, "first_step_s": 5.0}}}}
+    got = project(res)
+    steps_full = math.ceil(1000 / 16) * 2  # 2 epochs of 63 steps; the subset's 20 steps were 2 epochs of 10
+    k_steps = steps_full / 20
+    tutorial = 5 + 4 * 1000 / 160 + 200 * k_steps + 50 + (300 - 5 - 4 - 200 - 50)
+    later = (43 - 5) / 19
+    llmcls = (100 - 43 - 1) + 1 * 1000 / 160 + 5 + later * (steps_full - 1)
+    assert got["tutorial_s"] == pytest.approx(tutorial, abs=0.1)
+    assert got["llmcls_s"] == pytest.approx(llmcls, abs=0.1)
+    assert got["wall"] == pytest.approx(tutorial / llmcls, abs=1e-3)
+    assert got["wall_without_generate"] == pytest.approx((tutorial - 50) / llmcls, abs=1e-3)
+    assert project({**res, "settings": {"train_rows": 1000, "max_steps": None}}) is None
+    assert project({**res, "settings": {"train_rows": 160, "max_steps": 10}}) is None

@@ -115,10 +115,7 @@ def load_model(cfg: ModelConfig, path: str, device: Optional[str] = None, dtype:
         fp8.require_torchao()
     if cfg.device_map:  # accelerate places the layers over the GPUs (and CPU if they run out); no .to() after
         return AutoModelForCausalLM.from_pretrained(path, device_map=cfg.device_map, **kwargs)
-    # Straight into GPU memory rather than host memory and then .to(): a quantised model is quantised as it is
-    # placed and never moved after; a bf16 one skips a copy of every weight through host memory. Not with
-    # offload_embeddings, whose table must stay in host memory.
-    if cfg.quantize == "nf4" or (device.startswith("cuda") and not cfg.offload_embeddings):
+    if cfg.quantize == "nf4":  # weights are quantised as they are placed; a quantised model is never moved after
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model = place_model(model, device, cfg.offload_embeddings)
