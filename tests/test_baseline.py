@@ -203,4 +203,29 @@ def test_a_failing_background_baseline_says_why_and_stop_ends_it(trained_run, tm
     # stop() before the result: the child is ended, nothing is left running
     job = BaselineProcess(trained_run, cfg)
     job.stop()
-    assert not job._proc.is_alive() and job._proc.exitcode is not None
+    assert job._proc.poll() is not None
+
+
+def test_the_background_baseline_does_not_run_the_callers_script_again(trained_run, tmp_path):
+    """A script that starts the baseline's process at its top level, with no `if __name__ == "__main__"` guard (as
+    a user's script calling llmcls.recipes.pipeline.run may): the child must not import it again, which would run
+    the script's job a second time (multiprocessing's spawn does that)."""
+    import subprocess
+    import sys
+
+    marks = tmp_path / "marks.txt"
+    script = tmp_path / "user_script.py"
+    script.write_text(
+        "from pathlib import Path\n"
+        f"with open({str(marks)!r}, 'a') as f: f.write('ran\\n')\n"
+        "from llmcls.recipes.baseline import BaselineProcess\n"
+        "from llmcls.rundir import RunDir\n"
+        f"run = {str(tmp_path / 'run')!r}\n"
+        "import shutil\n"
+        f"shutil.copytree({str(trained_run)!r}, run)\n"
+        "m = BaselineProcess(run, RunDir(run).load_config()).result()\n"
+        "print('accuracy', m['candidates']['accuracy'])\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert marks.read_text() == "ran\n"  # once: the child did not run the script
+    assert "accuracy" in out.stdout

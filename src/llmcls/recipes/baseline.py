@@ -14,7 +14,11 @@ both predictions and the decision value of every label, so any metric can be rec
 
 from __future__ import annotations
 
-import multiprocessing
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
@@ -124,13 +128,18 @@ def baseline_of_run(run_dir: str | Path, cfg: "Config", progress: bool = True) -
                     view=view_of_run(run_dir) if text == "same" else None)
 
 
-def _baseline_child(conn, run_dir: str, cfg: "Config") -> None:
+def _child_main() -> None:
+    """The background baseline's process: (run_dir, cfg) pickled on stdin; ("ok", metrics) or ("error", message)
+    pickled on stdout. Anything a library prints goes to stderr, so that stdout carries the result alone."""
+    result = sys.stdout.buffer
+    sys.stdout = sys.stderr
     try:
-        conn.send(("ok", baseline_of_run(run_dir, cfg, progress=False)))
+        run_dir, cfg = pickle.load(sys.stdin.buffer)
+        out = ("ok", baseline_of_run(run_dir, cfg, progress=False))
     except Exception as e:  # noqa: BLE001 (handed to the parent, which decides)
-        conn.send(("error", f"{type(e).__name__}: {e}"))
-    finally:
-        conn.close()
+        out = ("error", f"{type(e).__name__}: {e}")
+    result.write(pickle.dumps(out))
+    result.flush()
 
 
 class BaselineProcess:
@@ -139,37 +148,56 @@ class BaselineProcess:
     Fudan news it takes ~20 s of one core (cutting 8,344 texts to what the LLM reads, then the SVMs), which no
     longer adds to the run's wall clock.
 
-    A spawned process, not a fork: the parent holds a CUDA context, and the child needs no GPU. No progress bars
-    (they would cross the evaluation's); a failure comes back as a message from :meth:`result`. Daemonic: if the
-    parent dies, so does the child, and nothing is left half-written (the results are written atomically)."""
+    A new interpreter (``python -c``), not multiprocessing: a fork would copy a process that holds a CUDA context and
+    running threads, and multiprocessing's spawn imports the caller's main module again, which in a script that
+    calls ``llmcls.recipes.pipeline.run`` without a ``__main__`` guard would run the whole job a second time. No
+    progress bars (they would cross the evaluation's); what it prints goes to a temporary file, whose end comes
+    with the error when it fails; :meth:`stop` kills it (the run failed before it needed the result)."""
 
     def __init__(self, run_dir: str | Path, cfg: "Config"):
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, send = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_baseline_child, args=(send, str(run_dir), cfg), daemon=True,
-                                 name="llmcls-baseline")
-        self._proc.start()
-        send.close()  # the child holds the only sending end: its death reads as EOF here
+        import llmcls
+
+        # the same llmcls as this process's, wherever it was imported from
+        package_root = str(Path(llmcls.__file__).resolve().parents[1])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root,
+                                                                        os.environ.get("PYTHONPATH")])))
+        self._log = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", "from llmcls.recipes.baseline import _child_main; _child_main()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env)
+        try:
+            self._proc.stdin.write(pickle.dumps((str(run_dir), cfg)))
+            self._proc.stdin.close()
+        except OSError:  # it died at once; result() says why
+            pass
 
     def result(self) -> dict:
         """Wait for the child; its metrics, or a RuntimeError saying why there are none."""
         try:
-            status, value = self._conn.recv()
-        except EOFError:
-            status, value = "error", "the baseline's process ended without a result"
+            out = self._proc.stdout.read()
+            rc = self._proc.wait()
+            try:
+                status, value = pickle.loads(out)
+            except Exception:  # noqa: BLE001 (no result: it crashed or was killed)
+                status, value = "error", f"the baseline's process ended without a result (exit code {rc})"
+            if status != "ok":
+                self._log.seek(0)
+                tail = self._log.read().decode(errors="replace").strip().splitlines()[-5:]
+                raise RuntimeError(value + ("\n" + "\n".join(tail) if tail and rc != 0 else ""))
+            return value
         finally:
-            self._proc.join()
-            self._conn.close()
-        if status != "ok":
-            raise RuntimeError(value if self._proc.exitcode == 0 else f"{value} (exit code {self._proc.exitcode})")
-        return value
+            self._close()
 
     def stop(self) -> None:
         """End the child now (the run failed before it needed the result)."""
-        if self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join()
-        self._conn.close()
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._close()
+
+    def _close(self) -> None:
+        self._proc.stdout.close()
+        self._log.close()
 
 
 def summary_line(m: dict) -> str:
