@@ -188,7 +188,8 @@ def _help(script: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("script", ["gpu_speed", "multi_gpu", pytest.param("score_profile", marks=_HEAVY),
                                     pytest.param("score_shapes", marks=_HEAVY), "serve_load", "real_accuracy",
                                     "hybrid_offline", pytest.param("score_candidates", marks=_HEAVY),
-                                    "multilabel_offline", "warmup", "prepare_speed", "onnx_speed", "end_to_end", "load_speed",
+                                    "multilabel_offline", "warmup", "prepare_speed", "onnx_speed", "end_to_end",
+                                    "load_speed",
                                     pytest.param("fp8_speed", marks=_HEAVY),
                                     pytest.param("seqcls_vs_generative", marks=_HEAVY),
                                     pytest.param("cuda_graphs_real", marks=_HEAVY)])

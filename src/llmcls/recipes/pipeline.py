@@ -20,16 +20,16 @@ log = logging.getLogger(__name__)
 
 
 def after_eval(run_dir: str | Path, cfg: Optional[Config] = None, with_baseline: bool = False,
-               echo: Callable[[str], None] = print, started: Optional["BaselineProcess"] = None) -> None:
-    """What follows an evaluation: the baseline on the run's own data (``llmcls run``; ``started``: the one
+               echo: Callable[[str], None] = print, baseline_job: Optional["BaselineProcess"] = None) -> None:
+    """What follows an evaluation: the baseline on the run's own data (``llmcls run``; ``baseline_job``: the one
     :func:`start_baseline` started, whose result is awaited here), then RUN/report.html. Neither may fail a
     finished run: a problem is logged and the run's results stand."""
     run = RunDir(run_dir)
-    if started is not None or (with_baseline and wants_baseline(run, cfg)):
+    if baseline_job is not None or (with_baseline and wants_baseline(run, cfg)):
         from llmcls.recipes.baseline import baseline_of_run, summary_line
 
         try:
-            echo(summary_line(started.result() if started is not None else baseline_of_run(run.path, cfg)))
+            echo(summary_line(baseline_job.result() if baseline_job is not None else baseline_of_run(run.path, cfg)))
         except Exception as e:  # noqa: BLE001 (e.g. a single-label training file)
             log.warning("baseline skipped: %s", e)
     try:
@@ -112,7 +112,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, with_baselin
         _free_memory()
         if dist.is_main():
             after_eval(run_dir.path, cfg, with_baseline=with_baseline and background is None, echo=say,
-                       started=background)
+                       baseline_job=background)
             say(f"run directory: {run_dir.path}")
     finally:
         if background is not None:  # a failed evaluation leaves no baseline process behind
