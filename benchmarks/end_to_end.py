@@ -39,24 +39,26 @@ tested. Both read the same model folder: before the first phase the weights are 
 cache (``prewarm_s``), so that neither side pays the cold disk read alone. The llmcls result is written before the
 tutorial starts: a session that runs out of time still keeps it.
 
-Estimated time on one H200, 7B shape, all 6,675 rows: the tutorial trains 6,675 rows x ~370 tokens x 2 epochs =
-~4.9 M tokens at its ~3.5 k tokens/s: ~23.5 min, plus ~0.5 min loading and ~2 min for 10 x 512 generated tokens;
-llmcls at ~15.7 k tokens/s: ~5 min of training plus ~1.5 min load and compilation, ~0.5 min scoring, the baseline
-and report: ~8 min. ~35 min in all: more than a 30-minute device session and a 10-minute command allow. Fixed
-costs (loading, compilation, the 10 generates, scoring the whole test file) weigh more in a subset, so a subset's
-ratio understates the full run's. So:
+Measured on one H200, 7B shape, the first 1,600 rows (``docs/bench/end_to_end-run1.*``): the tutorial 746 s (load
+3.7, encode 6.5, training 346 s at 3.4k tokens/s: 0.216 s a row for 2 epochs, its 10 generates 374 s: a random-init
+model runs all 512 tokens, and with the Trainer's gradient checkpointing left on, without a KV cache), llmcls 138 s
+(~54 s that do not grow with the rows: start, load, the first step's compile, scoring all 1,669 test rows; then
+0.052 s a training row). All 6,675 rows would take ~31 + ~6 minutes (``project`` carries a subset to all rows from
+its own split, written to the JSON and the table): more than a 30-minute device session. With the build (~30 s)
+the 1,600-row run took ~15 minutes of one GPU call. So:
 
     # on the GPU machine; LLMCLS_SHARED holds data/, qwen-tokenizer/, model-shapes/
-    # 1. the model folder (7B shape, random init, bf16; ~2-3 min), once:
+    # 1. the model folder (7B shape, random init, bf16; 32 s in run 1), once:
     python benchmarks/end_to_end.py --phases build --workdir /tmp/e2e --out bench-out/e2e
-    # 2a. both phases in one command (fits the 10-minute limit up to ~550 rows: llmcls ~190 s + 0.05 s a row,
-    #     the tutorial ~220 s (load, 10 x 512 generated tokens) + 0.21 s a row): 480 rows, 30 steps per epoch
+    # 2a. both phases in one command (fits the 10-minute limit up to ~500 rows: llmcls ~54 s + 0.052 s a row,
+    #     the tutorial ~385 s (load, 10 x 512 generated tokens) + 0.22 s a row): 480 rows, 30 steps per epoch
     python benchmarks/end_to_end.py --train-rows 480 --workdir /tmp/e2e --out bench-out/e2e
     # 2b. or a larger subset, one phase per command on the same machine (the second adds to OUT/end_to_end.json,
-    #     and the table says they ran apart): 1,280 rows, 80 steps per epoch; the tutorial ~8 min
-    python benchmarks/end_to_end.py --train-rows 1280 --phases llmcls --workdir /tmp/e2e --out bench-out/e2e
-    python benchmarks/end_to_end.py --train-rows 1280 --phases tutorial --workdir /tmp/e2e --out bench-out/e2e
-    # the whole issue item (all rows; ~35 min, a longer session)
+    #     and the table says they ran apart), or both in a background job polled by later calls (run 1): 1,600
+    #     rows, 100 steps per epoch; the tutorial ~12.5 min
+    python benchmarks/end_to_end.py --train-rows 1600 --phases llmcls --workdir /tmp/e2e --out bench-out/e2e
+    python benchmarks/end_to_end.py --train-rows 1600 --phases tutorial --workdir /tmp/e2e --out bench-out/e2e
+    # the whole issue item (all rows; ~37 min, a longer session)
     python benchmarks/end_to_end.py --workdir /tmp/e2e --out bench-out/e2e
 
 ``--model DIR`` runs a real Hugging Face model folder instead of a built shape. CPU smoke test (the tiny preset,
