@@ -166,27 +166,38 @@ def test_the_baseline_reads_what_the_llm_reads(trained_run, learnable_data, tmp_
                  "--baseline.text", "same"]) == 2  # what the LLM reads needs a run
 
 
-def test_run_trains_the_baseline_in_its_own_process_with_the_same_result(trained_run, tmp_path):
-    """`llmcls run` trains the baseline in a spawned process while it evaluates: RUN/baseline holds what the same
-    baseline computed in this process gives (same predictions, same decision values, same metrics)."""
+def test_the_baseline_in_its_own_process_gives_the_same_result(trained_run, tmp_path):
+    """`llmcls run` on a GPU trains the baseline in a process of its own while it evaluates (start_baseline, then
+    after_eval waits for it): RUN/baseline holds what the same baseline computed in this process gives (same
+    predictions, same decision values, same metrics), and the summary line and the report follow. On a CPU-only
+    machine nothing would overlap, so the run computes it in-process, as the fixture's run did."""
     import shutil
 
-    from llmcls.recipes.baseline import BaselineProcess, baseline_of_run
+    from llmcls.recipes.baseline import baseline_of_run
+    from llmcls.recipes.pipeline import after_eval, start_baseline
     from llmcls.rundir import RunDir
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     cfg = RunDir(run).load_config()
     shutil.rmtree(run / "baseline")
+    (run / "report.html").unlink()
     here = baseline_of_run(run, cfg, progress=False)
     here_preds = (run / "baseline" / "predictions.jsonl").read_text()
     shutil.rmtree(run / "baseline")
-    child = BaselineProcess(run, cfg).result()
+    assert start_baseline(RunDir(run), cfg, overlap=False) is None
+    job = start_baseline(RunDir(run), cfg, overlap=True)
+    assert job is not None
+    lines: list[str] = []
+    after_eval(run, cfg, echo=lines.append, baseline_job=job)
     assert (run / "baseline" / "predictions.jsonl").read_text() == here_preds
+    child = json.loads((run / "baseline" / "metrics.json").read_text())
     for key in ("all_labels", "candidates"):
         assert child[key] == here[key], key
     assert child["text"] == "same" and child["test_rows"] == 60
-    # and the run's own (the fixture's) is that result too
+    assert lines[0].startswith("baseline (240 train / 60 test rows") and lines[1].startswith("report: ")
+    assert (run / "report.html").is_file()
+    # and the fixture's own run (computed in-process on this CPU) is that result too
     assert (trained_run / "baseline" / "predictions.jsonl").read_text() == here_preds
 
 

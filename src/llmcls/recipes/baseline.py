@@ -144,7 +144,8 @@ def _child_main() -> None:
 
 class BaselineProcess:
     """:func:`baseline_of_run` in a process of its own, so that it runs on spare CPU cores while the GPU scores
-    the test file: ``llmcls run`` starts it when training ends and waits for it before the report. On all of
+    the test file: ``llmcls run`` on a GPU starts it when training ends and waits for it before the report
+    (:func:`llmcls.recipes.pipeline.start_baseline`; on a CPU-only machine nothing would overlap). On all of
     Fudan news it takes ~20 s of one core (cutting 8,344 texts to what the LLM reads, then the SVMs), which no
     longer adds to the run's wall clock.
 

@@ -45,10 +45,17 @@ def wants_baseline(run: RunDir, cfg: Optional[Config]) -> bool:
     return bool(cfg is not None and cfg.data.train_file and cfg.data.test_file and not run.multi_label)
 
 
-def start_baseline(run: RunDir, cfg: Config) -> Optional["BaselineProcess"]:
+def start_baseline(run: RunDir, cfg: Config, overlap: Optional[bool] = None) -> Optional["BaselineProcess"]:
     """The baseline in a process of its own, started before the evaluation so that the two overlap; None where
-    the run gets none, or the process could not start (after_eval then logs why)."""
-    if not (dist.is_main() and wants_baseline(run, cfg)):
+    the run gets none, where nothing would overlap, or where the process could not start (after_eval then computes
+    it). ``overlap``: whether the evaluation leaves the CPU free, i.e. runs on a GPU (the default test); on a
+    CPU-only machine both would share the same cores, and the child's start (a fresh interpreter's imports, ~5 s
+    on 2 cores) would only add to the run."""
+    import torch
+
+    if overlap is None:
+        overlap = torch.cuda.is_available()
+    if not (overlap and dist.is_main() and wants_baseline(run, cfg)):
         return None
     from llmcls.recipes.baseline import BaselineProcess
 
