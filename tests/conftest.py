@@ -2,7 +2,8 @@
 
 The tokenizer comes from ``../shared/qwen-tokenizer`` (``$LLMCLS_SHARED/qwen-tokenizer`` where that is set) when
 present; otherwise it is rebuilt from Qwen's BPE ranks in the ``dashscope`` wheel on PyPI (see
-``llmcls.model.tiny.build_qwen_tokenizer``), so a fresh clone tests the same tokenizer. Tests that need the shared *data* skip with a reason when it is absent.
+``llmcls.model.tiny.build_qwen_tokenizer``), so a fresh clone tests the same tokenizer. Tests that need the shared
+*data* skip with a reason when it is absent.
 """
 
 from __future__ import annotations

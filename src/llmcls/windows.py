@@ -138,13 +138,11 @@ def split(builder: PromptBuilder, rows: Sequence[Row], max_length: int, s: Windo
     the row's longest candidate answer is at most ``max_length`` tokens. Batched tokenizer calls throughout.
     Raises :class:`PromptTooLong` when even an empty text does not fit."""
     limits = [max_length - max(len(builder.answer_ids(c)) for c in r.candidates) for r in rows]
-    enc = builder.tok([r.text for r in rows], add_special_tokens=False, return_offsets_mapping=True)
-    offsets = enc["offset_mapping"]
+    _, offsets = builder.encode_texts([r.text for r in rows], offsets=True)
     out: list[Optional[list[Window]]] = [None] * len(rows)
     width: dict[int, int] = {}
     whole = []
-    for i, r in enumerate(rows):
-        empty = builder.empty_prompt_length(r.candidates)
+    for i, empty in enumerate(builder.empty_prompt_lengths([r.candidates for r in rows])):
         if limits[i] - empty <= 0:
             raise PromptTooLong(
                 f"the prompt without any text is already {empty} tokens; the limit of {limits[i]} leaves no "
