@@ -11,7 +11,10 @@ loaded once and measured in this order, so the bf16 and FP8 figures come from th
   3. the model's decoder-layer linears converted in place to torchao's ``Float8Linear``
      (``llmcls.model.fp8.convert``, what ``model.quantize: fp8`` does at load), then 1 and 2 again with the same
      config plus ``model.quantize: fp8`` (``--scaling`` names the scales; ``rowwise,tensorwise`` measures both,
-     converting back to plain linears between them).
+     converting back to plain linears between them);
+  4. with ``--weights ...,stored``: the linears replaced by ``StoredFP8Linear`` (``model.fp8_weights: stored``:
+     e4m3 weights cast once, rowwise, two layouts when training), then 1 and 2 again. Last, because it frees the
+     bf16 weights (its peak memory is then its own).
 
 Also measured at the start: the card's bf16 matmul rate (8192^3, as in ``gpu_speed.py``) and its FP8 rate
 (``torch._scaled_mm`` on e4m3 operands with per-row scales, the kind of product torchao's rowwise recipe issues),
@@ -22,6 +25,7 @@ Output: OUT/fp8_speed.json (every number, versions, git commit, card) and OUT/fp
 
     python benchmarks/fp8_speed.py --out bench-out/fp8                   # one H200: ~5 minutes
     python benchmarks/fp8_speed.py --only train --scaling rowwise,tensorwise --out bench-out/fp8-train
+    python benchmarks/fp8_speed.py --weights cast,stored --out bench-out/fp8-stored   # torchao's casts vs stored
     python benchmarks/fp8_speed.py --shape tiny --device cpu --steps 2 --rows 8   # smoke test (FP8 emulated)
 """
 
@@ -117,19 +121,26 @@ def main(argv=None):
     ap.add_argument("--eval-batch", type=int, default=32)
     ap.add_argument("--scaling", default="rowwise", help="FP8 scalings to measure, comma-separated: rowwise, "
                     "tensorwise")
+    ap.add_argument("--weights", default="cast", help="FP8 weight handling, comma-separated: cast (torchao, "
+                    "per --scaling), stored (e4m3 weights kept from the load, rowwise; measured last: it frees "
+                    "the bf16 weights)")
     ap.add_argument("--only", default="train,score", help="train, score, or both (comma-separated)")
     ap.add_argument("--out", default="bench-out/fp8")
     a = ap.parse_args(argv)
     only = set(filter(None, a.only.split(",")))
     scalings = [s for s in a.scaling.split(",") if s]
-    if only - {"train", "score"} or set(scalings) - {"rowwise", "tensorwise"}:
-        ap.error("--only takes train,score; --scaling takes rowwise,tensorwise")
+    weights = [w for w in a.weights.split(",") if w]
+    if only - {"train", "score"} or set(scalings) - {"rowwise", "tensorwise"} or set(weights) - {"cast", "stored"}:
+        ap.error("--only takes train,score; --scaling takes rowwise,tensorwise; --weights takes cast,stored")
     out_dir = Path(a.out)
     cfg_over = {**BENCH_OVERRIDES, "train.output_dir": str(out_dir / "run")}
     cfgs = {"bf16": load_config(CONFIGS / FAST, cfg_over)}
-    for s in scalings:
+    for s in scalings if "cast" in weights else ():
         cfgs[f"fp8-{s}"] = load_config(CONFIGS / FAST, {**cfg_over, "model.quantize": "fp8",
                                                         "model.fp8_scaling": s})
+    if "stored" in weights:  # last: converting frees the bf16 weights
+        cfgs["fp8-stored"] = load_config(CONFIGS / FAST, {**cfg_over, "model.quantize": "fp8",
+                                                          "model.fp8_weights": "stored"})
     if a.device.startswith("cuda"):  # the refusals a user would meet, before 15 GB are built
         from llmcls.model import fp8
 
@@ -162,7 +173,11 @@ def main(argv=None):
     preds: dict[str, list] = {}
     for name, cfg in cfgs.items():
         t0 = time.perf_counter()
-        if name != "bf16":
+        if name == "fp8-stored":
+            from llmcls.model import fp8
+
+            res.setdefault("converted_linears", {})[name] = len(fp8.store(model, training="train" in only))
+        elif name != "bf16":
             res.setdefault("converted_linears", {})[name] = to_fp8(model, cfg.model.fp8_scaling, a.device)
         try:
             if "train" in only:
@@ -183,7 +198,7 @@ def main(argv=None):
             print(name, "failed", traceback.format_exc()[-3000:], flush=True)
             uncompile(model)
             reset_peak(a.device)
-        if name != "bf16":
+        if name not in ("bf16", "fp8-stored"):
             to_bf16(model)
         res.setdefault("wall_s", {})[name] = round(time.perf_counter() - t0, 1)
         save(res, n_embed, out_dir)

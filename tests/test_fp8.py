@@ -219,3 +219,164 @@ def test_fp8_kernels_on_a_gpu_match_bf16(scaling):
     assert max(rel_err(g_c[n], g_ref[n]) for n in g_ref) < 0.30
     assert min(cosine(g_c[n], g_ref[n]) for n in g_ref) > 0.97
     _train_and_check(device=dev, dtype=torch.bfloat16, emulate=False)
+
+
+# ------------------------------------------------------------------ model.fp8_weights: stored (torch._scaled_mm)
+# torch's CPU build runs _scaled_mm with row scales, so these run the stored path's real arithmetic.
+def test_rowwise_e4m3_keeps_each_rows_largest_value_and_e4m3_precision():
+    t = torch.randn(64, 96, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 64)[:, None]
+    q, s = fp8.rowwise_e4m3(t)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (64, 1)
+    assert torch.equal(q.float().abs().amax(-1), torch.full((64,), 448.0))  # each row spans e4m3's range
+    back = q.float() * s
+    big = t.abs() > t.abs().amax(-1, keepdim=True) / 64  # normal e4m3 numbers: 3 mantissa bits, error <= 1/16
+    assert ((back - t).abs() <= t.abs() / 16 + 1e-9)[big].all()
+
+
+def test_stored_linear_computes_x_w_with_the_stored_values_forward_and_backward():
+    """The forward is x @ W^T and the input gradient g @ W, both from e4m3 operands with row scales: equal to
+    the same products computed in float32 from the dequantised operands, and within FP8's rounding of the
+    float32 linear. The e4m3 weights are buffers: no parameter of the base is left to train but the bias, which
+    is frozen too."""
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(96, 64, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(64, 96, generator=g) * 0.05)
+        lin.bias.copy_(torch.randn(64, generator=g))
+    ref_w, ref_b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    st = fp8.StoredFP8Linear(lin, training=True)
+    assert [n for n, p in st.named_parameters() if p.requires_grad] == []
+    assert st.weight.dtype == st.weight_t.dtype == torch.float8_e4m3fn
+    assert st.weight.shape == st.weight_t.shape == (64, 96) and st.weight_t.stride() == (1, 64)  # column-major
+    x = torch.randn(3, 5, 96, generator=g, requires_grad=True)
+    y = st(x)
+    go = torch.randn(3, 5, 64, generator=g)
+    y.backward(go)
+    # the same arithmetic from the e4m3 values, in float32
+    xq, xs = fp8.rowwise_e4m3(x.detach().reshape(-1, 96))
+    exact_y = (xq.float() * xs) @ (st.weight.float() * st.weight_scale.t()).t() + ref_b
+    gq, gs = fp8.rowwise_e4m3(go.reshape(-1, 64))
+    exact_gx = (gq.float() * gs) @ (st.weight_t.float() * st.weight_t_scale)
+    assert rel_err(y.detach().reshape(-1, 64), exact_y) < 1e-5
+    assert rel_err(x.grad.reshape(-1, 96), exact_gx) < 1e-5
+    # and FP8's rounding of the float32 linear: visible, within e4m3's
+    assert 0.005 < rel_err(y.detach(), x.detach() @ ref_w.t() + ref_b) < 0.06
+    assert 0.005 < rel_err(x.grad, go @ ref_w) < 0.08
+    # scoring keeps one e4m3 copy: a byte per weight, half what bf16 takes
+    score = fp8.StoredFP8Linear(torch.nn.Linear(96, 64), training=False)
+    assert score.weight_t is None and score.weight.element_size() == 1
+    with pytest.raises(RuntimeError, match="loaded for scoring"):
+        score(torch.randn(2, 96, requires_grad=True)).sum().backward()
+
+
+def test_stored_weights_under_lora_train_the_adapters_only_and_match_float32():
+    """fp8.store on a tiny Qwen2 (what load_model does for fp8_weights=stored), then peft: peft wraps every
+    stored linear and keeps the adapters in float32 (StoredFP8Linear.compute_dtype); logits and LoRA gradients
+    within the bounds the torchao path is held to; four AdamW steps move every adapter and nothing else, the
+    e4m3 weights bit for bit unchanged; the model's size counts the e4m3 weights."""
+    from llmcls.model.load import trainable_summary
+
+    ids = torch.randint(0, 1024, (2, 48), generator=torch.Generator().manual_seed(0))
+    ref = add_lora(small_qwen(), LORA)
+    nonzero_adapters(ref)
+    base = small_qwen()
+    size = sum(p.numel() for p in base.parameters())
+    assert len(fp8.store(base, training=True)) == 14  # 7 projections x 2 layers
+    q = add_lora(base, LORA)
+    nonzero_adapters(q)
+    wrapped = [m for m in q.modules() if hasattr(m, "base_layer") and isinstance(m.base_layer, fp8.StoredFP8Linear)]
+    assert len(wrapped) == 14
+    assert {p.dtype for n, p in q.named_parameters() if "lora_" in n} == {torch.float32}
+    assert trainable_summary(q)["parameters"] == size + sum(p.numel() for n, p in q.named_parameters()
+                                                            if "lora_" in n)
+    l_ref, g_ref = _logits_and_grads(ref, ids)
+    l_q, g_q = _logits_and_grads(q, ids)
+    assert 0.02 < rel_err(l_q, l_ref) < 0.12
+    assert g_q.keys() == g_ref.keys() and len(g_q) == 28
+    assert max(rel_err(g_q[n], g_ref[n]) for n in g_ref) < 0.30
+    assert min(cosine(g_q[n], g_ref[n]) for n in g_ref) > 0.97
+    stored = {n: b.clone() for n, b in q.named_buffers() if b is not None and b.dtype == torch.float8_e4m3fn}
+    before = {n: p.detach().clone() for n, p in q.named_parameters()}
+    opt = torch.optim.AdamW([p for p in q.parameters() if p.requires_grad], lr=1e-3)
+    q.train()
+    losses = []
+    for _ in range(4):
+        loss = q(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    changed = {n for n, p in q.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed == {n for n in before if "lora_" in n}
+    assert len(stored) == 28 and all(torch.equal(b.view(torch.uint8), stored[n].view(torch.uint8))
+                                     for n, b in q.named_buffers() if n in stored)
+    assert losses[-1] < losses[0]
+
+
+def test_stored_weights_refuse_tensorwise_scales():
+    with pytest.raises(ConfigError, match="fp8_weights=stored keeps the weights in e4m3 with one scale per output "
+                                          "channel"):
+        check_launch(load_config(overrides={"model.quantize": "fp8", "model.fp8_weights": "stored",
+                                            "model.fp8_scaling": "tensorwise", "lora.method": "lora"}))
+
+
+def test_stored_weights_trace_into_one_graph_per_layer_stack():
+    """Dynamo traces the stored path (its autograd.Function and _scaled_mm) into the compiled layers with dynamic
+    shapes (the ``eager`` backend: dynamo's graphs without code generation): one graph for both layers, none
+    again for a new length, and the same logits and gradients as without compiling."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from llmcls.model.load import compile_layers
+
+    torch._dynamo.reset()
+    counters.clear()
+    base = small_qwen()
+    fp8.store(base, training=True)
+    q = add_lora(base, LORA)
+    nonzero_adapters(q)
+    batches = [torch.randint(0, 1024, (2, n), generator=torch.Generator().manual_seed(n)) for n in (48, 80)]
+    eager = [_logits_and_grads(q, ids) for ids in batches]
+    compile_layers(q, backend="eager")
+    graphs = []
+    for ids, (l_e, g_e) in zip(batches, eager):
+        l_c, g_c = _logits_and_grads(q, ids)
+        graphs.append(counters["stats"]["unique_graphs"])
+        assert rel_err(l_c, l_e) < 1e-6 and max(rel_err(g_c[k], g_e[k]) for k in g_e) < 1e-6
+    # the first layer's input needs no gradient, the second's does: two graphs, and none for the new length
+    assert graphs == [2, 2], graphs
+
+
+@pytest.mark.skipif(not _fp8_gpu(), reason="needs a CUDA GPU with FP8 matmuls (sm_89+)")
+def test_stored_fp8_on_a_gpu_matches_bf16():
+    """The stored path's real kernels against the bf16 model (hidden 256, bf16), eager and compiled, to the
+    bounds the torchao path is held to; four AdamW steps move the adapters only."""
+    from llmcls.model.load import compile_layers
+
+    dev = "cuda"
+    ids = torch.randint(0, 1024, (4, 128), generator=torch.Generator().manual_seed(0)).to(dev)
+    ref = add_lora(small_qwen(dtype=torch.bfloat16, device=dev), LORA)
+    nonzero_adapters(ref)
+    base = small_qwen(dtype=torch.bfloat16, device=dev)
+    fp8.store(base, training=True)
+    q = add_lora(base, LORA)
+    nonzero_adapters(q)
+    l_ref, g_ref = _logits_and_grads(ref, ids)
+    l_q, g_q = _logits_and_grads(q, ids)
+    assert 0.02 < rel_err(l_q, l_ref) < 0.12
+    assert max(rel_err(g_q[n], g_ref[n]) for n in g_ref) < 0.30
+    assert min(cosine(g_q[n], g_ref[n]) for n in g_ref) > 0.97
+    compile_layers(q)
+    l_c, g_c = _logits_and_grads(q, ids)
+    assert rel_err(l_c, l_q) < 0.05
+    assert max(rel_err(g_c[n], g_ref[n]) for n in g_ref) < 0.30
+    assert min(cosine(g_c[n], g_ref[n]) for n in g_ref) > 0.97
+    before = {n: p.detach().clone() for n, p in q.named_parameters()}
+    opt = torch.optim.AdamW([p for p in q.parameters() if p.requires_grad], lr=1e-3)
+    q.train()
+    for _ in range(4):
+        q(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    changed = {n for n, p in q.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed == {n for n in before if "lora_" in n}

@@ -134,6 +134,11 @@ class ModelConfig:
         "rowwise", "quantize=fp8's dynamic scales: one per row of activations and per output channel of weights "
         "(rowwise, closer to bf16), or one per tensor (tensorwise, cheaper casts)."
     )
+    fp8_weights: Literal["cast", "stored"] = f(
+        "cast", "quantize=fp8's base weights: kept in dtype and cast to e4m3 at every step (cast: torchao's "
+        "Float8Linear), or cast once at load and kept in e4m3 (stored: rowwise only; the dtype copy is freed, a "
+        "second e4m3 copy laid out for the backward is kept when training)."
+    )
     device_map: Optional[Literal["auto", "balanced", "balanced_low_0", "sequential"]] = f(
         None, "Spread the layers over all GPUs of one process (the tutorial's fallback for a model larger than "
         "one card; one GPU works at a time). Not with torchrun: use train.fsdp there."
@@ -560,6 +565,9 @@ def check_model(model: ModelConfig, world_size: int = 1) -> None:
     if model.device_map and model.quantize == "fp8":
         raise ConfigError("model.quantize=fp8 with model.device_map: the FP8 path runs on one GPU per process; "
                           "leave device_map unset (use train.fsdp off and DDP to use several GPUs)")
+    if model.quantize == "fp8" and model.fp8_weights == "stored" and model.fp8_scaling != "rowwise":
+        raise ConfigError(f"model.fp8_weights=stored keeps the weights in e4m3 with one scale per output channel "
+                          f"(rowwise); model.fp8_scaling={model.fp8_scaling} needs model.fp8_weights cast")
     if model.device_map and world_size > 1:
         raise ConfigError(
             f"model.device_map={model.device_map} spreads one model over the GPUs of a single process; it "

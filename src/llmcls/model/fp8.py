@@ -143,3 +143,96 @@ def apply(model: torch.nn.Module, device: str | torch.device, scaling: str = "ro
     require_torchao()
     convert(model, scaling, emulate=bool(emulate))
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model.fp8_weights: stored. The base is frozen, so its weights need casting to e4m3 once, not at every step as
+# torchao's training linear does (measured on the 7B shape: ~23 GB read and ~15 GB written per step for those
+# casts). torch._scaled_mm takes its second operand column-major: the forward's x @ W^T reads the [out, in] weight
+# as stored; the backward's grad_input = g @ W needs W's transpose stored the same way, a second e4m3 copy with
+# its own scales (one per input channel). Both copies together take what the bf16 weight took; scoring keeps the
+# first only (half the bf16 weight).
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
+
+
+def rowwise_e4m3(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` (2-D) as e4m3 values and one float32 scale per row, ``t ~= values * scale``: each row's largest
+    magnitude maps to e4m3's largest (448), as torchao's rowwise recipe does."""
+    amax = t.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    scale = amax / E4M3_MAX
+    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+class _StoredMatmul(torch.autograd.Function):
+    """x @ W^T with W stored in e4m3: activations and output gradients cast rowwise at each call, the weight
+    never; no weight gradient (the base is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, w, w_scale, wt, wt_scale):
+        xq, xs = rowwise_e4m3(x)
+        ctx.save_for_backward(wt, wt_scale)
+        return torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=w_scale, out_dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        # wt is already the column-major [out, in] operand: a view taken here could be saved by the compiled
+        # forward as a contiguous (row-major) copy, which _scaled_mm refuses (seen under Inductor on the CPU)
+        wt, wt_scale = ctx.saved_tensors
+        if wt is None:
+            raise RuntimeError("this FP8 linear was loaded for scoring (no transposed weight); load it with "
+                               "training=True to compute input gradients through it")
+        gq, gs = rowwise_e4m3(g)
+        return torch._scaled_mm(gq, wt, scale_a=gs, scale_b=wt_scale, out_dtype=g.dtype), None, None, None, None
+
+
+class StoredFP8Linear(torch.nn.Linear):
+    """A frozen ``nn.Linear`` whose weight is kept in e4m3 with one scale per output channel
+    (``model.fp8_weights: stored``). A subclass of ``nn.Linear`` so that peft wraps it as it wraps the linear it
+    replaces; ``compute_dtype`` (peft's convention for quantised bases) keeps the adapters in the original dtype.
+    The e4m3 tensors are buffers, not parameters: nothing trains them, and ``model.dtype`` (the first floating
+    parameter's) stays the model's."""
+
+    def __init__(self, linear: torch.nn.Linear, training: bool):
+        torch.nn.Module.__init__(self)  # nn.Linear's own __init__ would allocate a weight to throw away
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.compute_dtype = linear.weight.dtype
+        w = linear.weight.detach()
+        q, s = rowwise_e4m3(w)
+        self.register_buffer("weight", q, persistent=False)
+        self.register_buffer("weight_scale", s.reshape(1, -1), persistent=False)
+        qt = st = None
+        if training:  # W again, scaled per input channel and laid out column-major: the backward's operand
+            qt, st = rowwise_e4m3(w.t().contiguous())  # elementwise ops would keep w.t()'s strides
+            qt, st = qt.t(), st.reshape(1, -1)
+        self.register_buffer("weight_t", qt, persistent=False)
+        self.register_buffer("weight_t_scale", st, persistent=False)
+        self.bias = linear.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _StoredMatmul.apply(x.reshape(-1, self.in_features), self.weight, self.weight_scale, self.weight_t,
+                                self.weight_t_scale)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight the FP8 products compute with, in ``compute_dtype`` (tests; merging is refused for fp8)."""
+        return (self.weight.float() * self.weight_scale.t()).to(self.compute_dtype)
+
+
+def store(model: torch.nn.Module, training: bool) -> list[str]:
+    """Replace the base linears of the decoder layers (:func:`is_base_linear`) with :class:`StoredFP8Linear`
+    in place, one at a time (the bf16 weight of each is freed as the next is converted, so the peak is one
+    layer's above the model's). ``training``: keep the transposed copy the backward needs. Returns their names."""
+    chosen = [name for name, mod in model.named_modules() if is_base_linear(mod, name)]
+    if not chosen:
+        raise ConfigError("model.quantize=fp8 found no linear layer inside decoder layers to compute in FP8 "
+                          "(is this a decoder-only model with model.layers?)")
+    for name in chosen:
+        parent, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, leaf, StoredFP8Linear(getattr(owner, leaf), training))
+    log.info("fp8 (stored e4m3 weights%s): %d base linears", ", two layouts" if training else "", len(chosen))
+    return chosen

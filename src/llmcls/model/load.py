@@ -97,7 +97,11 @@ def quantization_config(kind: str, dtype: torch.dtype):
                               bnb_4bit_compute_dtype=dtype)
 
 
-def load_model(cfg: ModelConfig, path: str, device: Optional[str] = None, dtype: Optional[torch.dtype] = None):
+def load_model(cfg: ModelConfig, path: str, device: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+               training: bool = False):
+    """The base model on ``device`` as ``cfg`` says (dtype, attention kernel, quantisation, embeddings' place).
+    ``training``: gradients will flow through the base (``model.fp8_weights: stored`` keeps the weights' second
+    layout for them; scoring does not need it)."""
     from transformers import AutoModelForCausalLM
 
     device = device or device_default()
@@ -112,14 +116,18 @@ def load_model(cfg: ModelConfig, path: str, device: Optional[str] = None, dtype:
         from llmcls.model import fp8
 
         fp8.check_device(device)
-        fp8.require_torchao()
+        if cfg.fp8_weights == "cast":  # stored weights need only torch's own _scaled_mm
+            fp8.require_torchao()
     if cfg.device_map:  # accelerate places the layers over the GPUs (and CPU if they run out); no .to() after
         return AutoModelForCausalLM.from_pretrained(path, device_map=cfg.device_map, **kwargs)
     if cfg.quantize == "nf4":  # weights are quantised as they are placed; a quantised model is never moved after
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model = place_model(model, device, cfg.offload_embeddings)
-    if cfg.quantize == "fp8":  # before peft wraps the linears: it wraps Float8Linear as it wraps nn.Linear
+    # before peft wraps the linears: it wraps Float8Linear and StoredFP8Linear as it wraps nn.Linear
+    if cfg.quantize == "fp8" and cfg.fp8_weights == "stored":
+        fp8.store(model, training)
+    elif cfg.quantize == "fp8":
         fp8.convert(model, cfg.fp8_scaling)
     return model
 
@@ -337,9 +345,11 @@ def _numel(p: torch.Tensor) -> int:
 
 
 def trainable_summary(model) -> dict:
-    # a HostEmbedding's table is a buffer, but still part of the model's size
+    from llmcls.model.fp8 import StoredFP8Linear
+
+    # a HostEmbedding's table and a StoredFP8Linear's weight are buffers, but still part of the model's size
     total = sum(_numel(p) for p in model.parameters()) + sum(
-        m.weight.numel() for m in model.modules() if isinstance(m, HostEmbedding))
+        m.weight.numel() for m in model.modules() if isinstance(m, (HostEmbedding, StoredFP8Linear)))
     train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"parameters": total, "trainable": train, "trainable_pct": round(100 * train / max(total, 1), 4)}
 

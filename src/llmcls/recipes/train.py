@@ -168,7 +168,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
     device = "cpu" if cfg.train.fsdp != "off" else device
     # torch.compile's one-time set-up beside the load: the first step then compiles the layers alone.
     prewarm = start_prewarm(cfg.train.compile or cfg.train.cuda_graphs, cfg.model.compile_cache, str(args.device))
-    model = load_model(cfg.model, model_path, device=device, dtype=dtype)
+    model = load_model(cfg.model, model_path, device=device, dtype=dtype, training=True)
     if seq_cls:  # the same backbone with a label head, initialised from the LM head (llmcls.seqcls)
         model = seqcls.from_causal(model, tokenizer, labels)
     use_cache = model.config.use_cache  # as loaded: training turns it off, scoring the same model restores it
