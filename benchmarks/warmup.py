@@ -87,31 +87,41 @@ def collect(run: RunDir, weights: str = "selected") -> dict:
             "environment": train.get("environment")}
 
 
+def _beside(w: dict) -> str:
+    """torch.compile's set-up run in a thread during the load (llmcls.warmup.CompilePrewarm), and the load's wait."""
+    p = w.get("prewarm")
+    if not p:
+        return ""
+    return " (failed)" if p.get("error") else f" ({p['s']:.1f}, waited {p['waited_s']:.1f})"
+
+
 def markdown(res: dict) -> str:
     lines = [f"**Warm-up** — {res['shape_name']}, {res.get('card') or 'CPU'}", "",
              f"`llmcls run` with `{res['settings']['config']}`, {res['settings']['train_rows']} training rows, "
              f"{res['settings']['max_steps']} steps, {res['settings']['eval_rows']} test rows; each run a fresh "
              "process. Seconds.", "",
-             "| run | start | load | encode | setup | first step (compiling) | to first step | later step "
-             "| graphs | cache hits (FX / AOT) |",
+             "| run | start | load (compile set-up beside it) | encode | setup | first step (compiling) "
+             "| to first step | later step | graphs | cache hits (FX / AOT) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("cold", "warm"):
         w = (res["runs"].get(name) or {}).get("train")
         if not w:
             continue
         c = w.get("first_step_compile") or {}
-        lines.append(f"| {name} | {w['start_s']:.1f} | {w['load_s']:.1f} | {w['encode_s']:.1f} | {w['setup_s']:.1f} "
+        lines.append(f"| {name} | {w['start_s']:.1f} | {w['load_s']:.1f}{_beside(w)} | {w['encode_s']:.1f} "
+                     f"| {w['setup_s']:.1f} "
                      f"| {w['first_step_s']:.1f} ({c.get('compile_s', 0):.1f}) | **{w['to_first_step_s']:.1f}** "
                      f"| {w['later_step_s'] or 0:.3f} | {c.get('graphs', '—')} "
                      f"| {c.get('fx_graph_cache_hits', 0)} / {c.get('autograd_cache_hits', 0)} |")
-    lines += ["", "| evaluation | start | load | first batch (compiling) | to first batch (from its load) | other "
+    lines += ["", "| evaluation | start | load (compile set-up beside it) | first batch (compiling) "
+              "| to first batch (from its load) | other "
               "batches | graphs | cache hits (FX / AOT) |", "|---|---|---|---|---|---|---|---|"]
     for name in ("cold", "warm", "eval-warm", "eval-merged", "eval-base"):
         w = (res["runs"].get(name) or {}).get("eval")
         if not w:
             continue
         c = w.get("compile") or {}
-        lines.append(f"| {name} | {w['start_s']:.1f} | {w['load_s']:.1f} | {w['first_batch_s']:.1f} "
+        lines.append(f"| {name} | {w['start_s']:.1f} | {w['load_s']:.1f}{_beside(w)} | {w['first_batch_s']:.1f} "
                      f"({c.get('compile_s', 0):.1f}) | **{w['load_s'] + w['first_batch_s']:.1f}** "
                      f"| {w['rest_s']:.1f} | {c.get('graphs', '—')} "
                      f"| {c.get('fx_graph_cache_hits', 0)} / {c.get('autograd_cache_hits', 0)} |")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -12,6 +13,11 @@ PACKAGES = ["llmcls", "torch", "transformers", "peft", "accelerate", "datasets",
 
 
 def git_commit(path: str | Path | None = None) -> str | None:
+    """The checkout's commit (``-dirty`` with uncommitted changes). ``$LLMCLS_GIT_COMMIT`` names it instead where
+    the code was copied without its own history (a benchmark's tree sent to a GPU machine: there a stale .git
+    would name another commit)."""
+    if os.environ.get("LLMCLS_GIT_COMMIT"):
+        return os.environ["LLMCLS_GIT_COMMIT"]
     where = Path(path) if path else Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
