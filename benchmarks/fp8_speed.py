@@ -137,7 +137,7 @@ def main(argv=None):
     cfgs = {"bf16": load_config(CONFIGS / FAST, cfg_over)}
     for s in scalings if "cast" in weights else ():
         cfgs[f"fp8-{s}"] = load_config(CONFIGS / FAST, {**cfg_over, "model.quantize": "fp8",
-                                                        "model.fp8_scaling": s})
+                                                        "model.fp8_weights": "cast", "model.fp8_scaling": s})
     if "stored" in weights:  # last: converting frees the bf16 weights
         cfgs["fp8-stored"] = load_config(CONFIGS / FAST, {**cfg_over, "model.quantize": "fp8",
                                                           "model.fp8_weights": "stored"})

@@ -89,6 +89,8 @@ def test_config_key_reads_from_overrides():
     cfg = load_config(None, {"model.quantize": "fp8", "model.fp8_scaling": "tensorwise"})
     assert (cfg.model.quantize, cfg.model.fp8_scaling) == ("fp8", "tensorwise")
     assert load_config(None, {}).model.fp8_scaling == "rowwise"
+    assert load_config(None, {}).model.fp8_weights == "stored"  # the faster path, and no torchao needed
+    assert load_config(None, {"model.fp8_weights": "cast"}).model.fp8_weights == "cast"
     with pytest.raises(ConfigError):
         load_config(None, {"model.quantize": "int8"})
 
@@ -222,7 +224,21 @@ def test_fp8_kernels_on_a_gpu_match_bf16(scaling):
 
 
 # ------------------------------------------------------------------ model.fp8_weights: stored (torch._scaled_mm)
-# torch's CPU build runs _scaled_mm with row scales, so these run the stored path's real arithmetic.
+# torch's CPU build runs _scaled_mm with row scales (2.13; 2.11's CPU kernel takes one scale per tensor), so these
+# run the stored path's real arithmetic.
+def _row_scales_on_cpu() -> bool:
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32)
+        return True
+    except RuntimeError:
+        return False
+
+
+_ROW_SCALES_ON_CPU = pytest.mark.skipif(not _row_scales_on_cpu(), reason=f"torch {torch.__version__}'s CPU "
+                                        "_scaled_mm takes one scale per tensor only; the GPU test covers the path")
+
+
 def test_rowwise_e4m3_keeps_each_rows_largest_value_and_e4m3_precision():
     t = torch.randn(64, 96, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 64)[:, None]
     q, s = fp8.rowwise_e4m3(t)
@@ -233,6 +249,7 @@ def test_rowwise_e4m3_keeps_each_rows_largest_value_and_e4m3_precision():
     assert ((back - t).abs() <= t.abs() / 16 + 1e-9)[big].all()
 
 
+@_ROW_SCALES_ON_CPU
 def test_stored_linear_computes_x_w_with_the_stored_values_forward_and_backward():
     """The forward is x @ W^T and the input gradient g @ W, both from e4m3 operands with row scales: equal to
     the same products computed in float32 from the dequantised operands, and within FP8's rounding of the
@@ -269,6 +286,7 @@ def test_stored_linear_computes_x_w_with_the_stored_values_forward_and_backward(
         score(torch.randn(2, 96, requires_grad=True)).sum().backward()
 
 
+@_ROW_SCALES_ON_CPU
 def test_stored_weights_under_lora_train_the_adapters_only_and_match_float32():
     """fp8.store on a tiny Qwen2 (what load_model does for fp8_weights=stored), then peft: peft wraps every
     stored linear and keeps the adapters in float32 (StoredFP8Linear.compute_dtype); logits and LoRA gradients
@@ -320,6 +338,7 @@ def test_stored_weights_refuse_tensorwise_scales():
                                             "model.fp8_scaling": "tensorwise", "lora.method": "lora"}))
 
 
+@_ROW_SCALES_ON_CPU
 def test_stored_weights_trace_into_one_graph_per_layer_stack():
     """Dynamo traces the stored path (its autograd.Function and _scaled_mm) into the compiled layers with dynamic
     shapes (the ``eager`` backend: dynamo's graphs without code generation): one graph for both layers, none

@@ -139,17 +139,11 @@ def test_compile_cache_folder_precedence(tmp_path, monkeypatch):
     assert functorch_config.enable_autograd_cache is True
 
 
-def test_train_and_eval_record_the_warmup_split(tmp_path, tokenizer_dir, small_data, capsys, monkeypatch):
+def test_train_and_eval_record_the_warmup_split(tmp_path, tokenizer_dir, small_data, capsys):
     """A tiny LoRA run through the CLI (eager: compiling is a GPU lever): train_summary.json and eval/metrics.json
     carry the split, every part >= 0, the parts adding up to the time to the first step / batch, and the run
-    prints one line for each. The separate `llmcls eval` runs torch.compile's set-up beside its load (on a GPU
-    only; here forced, on the CPU with dynamo's eager backend): recorded, and none of it counted in the first
-    batch's compilation."""
-    from torch._dynamo.utils import counters
-
-    import llmcls.recipes.evaluate
+    prints one line for each."""
     from llmcls.cli import main
-    from llmcls.warmup import CompilePrewarm
 
     from conftest import short_run_args
 
@@ -175,34 +169,10 @@ def test_train_and_eval_record_the_warmup_split(tmp_path, tokenizer_dir, small_d
     assert ew["start_s"] > w["to_first_step_s"] and ew["to_first_batch_s"] >= ew["start_s"] + ew["load_s"]
     assert "training warm-up: start" in printed and "eval warm-up: start" in printed
     # `llmcls eval` in this process: the split of a separate evaluation, its load timed by the command
-    started = []
-    monkeypatch.setattr(llmcls.recipes.evaluate, "start_prewarm", lambda compiles, cache: started.append(
-        (compiles, cache)) or CompilePrewarm("cpu", backend="eager"))
-    graphs = counters["stats"]["unique_graphs"]
     assert main(["eval", str(out), "--eval.batch_size", "4"]) == 0
     assert "eval warm-up: start" in capsys.readouterr().out
     ew2 = json.loads((out / "eval" / "metrics.json").read_text())["warmup"]
     assert ew2["load_s"] > 0 and ew2["first_batch_s"] > 0 and ew2["compile"]["graphs"] == 0
-    assert started == [(False, None)]  # the run's eval.compile and model.compile_cache
-    assert ew2["prewarm"]["s"] > 0 and 0 <= ew2["prewarm"]["waited_s"] <= ew2["load_s"], ew2
-    assert "error" not in ew2["prewarm"]
-    assert counters["stats"]["unique_graphs"] == graphs + 1  # the warm-up's own graph, before the first batch
-
-
-def test_a_failed_compile_warm_up_is_reported_not_raised(caplog):
-    """The warm-up only speeds a job up: where it cannot run (here a GPU that is not there), the caller gets the
-    reason and goes on."""
-    import logging
-
-    from llmcls.warmup import CompilePrewarm, start_prewarm
-
-    with caplog.at_level(logging.WARNING, logger="llmcls.warmup"):
-        out = CompilePrewarm("cuda:7" if not torch.cuda.is_available() else "cuda:999").join()
-    assert "error" in out and out["s"] >= 0, out
-    assert "compile warm-up in the background failed" in caplog.text
-    if not torch.cuda.is_available():
-        assert start_prewarm(True) is None  # on a CPU nothing is warmed
-    assert start_prewarm(False) is None  # nothing compiled, nothing to warm
 
 
 def test_torch_s_own_default_in_the_variable_is_not_a_choice(tmp_path, monkeypatch):

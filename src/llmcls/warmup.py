@@ -86,8 +86,6 @@ def cache_folder() -> Optional[str]:
 def split_line(what: str, w: dict) -> str:
     """One line: where the time to the first step (or batch) went."""
     parts = [f"{k} {w[k + '_s']:.1f} s" for k in ("start", "load", "encode", "setup") if w.get(k + "_s") is not None]
-    if w.get("prewarm") and "error" not in w["prewarm"] and len(parts) > 1:  # parts[1] is the load
-        parts[1:2] = [f"{parts[1]} (compile set-up beside it {w['prewarm']['s']:.1f} s)"]
     first = "first_step" if "first_step_s" in w else "first_batch"
     if w.get(first + "_s") is not None:
         c = (w.get(first + "_compile") or w.get("compile") or {}).get("compile_s")
@@ -100,75 +98,3 @@ def split_line(what: str, w: dict) -> str:
     if later is not None:
         line += (f"; later steps {later:.3f} s each" if "later_step_s" in w else f"; other batches {later:.1f} s")
     return line
-
-
-class CompilePrewarm:
-    """torch.compile's one-time set-up in a process, done in a thread while the weights load instead of inside the
-    first step or batch: importing Inductor and Triton, starting Inductor's compile workers, dynamo's first trace,
-    Triton's first kernel on the GPU. A fresh ``llmcls eval`` whose layers hit the compile cache spent 3.9 s
-    compiling in its first batch against 1.7 s where training had already paid this (docs/BENCHMARKS.md,
-    warm-up run 3); the weights take ~6 s to load on a 7B model, so the set-up fits inside the load.
-
-    It compiles a small function of its own (one graph of two kernels, kept in the same compile cache), never the
-    model's layers, and it only warms: a failure is logged and changes nothing else. Call :meth:`join` before
-    the first step or batch, so that the figures of that step count its compilation and nothing of this."""
-
-    def __init__(self, device: str, backend: str = "inductor"):
-        import threading
-
-        self.device, self.backend = device, backend
-        self.seconds: Optional[float] = None
-        self.error: Optional[str] = None
-        self._t0 = time.perf_counter()
-        self._thread = threading.Thread(target=self._run, name="llmcls-compile-prewarm", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        import torch
-
-        try:
-            # The CUDA device is per thread: a thread starts on GPU 0 whatever the process's rank set.
-            if str(self.device).startswith("cuda"):
-                torch.cuda.set_device(torch.device(self.device))
-            def graph(x):  # a pointwise kernel and a reduction, the kinds of Triton kernel a layer's graph loads
-                y = torch.nn.functional.silu(x) * x
-                return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6)
-
-            x = torch.linspace(-2, 2, 64 * 32, device=self.device).reshape(64, 32)
-            torch.compile(graph, dynamic=True, backend=self.backend)(x)
-            if str(self.device).startswith("cuda"):
-                torch.cuda.synchronize(self.device)
-        except Exception as e:  # noqa: BLE001 - a warm-up must not stop the job it only speeds up
-            self.error = f"{type(e).__name__}: {e}"
-        finally:
-            self.seconds = time.perf_counter() - self._t0
-
-    def join(self) -> dict:
-        """Wait for the warm-up: ``{"s": its seconds, "waited_s": how long the caller waited for it}`` (and
-        ``error`` where it failed; the caller goes on, its first step compiles as it would have)."""
-        import logging
-
-        t = time.perf_counter()
-        self._thread.join()
-        out = {"s": round(self.seconds or 0.0, 3), "waited_s": round(time.perf_counter() - t, 3)}
-        if self.error:
-            logging.getLogger(__name__).warning("compile warm-up in the background failed (the first step compiles "
-                                                "as usual): %s", self.error)
-            out["error"] = self.error
-        return out
-
-
-def start_prewarm(compiles: bool, cache: Optional[str] = None, device: Optional[str] = None
-                  ) -> Optional[CompilePrewarm]:
-    """A :class:`CompilePrewarm` for a process about to load a model whose layers it compiles (``compiles``) on a
-    GPU; None on a CPU (the tests' backend compiles nothing worth warming) or where nothing is compiled. Points
-    torch.compile at the run's compile cache first (:func:`llmcls.model.load.use_compile_cache`), as the layers'
-    compilation would, so that the paths torch fixes at its first compilation are that cache's."""
-    import torch
-
-    if not compiles or not torch.cuda.is_available():
-        return None
-    from llmcls.model.load import device_default, use_compile_cache
-
-    use_compile_cache(cache)
-    return CompilePrewarm(device or device_default())

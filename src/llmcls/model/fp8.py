@@ -1,6 +1,10 @@
-"""``model.quantize: fp8``: the frozen base's matrix products in FP8 (e4m3), through torchao's float8 training
-linear (``torchao.float8.convert_to_float8_training``); LoRA adapters, norms, attention, embeddings and the LM
-head stay in the model's dtype (bf16 on a GPU).
+"""``model.quantize: fp8``: the frozen base's matrix products in FP8 (e4m3); LoRA adapters, norms, attention,
+embeddings and the LM head stay in the model's dtype (bf16 on a GPU). Two ways, ``model.fp8_weights``:
+
+- ``stored`` (the default; :class:`StoredFP8Linear`, at the end of this file): the weights cast to e4m3 once at
+  load, rowwise, and multiplied with ``torch._scaled_mm`` forward and backward; nothing but torch needed.
+- ``cast``: torchao's float8 training linear (``torchao.float8.convert_to_float8_training``), which keeps the
+  weights in bf16 and casts them at every call; either scaling. Described here:
 
 What torchao does per base linear (``Float8Linear``, a subclass of ``nn.Linear``, so peft wraps it as it wraps a
 plain linear and its adapter math is untouched): the input and the weight are cast to e4m3 with scales computed

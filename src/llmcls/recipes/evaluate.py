@@ -24,7 +24,7 @@ from llmcls.infer import classify_with, record
 from llmcls.metrics import compute_metrics, multilabel_metrics
 from llmcls.multilabel import refuse_multi
 from llmcls.rundir import RunDir, model_for_run
-from llmcls.warmup import compile_delta, compile_stats, process_age, start_prewarm
+from llmcls.warmup import compile_delta, compile_stats, process_age
 from llmcls.windows import settings
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,9 @@ def evaluate(run_dir: str | Path, cfg: Optional[Config] = None, model=None, toke
     (``base``: zero-shot, same prompt; RUN/zero-shot). ``loaded``: how the caller's ``model`` came to be,
     ``{"start_s": process age when loading began, "load_s": seconds}``, for the warm-up split."""
     run = RunDir(run_dir)
-    cfg = cfg or run.load_config()
     loaded = dict(loaded or {"start_s": process_age(), "load_s": 0.0})
     t = time.perf_counter()
-    # A model loaded here is loaded by a fresh process: torch.compile's one-time set-up runs beside the load.
-    prewarm = start_prewarm(cfg.eval.compile, cfg.model.compile_cache) if model is None else None
     model, tokenizer, cfg = model_for_run(run.path, cfg, model, tokenizer, weights=weights)
-    if prewarm is not None:
-        loaded["prewarm"] = prewarm.join()
     loaded["load_s"] += time.perf_counter() - t  # a model loaded here; compile_layers only wraps the layers
     calibration = run.load_calibration() if weights == "selected" else None
     lexical = run.load_lexical() if weights != "base" else None  # zero-shot: the LLM alone
@@ -138,8 +133,7 @@ def _timed(loaded: dict, classify, *args, **kwargs):
     imports), ``load_s`` the model and tokenizer, ``first_batch_s`` from the start of classification to the first
     batch's scores back on the host (prompt preparation and all compilation of its shapes included), ``rest_s``
     the other batches, ``compile`` what compiling took over the whole classification (seconds, graphs, cache hits;
-    a compile after the first batch shows as a recompile), ``prewarm`` torch.compile's set-up run beside the load
-    (:class:`llmcls.warmup.CompilePrewarm`: its seconds, and those the load then waited for it, inside ``load_s``)."""
+    a compile after the first batch shows as a recompile)."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     timing: dict = {}
@@ -151,8 +145,7 @@ def _timed(loaded: dict, classify, *args, **kwargs):
     warmup = {"start_s": round(loaded["start_s"], 3), "load_s": round(loaded["load_s"], 3),
               "first_batch_s": round(first, 3), "rest_s": round(end - t0 - first, 3),
               "to_first_batch_s": round(age - (end - t0 - first), 3),  # from the process's start
-              "compile": compile_delta(before),
-              **({"prewarm": loaded["prewarm"]} if "prewarm" in loaded else {})}
+              "compile": compile_delta(before)}
     return preds, end - t0, warmup
 
 

@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import shutil
 import time
-from typing import Optional
 
 import torch
 
@@ -31,7 +30,7 @@ from llmcls.recipes.prepare import load_encoded, prepare
 from llmcls.reporting.track import JsonlLogCallback, Tracker, trim_log, whole_run_loss
 from llmcls.rundir import RunDir
 from llmcls.selection import DevEvaluator
-from llmcls.warmup import cache_folder, cuda_graphs_recorded, process_age, split_line, start_prewarm
+from llmcls.warmup import cache_folder, cuda_graphs_recorded, process_age, split_line
 from llmcls.trainer import (FiniteLoss, StepTimer, build_trainer, class_weights, for_scoring, fsdp_loading,
                             full_state_dict, graph_padding, prepare_for_training, reuse_refused, token_budget_sampler,
                             training_arguments)
@@ -63,15 +62,13 @@ def fit_lexical(cfg: Config, run: RunDir, tokenizer, summary: dict, progress: bo
 
 
 def warmup_split(started: float, t_start: float, load_s: float, encode_s: float, t_train: float,
-                 timer: StepTimer, compiled: bool, prewarm: Optional[dict] = None) -> dict:
+                 timer: StepTimer, compiled: bool) -> dict:
     """Seconds from the command's start to the first optimizer step done (``warmup`` in train_summary.json):
     ``start_s`` the interpreter and imports, ``load_s`` tokenizer + model (adapters attached; a tiny base built),
     ``encode_s`` prepare (read, validate, tokenise; a cache hit is quick), ``setup_s`` the rest before
     ``trainer.train()`` (tracker, dev set, TF-IDF model, Trainer), ``first_step_s`` from ``trainer.train()`` to the
     first optimizer step done (the Trainer's own setup and all compilation included; ``first_step_compile`` says
-    how much was compiling and what the compile caches gave), the mean of the later steps, and ``prewarm``:
-    torch.compile's one-time set-up run beside the load (:class:`llmcls.warmup.CompilePrewarm`; its wait counts in
-    ``load_s``)."""
+    how much was compiling and what the compile caches gave), and the mean of the later steps."""
     steps = timer.summary()
     if not steps:
         return {}
@@ -79,7 +76,7 @@ def warmup_split(started: float, t_start: float, load_s: float, encode_s: float,
     out = {"start_s": round(started, 3), "load_s": round(load_s, 3), "encode_s": round(encode_s, 3),
            "setup_s": round(setup_s, 3), **steps,
            "to_first_step_s": round(started + (t_train - t_start) + steps["first_step_s"], 3),
-           "compile_cache": cache_folder() if compiled else None, **({"prewarm": prewarm} if prewarm else {})}
+           "compile_cache": cache_folder() if compiled else None}
     return out
 
 
@@ -166,8 +163,6 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
     fsdp_loading(cfg, True)
     # Under FSDP the model stays in host memory: accelerate moves only each process's shard to its GPU.
     device = "cpu" if cfg.train.fsdp != "off" else device
-    # torch.compile's one-time set-up beside the load: the first step then compiles the layers alone.
-    prewarm = start_prewarm(cfg.train.compile or cfg.train.cuda_graphs, cfg.model.compile_cache, str(args.device))
     model = load_model(cfg.model, model_path, device=device, dtype=dtype, training=True)
     if seq_cls:  # the same backbone with a label head, initialised from the LM head (llmcls.seqcls)
         model = seqcls.from_causal(model, tokenizer, labels)
@@ -178,7 +173,6 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
                     "than padded batches on a CPU (the bbc-tiny demo on 2 CPU cores: 231 s against 90 s)")
     params = trainable_summary(model)
     log.info("trainable parameters: %s", params)
-    prewarmed = prewarm.join() if prewarm is not None else None
     load_s += time.perf_counter() - t
 
     # 3. Train, scoring the dev set as it goes (selection.py) ----------------------------------------------------
@@ -245,7 +239,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
         "world_size": args.world_size, "fsdp": cfg.train.fsdp,
         "skipped_steps": next(c.skipped for c in trainer.callback_handler.callbacks if isinstance(c, FiniteLoss)),
-        "warmup": warmup_split(started, t_start, load_s, encode_s, t0, timer, cfg.train.compile, prewarmed),
+        "warmup": warmup_split(started, t_start, load_s, encode_s, t0, timer, cfg.train.compile),
         # train.cuda_graphs: graphs recorded in this process (a stack's forward and backward per padded length)
         **({"cuda_graphs_recorded": cuda_graphs_recorded()} if cfg.train.cuda_graphs else {}),
         "environment": environment(),
