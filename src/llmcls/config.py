@@ -128,8 +128,8 @@ class ModelConfig:
         "none", "Load the frozen base in 4-bit NF4 with double quantisation (QLoRA; needs bitsandbytes, "
         "'pip install llmcls[qlora]'), or compute its decoder-layer matrix products in FP8 e4m3 (fp8: an sm_89+ "
         "GPU; model.fp8_weights cast needs torchao, 'pip install llmcls[fp8]'; forward and backward, training and "
-        "scoring). Adapters, norms, "
-        "embeddings and the LM head stay in dtype; export merges into the unquantised base."
+        "scoring). Adapters, norms, embeddings and the LM head stay in dtype; export merges into the unquantised "
+        "base."
     )
     fp8_scaling: Literal["rowwise", "tensorwise"] = f(
         "rowwise", "quantize=fp8's dynamic scales: one per row of activations and per output channel of weights "

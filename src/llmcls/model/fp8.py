@@ -151,8 +151,8 @@ def apply(model: torch.nn.Module, device: str | torch.device, scaling: str = "ro
 
 # ---------------------------------------------------------------------------------------------------------------
 # model.fp8_weights: stored. The base is frozen, so its weights need casting to e4m3 once, not at every step as
-# torchao's training linear does (measured on the 7B shape: ~23 GB read and ~15 GB written per step for those
-# casts). torch._scaled_mm takes its second operand column-major: the forward's x @ W^T reads the [out, in] weight
+# torchao's training linear does (on the 7B shape those casts move ~23 GB in and ~15 GB out per step; without them
+# the step went from 311 to 278 ms on an H200, docs/BENCHMARKS.md "FP8 base", run 4). torch._scaled_mm takes its second operand column-major: the forward's x @ W^T reads the [out, in] weight
 # as stored; the backward's grad_input = g @ W needs W's transpose stored the same way, a second e4m3 copy with
 # its own scales (one per input channel). Both copies together take what the bf16 weight took; scoring keeps the
 # first only (half the bf16 weight).
@@ -180,9 +180,7 @@ class _StoredMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        # wt is already the column-major [out, in] operand: a view taken here could be saved by the compiled
-        # forward as a contiguous (row-major) copy, which _scaled_mm refuses (seen under Inductor on the CPU)
-        wt, wt_scale = ctx.saved_tensors
+        wt, wt_scale = ctx.saved_tensors  # already the column-major [out, in] operand (StoredFP8Linear)
         if wt is None:
             raise RuntimeError("this FP8 linear was loaded for scoring (no transposed weight); load it with "
                                "training=True to compute input gradients through it")
@@ -207,7 +205,9 @@ class StoredFP8Linear(torch.nn.Linear):
         self.register_buffer("weight_scale", s.reshape(1, -1), persistent=False)
         qt = st = None
         if training:  # W again, scaled per input channel and laid out column-major: the backward's operand
-            qt, st = rowwise_e4m3(w.t().contiguous())  # elementwise ops would keep w.t()'s strides
+            # contiguous first: elementwise ops keep their input's strides, and w.t()'s are W's own (row-major
+            # [out, in] again after the .t() below, which _scaled_mm refuses; seen on the CPU)
+            qt, st = rowwise_e4m3(w.t().contiguous())
             qt, st = qt.t(), st.reshape(1, -1)
         self.register_buffer("weight_t", qt, persistent=False)
         self.register_buffer("weight_t_scale", st, persistent=False)
@@ -220,10 +220,6 @@ class StoredFP8Linear(torch.nn.Linear):
                                 self.weight_t_scale)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
-
-    def dequantized(self) -> torch.Tensor:
-        """The weight the FP8 products compute with, in ``compute_dtype`` (tests; merging is refused for fp8)."""
-        return (self.weight.float() * self.weight_scale.t()).to(self.compute_dtype)
 
 
 def store(model: torch.nn.Module, training: bool) -> list[str]:
