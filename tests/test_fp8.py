@@ -169,11 +169,10 @@ def test_training_steps_change_only_the_adapters():
     _train_and_check(device="cpu", dtype=torch.float32, emulate=True)
 
 
-def _train_and_check(device, dtype, emulate):
-    model = add_lora(fp8.apply(small_qwen(dtype=dtype, device=device), device, emulate=emulate), LORA)
+def _adapters_alone_train(model, ids) -> list[float]:
+    """Four AdamW steps: every adapter moves, no base weight does. Returns the losses."""
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    ids = torch.randint(0, 1024, (4, 64), generator=torch.Generator().manual_seed(0)).to(device)
     model.train()
     losses = []
     for _ in range(4):
@@ -184,6 +183,13 @@ def _train_and_check(device, dtype, emulate):
         losses.append(loss.item())
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed == {n for n in before if "lora_" in n}  # every adapter moved, no base weight did
+    return losses
+
+
+def _train_and_check(device, dtype, emulate):
+    model = add_lora(fp8.apply(small_qwen(dtype=dtype, device=device), device, emulate=emulate), LORA)
+    ids = torch.randint(0, 1024, (4, 64), generator=torch.Generator().manual_seed(0)).to(device)
+    losses = _adapters_alone_train(model, ids)
     assert losses[-1] < losses[0]
     return model
 
@@ -193,22 +199,16 @@ def _fp8_gpu() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= fp8.min_capability()
 
 
-@pytest.mark.skipif(not _fp8_gpu(), reason="needs a CUDA GPU with FP8 matmuls (sm_89+)")
-@pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
-def test_fp8_kernels_on_a_gpu_match_bf16(scaling):
-    """torch._scaled_mm through torchao against the bf16 model, same weights and adapters (hidden 256, bf16):
-    the bounds of the emulated test (logits 12% relative norm, LoRA gradients 30%, cosine 0.97; the emulation
-    measured 7.8%, 19.8%, 0.980), the compiled layers give the eager FP8 logits to 5% and stay within the same
-    bounds of bf16 as eager FP8 does (compiled and eager round differently: tensorwise gradients measured 11.2%
-    apart on an H200, each an FP8 approximation of the bf16 ones), and four AdamW steps move the adapters only."""
-    pytest.importorskip("torchao.float8", reason="torchao not installed (pip install 'llmcls[fp8]')")
+def _fp8_on_a_gpu_matches_bf16(to_fp8):
+    """``to_fp8`` (a base converted in place and returned) against the same bf16 base, same adapters, eager and
+    with compiled layers; returns the compiled FP8 model."""
     from llmcls.model.load import compile_layers
 
     dev = "cuda"
     ids = torch.randint(0, 1024, (4, 128), generator=torch.Generator().manual_seed(0)).to(dev)
     ref = add_lora(small_qwen(dtype=torch.bfloat16, device=dev), LORA)
     nonzero_adapters(ref)
-    q = add_lora(fp8.apply(small_qwen(dtype=torch.bfloat16, device=dev), dev, scaling), LORA)
+    q = add_lora(to_fp8(small_qwen(dtype=torch.bfloat16, device=dev)), LORA)
     nonzero_adapters(q)
     l_ref, g_ref = _logits_and_grads(ref, ids)
     l_q, g_q = _logits_and_grads(q, ids)
@@ -220,7 +220,20 @@ def test_fp8_kernels_on_a_gpu_match_bf16(scaling):
     assert rel_err(l_c, l_q) < 0.05
     assert max(rel_err(g_c[n], g_ref[n]) for n in g_ref) < 0.30
     assert min(cosine(g_c[n], g_ref[n]) for n in g_ref) > 0.97
-    _train_and_check(device=dev, dtype=torch.bfloat16, emulate=False)
+    return q
+
+
+@pytest.mark.skipif(not _fp8_gpu(), reason="needs a CUDA GPU with FP8 matmuls (sm_89+)")
+@pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
+def test_fp8_kernels_on_a_gpu_match_bf16(scaling):
+    """torch._scaled_mm through torchao against the bf16 model, same weights and adapters (hidden 256, bf16):
+    the bounds of the emulated test (logits 12% relative norm, LoRA gradients 30%, cosine 0.97; the emulation
+    measured 7.8%, 19.8%, 0.980), the compiled layers give the eager FP8 logits to 5% and stay within the same
+    bounds of bf16 as eager FP8 does (compiled and eager round differently: tensorwise gradients measured 11.2%
+    apart on an H200, each an FP8 approximation of the bf16 ones), and four AdamW steps move the adapters only."""
+    pytest.importorskip("torchao.float8", reason="torchao not installed (pip install 'llmcls[fp8]')")
+    _fp8_on_a_gpu_matches_bf16(lambda m: fp8.apply(m, "cuda", scaling))
+    _train_and_check(device="cuda", dtype=torch.bfloat16, emulate=False)
 
 
 # ------------------------------------------------------------------ model.fp8_weights: stored (torch._scaled_mm)
@@ -314,18 +327,7 @@ def test_stored_weights_under_lora_train_the_adapters_only_and_match_float32():
     assert max(rel_err(g_q[n], g_ref[n]) for n in g_ref) < 0.30
     assert min(cosine(g_q[n], g_ref[n]) for n in g_ref) > 0.97
     stored = {n: b.clone() for n, b in q.named_buffers() if b is not None and b.dtype == torch.float8_e4m3fn}
-    before = {n: p.detach().clone() for n, p in q.named_parameters()}
-    opt = torch.optim.AdamW([p for p in q.parameters() if p.requires_grad], lr=1e-3)
-    q.train()
-    losses = []
-    for _ in range(4):
-        loss = q(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    changed = {n for n, p in q.named_parameters() if not torch.equal(p.detach(), before[n])}
-    assert changed == {n for n in before if "lora_" in n}
+    losses = _adapters_alone_train(q, ids)
     assert len(stored) == 28 and all(torch.equal(b.view(torch.uint8), stored[n].view(torch.uint8))
                                      for n, b in q.named_buffers() if n in stored)
     assert losses[-1] < losses[0]
@@ -370,32 +372,9 @@ def test_stored_weights_trace_into_one_graph_per_layer_stack():
 def test_stored_fp8_on_a_gpu_matches_bf16():
     """The stored path's real kernels against the bf16 model (hidden 256, bf16), eager and compiled, to the
     bounds the torchao path is held to; four AdamW steps move the adapters only."""
-    from llmcls.model.load import compile_layers
+    def store(base):
+        fp8.store(base, training=True)
+        return base
 
-    dev = "cuda"
-    ids = torch.randint(0, 1024, (4, 128), generator=torch.Generator().manual_seed(0)).to(dev)
-    ref = add_lora(small_qwen(dtype=torch.bfloat16, device=dev), LORA)
-    nonzero_adapters(ref)
-    base = small_qwen(dtype=torch.bfloat16, device=dev)
-    fp8.store(base, training=True)
-    q = add_lora(base, LORA)
-    nonzero_adapters(q)
-    l_ref, g_ref = _logits_and_grads(ref, ids)
-    l_q, g_q = _logits_and_grads(q, ids)
-    assert 0.02 < rel_err(l_q, l_ref) < 0.12
-    assert max(rel_err(g_q[n], g_ref[n]) for n in g_ref) < 0.30
-    assert min(cosine(g_q[n], g_ref[n]) for n in g_ref) > 0.97
-    compile_layers(q)
-    l_c, g_c = _logits_and_grads(q, ids)
-    assert rel_err(l_c, l_q) < 0.05
-    assert max(rel_err(g_c[n], g_ref[n]) for n in g_ref) < 0.30
-    assert min(cosine(g_c[n], g_ref[n]) for n in g_ref) > 0.97
-    before = {n: p.detach().clone() for n, p in q.named_parameters()}
-    opt = torch.optim.AdamW([p for p in q.parameters() if p.requires_grad], lr=1e-3)
-    q.train()
-    for _ in range(4):
-        q(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    changed = {n for n, p in q.named_parameters() if not torch.equal(p.detach(), before[n])}
-    assert changed == {n for n in before if "lora_" in n}
+    q = _fp8_on_a_gpu_matches_bf16(store)
+    _adapters_alone_train(q, torch.randint(0, 1024, (4, 128), generator=torch.Generator().manual_seed(0)).cuda())
