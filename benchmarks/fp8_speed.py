@@ -70,12 +70,15 @@ def fp8_matmul_tflops(device, n: int = 8192) -> float | None:
     return 20 * 2 * n**3 / (time.perf_counter() - t) / 1e12
 
 
-def to_fp8(model, scaling: str, device: str) -> int:
-    """What ``model.quantize: fp8`` does at load; on a CPU (the smoke test) torchao's emulation stands in for
-    the FP8 kernels."""
+def to_fp8(model, mcfg, device: str, training: bool) -> int:
+    """What ``model.quantize: fp8`` does at load (``mcfg``: the config's model section): e4m3 weights stored once
+    (``fp8_weights: stored``), or torchao's linears, whose FP8 products torchao emulates on a CPU (the smoke
+    test). Returns how many linears were converted."""
     from llmcls.model import fp8
 
-    return len(fp8.convert(model, scaling, emulate=not device.startswith("cuda")))
+    if mcfg.fp8_weights == "stored":
+        return len(fp8.store(model, training))
+    return len(fp8.convert(model, mcfg.fp8_scaling, emulate=not device.startswith("cuda")))
 
 
 def to_bf16(model) -> int:
@@ -173,12 +176,8 @@ def main(argv=None):
     preds: dict[str, list] = {}
     for name, cfg in cfgs.items():
         t0 = time.perf_counter()
-        if name == "fp8-stored":
-            from llmcls.model import fp8
-
-            res.setdefault("converted_linears", {})[name] = len(fp8.store(model, training="train" in only))
-        elif name != "bf16":
-            res.setdefault("converted_linears", {})[name] = to_fp8(model, cfg.model.fp8_scaling, a.device)
+        if name != "bf16":
+            res.setdefault("converted_linears", {})[name] = to_fp8(model, cfg.model, a.device, "train" in only)
         try:
             if "train" in only:
                 model, r = run_llmcls(model, tok, train_rows, a.device, cfg, name, warmup_epochs=1)

@@ -49,7 +49,8 @@ def child(variant: str, model: str) -> dict:
     s = time.perf_counter() - t
     size = sum(p.numel() * p.element_size() for p in m.parameters())
     return {"variant": variant, "seconds": round(s, 3), "gb": round(size / 1e9, 3),
-            "gb_per_s": round(size / 1e9 / s, 2), "device": str(next(m.parameters()).device), "hf_device_map": getattr(m, "hf_device_map", None)}
+            "gb_per_s": round(size / 1e9 / s, 2), "device": str(next(m.parameters()).device),
+            "hf_device_map": getattr(m, "hf_device_map", None)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -152,9 +152,10 @@ def apply(model: torch.nn.Module, device: str | torch.device, scaling: str = "ro
 # ---------------------------------------------------------------------------------------------------------------
 # model.fp8_weights: stored. The base is frozen, so its weights need casting to e4m3 once, not at every step as
 # torchao's training linear does (on the 7B shape those casts move ~23 GB in and ~15 GB out per step; without them
-# the step went from 311 to 278 ms on an H200, docs/BENCHMARKS.md "FP8 base", run 4). torch._scaled_mm takes its second operand column-major: the forward's x @ W^T reads the [out, in] weight
-# as stored; the backward's grad_input = g @ W needs W's transpose stored the same way, a second e4m3 copy with
-# its own scales (one per input channel). Both copies together take what the bf16 weight took; scoring keeps the
+# the step went from 311 to 278 ms on an H200, docs/BENCHMARKS.md "FP8 base", run 4). torch._scaled_mm takes its
+# second operand column-major: the forward's x @ W^T reads the [out, in] weight as stored; the backward's
+# grad_input = g @ W needs W's transpose stored the same way, a second e4m3 copy with its own scales (one per
+# input channel). Both copies together take what the bf16 weight took; scoring keeps the
 # first only (half the bf16 weight).
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
