@@ -128,11 +128,15 @@ def main(argv=None):
                     "per --scaling), stored (e4m3 weights kept from the load, rowwise; measured last: it frees "
                     "the bf16 weights)")
     ap.add_argument("--only", default="train,score", help="train, score, or both (comma-separated)")
+    ap.add_argument("--profile", default="", help="training paths to profile (comma-separated: bf16, fp8-stored, "
+                    "fp8-rowwise, ...): two steps under torch.profiler after the timing, tables in "
+                    "OUT/profile-PATH.txt")
     ap.add_argument("--out", default="bench-out/fp8")
     a = ap.parse_args(argv)
     only = set(filter(None, a.only.split(",")))
     scalings = [s for s in a.scaling.split(",") if s]
     weights = [w for w in a.weights.split(",") if w]
+    profiled = set(filter(None, a.profile.split(",")))
     if only - {"train", "score"} or set(scalings) - {"rowwise", "tensorwise"} or set(weights) - {"cast", "stored"}:
         ap.error("--only takes train,score; --scaling takes rowwise,tensorwise; --weights takes cast,stored")
     out_dir = Path(a.out)
@@ -180,7 +184,8 @@ def main(argv=None):
             res.setdefault("converted_linears", {})[name] = to_fp8(model, cfg.model, a.device, "train" in only)
         try:
             if "train" in only:
-                model, r = run_llmcls(model, tok, train_rows, a.device, cfg, name, warmup_epochs=1)
+                model, r = run_llmcls(model, tok, train_rows, a.device, cfg, name, warmup_epochs=1,
+                                      profile_to=out_dir / f"profile-{name}.txt" if name in profiled else None)
                 res["train"][name] = r
                 print("train", name, json.dumps(r), flush=True)
                 save(res, n_embed, out_dir)

@@ -194,7 +194,7 @@ class ProfileSteps:
                                if str(getattr(e, "device_type", "")).endswith("CUDA")) / 1e6
                     me.result = {"steps": steps, "wall_s_per_step": round(wall / steps, 4),
                                  "gpu_busy_s_per_step": round(busy / steps, 4)}
-                    me.table = (ev.table(sort_by=key, row_limit=30) + "\n"
+                    me.table = (ev.table(sort_by=key, row_limit=50) + "\n"
                                 + ev.table(sort_by="self_cpu_time_total", row_limit=15))
 
         self.t0, self.callback = None, _CB()
