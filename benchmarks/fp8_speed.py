@@ -48,8 +48,9 @@ from llmcls.infer import classify
 from llmcls.model.load import compile_layers
 
 
-def fp8_matmul_tflops(device, n: int = 8192) -> float | None:
-    """The card's e4m3 x e4m3 -> bf16 rate with per-row / per-column float32 scales (``torch._scaled_mm``)."""
+def fp8_matmul_tflops(device, n: int = 8192, fast_accum: bool = False) -> float | None:
+    """The card's e4m3 x e4m3 -> bf16 rate with per-row / per-column float32 scales (``torch._scaled_mm``),
+    accumulating precisely or (``fast_accum``) in Hopper's fast mode."""
     if not device.startswith("cuda"):
         return None
     a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
@@ -58,7 +59,7 @@ def fp8_matmul_tflops(device, n: int = 8192) -> float | None:
     sb = torch.ones(1, n, device=device)
 
     def mm():
-        return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+        return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
 
     for _ in range(3):
         mm()
@@ -77,7 +78,12 @@ def to_fp8(model, mcfg, device: str, training: bool) -> int:
     from llmcls.model import fp8
 
     if mcfg.fp8_weights == "stored":
-        return len(fp8.store(model, training))
+        stored = [m for m in model.modules() if isinstance(m, fp8.StoredFP8Linear)]
+        if stored:  # an earlier stored path converted them and freed the bf16 weights: only the sums differ
+            for m in stored:
+                m.fast_accum = fp8.fast_accum_flags(mcfg.fp8_fast_accum)
+            return len(stored)
+        return len(fp8.store(model, training, mcfg.fp8_fast_accum))
     return len(fp8.convert(model, mcfg.fp8_scaling, emulate=not device.startswith("cuda")))
 
 
@@ -127,6 +133,8 @@ def main(argv=None):
     ap.add_argument("--weights", default="cast", help="FP8 weight handling, comma-separated: cast (torchao, "
                     "per --scaling), stored (e4m3 weights kept from the load, rowwise; measured last: it frees "
                     "the bf16 weights)")
+    ap.add_argument("--fast-accum", default="none", help="model.fp8_fast_accum values for the stored path, "
+                    "comma-separated (none, forward, all); each after the first is named fp8-stored-VALUE")
     ap.add_argument("--only", default="train,score", help="train, score, or both (comma-separated)")
     ap.add_argument("--profile", default="", help="training paths to profile (comma-separated: bf16, fp8-stored, "
                     "fp8-rowwise, ...): two steps under torch.profiler after the timing, tables in "
@@ -137,17 +145,21 @@ def main(argv=None):
     scalings = [s for s in a.scaling.split(",") if s]
     weights = [w for w in a.weights.split(",") if w]
     profiled = set(filter(None, a.profile.split(",")))
-    if only - {"train", "score"} or set(scalings) - {"rowwise", "tensorwise"} or set(weights) - {"cast", "stored"}:
-        ap.error("--only takes train,score; --scaling takes rowwise,tensorwise; --weights takes cast,stored")
+    accums = [v for v in a.fast_accum.split(",") if v]
+    if (only - {"train", "score"} or set(scalings) - {"rowwise", "tensorwise"} or set(weights) - {"cast", "stored"}
+            or not accums or set(accums) - {"none", "forward", "all"}):
+        ap.error("--only takes train,score; --scaling takes rowwise,tensorwise; --weights takes cast,stored; "
+                 "--fast-accum takes none,forward,all")
     out_dir = Path(a.out)
     cfg_over = {**BENCH_OVERRIDES, "train.output_dir": str(out_dir / "run")}
     cfgs = {"bf16": load_config(CONFIGS / FAST, cfg_over)}
     for s in scalings if "cast" in weights else ():
         cfgs[f"fp8-{s}"] = load_config(CONFIGS / FAST, {**cfg_over, "model.quantize": "fp8",
                                                         "model.fp8_weights": "cast", "model.fp8_scaling": s})
-    if "stored" in weights:  # last: converting frees the bf16 weights
-        cfgs["fp8-stored"] = load_config(CONFIGS / FAST, {**cfg_over, "model.quantize": "fp8",
-                                                          "model.fp8_weights": "stored"})
+    for i, acc in enumerate(accums if "stored" in weights else ()):  # last: converting frees the bf16 weights
+        cfgs["fp8-stored" + (f"-{acc}" if i else "")] = load_config(
+            CONFIGS / FAST, {**cfg_over, "model.quantize": "fp8", "model.fp8_weights": "stored",
+                             "model.fp8_fast_accum": acc})
     if a.device.startswith("cuda"):  # the refusals a user would meet, before 15 GB are built
         from llmcls.model import fp8
 
@@ -164,6 +176,7 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     n_embed = model.get_input_embeddings().weight.numel()
     bf16_peak, fp8_peak = matmul_tflops(a.device), fp8_matmul_tflops(a.device)
+    fp8_fast_peak = fp8_matmul_tflops(a.device, fast_accum=True)
     train_rows, eval_rows = load_rows(16 * a.steps, short=False)
     b = PromptBuilder(tok, PromptConfig())
     eval_rows = [fit_row(b, r, MAX_LEN - 4)[0] for r in eval_rows[:a.rows]]
@@ -172,9 +185,12 @@ def main(argv=None):
     env = environment()
     res = {"shape": a.shape, "device": a.device, "gpu": env["gpu"], "params": n_params, "build_s": round(t_load, 1),
            "matmul_tflops": round(bf16_peak, 1) if bf16_peak else None,
-           "fp8_matmul_tflops": round(fp8_peak, 1) if fp8_peak else None, "torchao": torchao.__version__,
+           "fp8_matmul_tflops": round(fp8_peak, 1) if fp8_peak else None,
+           "fp8_fast_accum_matmul_tflops": round(fp8_fast_peak, 1) if fp8_fast_peak else None,
+           "torchao": torchao.__version__,
            "environment": env, "train": {}, "score": {}}
-    print(json.dumps({k: res[k] for k in ("gpu", "params", "matmul_tflops", "fp8_matmul_tflops", "torchao")}),
+    print(json.dumps({k: res[k] for k in ("gpu", "params", "matmul_tflops", "fp8_matmul_tflops",
+                                          "fp8_fast_accum_matmul_tflops", "torchao")}),
           flush=True)
 
     preds: dict[str, list] = {}
@@ -202,7 +218,7 @@ def main(argv=None):
             print(name, "failed", traceback.format_exc()[-3000:], flush=True)
             uncompile(model)
             reset_peak(a.device)
-        if name not in ("bf16", "fp8-stored"):
+        if name != "bf16" and not name.startswith("fp8-stored"):
             to_bf16(model)
         res.setdefault("wall_s", {})[name] = round(time.perf_counter() - t0, 1)
         save(res, n_embed, out_dir)
@@ -226,7 +242,8 @@ def add_ratios(res: dict, n_embed: int) -> None:
 def markdown(res: dict) -> str:
     gpu = (res["gpu"] or {}).get("name", "CPU")
     lines = [f"Card: {gpu}; shape {Path(res['shape']).name}; measured matmul: bf16 {res['matmul_tflops']} TFLOP/s, "
-             f"FP8 (e4m3, row scales) {res['fp8_matmul_tflops']} TFLOP/s ({res['fp8_over_bf16_matmul']}x); "
+             f"FP8 (e4m3, row scales) {res['fp8_matmul_tflops']} TFLOP/s ({res['fp8_over_bf16_matmul']}x), "
+             f"with fast accumulation {res.get('fp8_fast_accum_matmul_tflops')} TFLOP/s; "
              f"torchao {res['torchao']}", "",
              "| training (fast config, packed, compiled, micro 16) | tokens/s | step s | peak GiB | MFU (bf16 peak) | "
              "vs bf16 |", "|---|---|---|---|---|---|"]

@@ -355,7 +355,9 @@ def settings(cfg: Config) -> dict:
     return {"micro_batch": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
             "offload_embeddings": cfg.model.offload_embeddings, "compile": cfg.train.compile,
             "group_by_length": cfg.train.group_by_length, "packing": cfg.train.packing,
-            **({"quantize": cfg.model.quantize} if cfg.model.quantize != "none" else {})}
+            **({"quantize": cfg.model.quantize} if cfg.model.quantize != "none" else {}),
+            **({"fp8_weights": cfg.model.fp8_weights, "fp8_fast_accum": cfg.model.fp8_fast_accum}
+               if cfg.model.quantize == "fp8" else {})}
 
 
 def recomputing(model) -> bool:

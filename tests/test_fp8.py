@@ -78,6 +78,8 @@ def test_load_refuses_before_reading_weights(tmp_path):
     ({"lora.method": "full"}, r"frozen base in FP8 under LoRA adapters; lora.method=full"),
     ({"train.fsdp": "full_shard"}, r"model.quantize=fp8 with train.fsdp: not supported"),
     ({"model.device_map": "auto"}, r"model.quantize=fp8 with model.device_map"),
+    ({"model.quantize": "none", "model.fp8_fast_accum": "all"},
+     r"model.fp8_fast_accum=all changes FP8 matrix products; model.quantize=none computes none"),
 ])
 def test_config_combinations_refused(overrides, message):
     cfg = load_config(None, {"model.quantize": "fp8", **overrides})
@@ -91,6 +93,8 @@ def test_config_key_reads_from_overrides():
     assert load_config(None, {}).model.fp8_scaling == "rowwise"
     assert load_config(None, {}).model.fp8_weights == "stored"  # the faster path, and no torchao needed
     assert load_config(None, {"model.fp8_weights": "cast"}).model.fp8_weights == "cast"
+    assert load_config(None, {}).model.fp8_fast_accum == "none"  # the sums the real-model quality was measured with
+    assert load_config(None, {"model.fp8_fast_accum": "forward"}).model.fp8_fast_accum == "forward"
     with pytest.raises(ConfigError):
         load_config(None, {"model.quantize": "int8"})
 
@@ -331,6 +335,44 @@ def test_stored_weights_under_lora_train_the_adapters_only_and_match_float32():
     assert len(stored) == 28 and all(torch.equal(b.view(torch.uint8), stored[n].view(torch.uint8))
                                      for n, b in q.named_buffers() if n in stored)
     assert losses[-1] < losses[0]
+
+
+@_ROW_SCALES_ON_CPU
+@pytest.mark.parametrize("mode, flags", [("none", (False, False)), ("forward", (True, False)), ("all", (True, True))])
+def test_fast_accumulation_reaches_each_product_it_names(monkeypatch, mode, flags):
+    """model.fp8_fast_accum as load_model passes it to fp8.store: every forward product of the 14 stored linears
+    gets the first flag, every input-gradient product the second; the numbers on the CPU stay those of the
+    precise path (its kernel has one accumulation)."""
+    ids = torch.randint(0, 1024, (2, 32), generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = torch._scaled_mm
+
+    def spy(a, b, **kw):
+        calls.append(kw.get("use_fast_accum"))
+        return real(a, b, **kw)
+
+    models = []
+    for acc in ("none", mode):
+        base = small_qwen()
+        fp8.store(base, training=True, fast_accum=acc)
+        models.append(add_lora(base, LORA))
+        nonzero_adapters(models[-1])
+    l_ref, g_ref = _logits_and_grads(models[0], ids)
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    l_q, g_q = _logits_and_grads(models[1], ids)
+    # 14 forward products, then 11 input gradients: the first layer's q, k and v take the frozen embeddings'
+    # output, which needs none
+    assert calls == [flags[0]] * 14 + [flags[1]] * 11
+    assert rel_err(l_q, l_ref) < 1e-6 and max(rel_err(g_q[k], g_ref[k]) for k in g_ref) < 1e-6
+
+
+def test_torchao_path_takes_the_same_fast_accumulation_setting():
+    pytest.importorskip("torchao.float8")
+    for mode, (fwd, bwd) in fp8.FAST_ACCUM.items():
+        cfg = fp8.fp8_config("rowwise", fast_accum=mode)
+        assert (cfg.gemm_config_output.use_fast_accum, cfg.gemm_config_grad_input.use_fast_accum) == (fwd, bwd)
+    with pytest.raises(ConfigError, match="model.fp8_fast_accum: 'some' is not one of none, forward, all"):
+        fp8.fast_accum_flags("some")
 
 
 def test_stored_weights_refuse_tensorwise_scales():

@@ -141,6 +141,11 @@ class ModelConfig:
         "training; 7B shape on an H200: 1.30x bf16 training), or kept in dtype and cast at every step (cast: "
         "torchao's Float8Linear, either scaling; 1.16x)."
     )
+    fp8_fast_accum: Literal["none", "forward", "all"] = f(
+        "none", "quantize=fp8's products that accumulate in Hopper's fast mode (less precise sums, faster): none, "
+        "forward (the output's product; torchao's own default) or all (the backward's input gradient too). The "
+        "real-model quality figures in docs/BENCHMARKS.md were measured with none."
+    )
     device_map: Optional[Literal["auto", "balanced", "balanced_low_0", "sequential"]] = f(
         None, "Spread the layers over all GPUs of one process (the tutorial's fallback for a model larger than "
         "one card; one GPU works at a time). Not with torchrun: use train.fsdp there."
@@ -570,6 +575,10 @@ def check_model(model: ModelConfig, world_size: int = 1) -> None:
     if model.quantize == "fp8" and model.fp8_weights == "stored" and model.fp8_scaling != "rowwise":
         raise ConfigError(f"model.fp8_weights=stored keeps the weights in e4m3 with one scale per output channel "
                           f"(rowwise); model.fp8_scaling={model.fp8_scaling} needs model.fp8_weights cast")
+    if model.quantize != "fp8" and model.fp8_fast_accum != "none":
+        raise ConfigError(f"model.fp8_fast_accum={model.fp8_fast_accum} changes FP8 matrix products; "
+                          f"model.quantize={model.quantize} computes none (set model.quantize fp8, or leave "
+                          "fp8_fast_accum none)")
     if model.device_map and world_size > 1:
         raise ConfigError(
             f"model.device_map={model.device_map} spreads one model over the GPUs of a single process; it "

@@ -92,14 +92,27 @@ def is_base_linear(module: torch.nn.Module, fqn: str) -> bool:
     return True
 
 
-def fp8_config(scaling: str = "rowwise", emulate: bool = False):
+FAST_ACCUM = {"none": (False, False), "forward": (True, False), "all": (True, True)}
+
+
+def fast_accum_flags(mode: str) -> tuple[bool, bool]:
+    """``model.fp8_fast_accum`` as (output's product, input gradient's product) ``use_fast_accum`` flags. Fast
+    accumulation lets Hopper's FP8 tensor cores keep partial sums in their own lower precision instead of
+    promoting them to float32 as they go: faster, less exact sums over long inner dimensions."""
+    if mode not in FAST_ACCUM:
+        raise ConfigError(f"model.fp8_fast_accum: {mode!r} is not one of {', '.join(FAST_ACCUM)}")
+    return FAST_ACCUM[mode]
+
+
+def fp8_config(scaling: str = "rowwise", emulate: bool = False, fast_accum: str = "none"):
     """torchao's recipe: ``rowwise`` (per-row input scales, per-output-channel weight scales; closer to bf16) or
     ``tensorwise`` (one scale per tensor; cheaper casts). ``emulate`` computes the FP8 products in high precision
-    from the FP8 values (CPU tests only)."""
+    from the FP8 values (CPU tests only). ``fast_accum``: ``model.fp8_fast_accum`` (torchao's own default is
+    "forward"; the config's is "none")."""
     import dataclasses
 
     float8 = require_torchao()
-    from torchao.float8.config import CastConfig, ScalingType
+    from torchao.float8.config import CastConfig, Float8GemmConfig, ScalingType
 
     cfg = float8.Float8LinearConfig.from_recipe_name(scaling)
     # The base is frozen: its grad_weight product is traced but never used. In FP8 that product runs over the
@@ -112,12 +125,16 @@ def fp8_config(scaling: str = "rowwise", emulate: bool = False):
     off = lambda cast: CastConfig(scaling_type=ScalingType.DISABLED, target_dtype=cast.target_dtype)  # noqa: E731
     cfg = dataclasses.replace(cfg, cast_config_input_for_grad_weight=off(cfg.cast_config_input),
                               cast_config_grad_output_for_grad_weight=off(cfg.cast_config_grad_output))
+    fwd, bwd = fast_accum_flags(fast_accum)
+    cfg = dataclasses.replace(cfg, gemm_config_output=Float8GemmConfig(use_fast_accum=fwd),
+                              gemm_config_grad_input=Float8GemmConfig(use_fast_accum=bwd))
     if emulate:
         cfg = dataclasses.replace(cfg, emulate=True)
     return cfg
 
 
-def convert(model: torch.nn.Module, scaling: str = "rowwise", emulate: bool = False) -> list[str]:
+def convert(model: torch.nn.Module, scaling: str = "rowwise", emulate: bool = False,
+            fast_accum: str = "none") -> list[str]:
     """Swap the base linears of the decoder layers (:func:`is_base_linear`) for torchao's ``Float8Linear`` in
     place; the weights are the same parameters (same names, same dtype, same ``requires_grad``), so state dicts,
     peft adapters and checkpoints do not change. Returns the converted modules' names."""
@@ -130,7 +147,7 @@ def convert(model: torch.nn.Module, scaling: str = "rowwise", emulate: bool = Fa
             chosen.append(fqn)
         return ok
 
-    float8.convert_to_float8_training(model, config=fp8_config(scaling, emulate), module_filter_fn=pick)
+    float8.convert_to_float8_training(model, config=fp8_config(scaling, emulate, fast_accum), module_filter_fn=pick)
     if not chosen:
         raise ConfigError("model.quantize=fp8 found no linear layer inside decoder layers to compute in FP8 "
                           "(is this a decoder-only model with model.layers?)")
@@ -139,13 +156,13 @@ def convert(model: torch.nn.Module, scaling: str = "rowwise", emulate: bool = Fa
 
 
 def apply(model: torch.nn.Module, device: str | torch.device, scaling: str = "rowwise",
-          emulate: Optional[bool] = None) -> torch.nn.Module:
+          emulate: Optional[bool] = None, fast_accum: str = "none") -> torch.nn.Module:
     """``model.quantize: fp8`` at load time: check the card, then convert. ``emulate`` (tests) skips the card
     check and computes the FP8 products in high precision on any device."""
     if not emulate:
         check_device(device)
     require_torchao()
-    convert(model, scaling, emulate=bool(emulate))
+    convert(model, scaling, emulate=bool(emulate), fast_accum=fast_accum)
     return model
 
 
@@ -174,10 +191,12 @@ class _StoredMatmul(torch.autograd.Function):
     never; no weight gradient (the base is frozen)."""
 
     @staticmethod
-    def forward(ctx, x, w, w_scale, wt, wt_scale):
+    def forward(ctx, x, w, w_scale, wt, wt_scale, fast_fwd: bool, fast_bwd: bool):
         xq, xs = rowwise_e4m3(x)
         ctx.save_for_backward(wt, wt_scale)
-        return torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=w_scale, out_dtype=x.dtype)
+        ctx.fast_bwd = fast_bwd
+        return torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=w_scale, out_dtype=x.dtype,
+                                use_fast_accum=fast_fwd)
 
     @staticmethod
     def backward(ctx, g):
@@ -186,7 +205,8 @@ class _StoredMatmul(torch.autograd.Function):
             raise RuntimeError("this FP8 linear was loaded for scoring (no transposed weight); load it with "
                                "training=True to compute input gradients through it")
         gq, gs = rowwise_e4m3(g)
-        return torch._scaled_mm(gq, wt, scale_a=gs, scale_b=wt_scale, out_dtype=g.dtype), None, None, None, None
+        grad = torch._scaled_mm(gq, wt, scale_a=gs, scale_b=wt_scale, out_dtype=g.dtype, use_fast_accum=ctx.fast_bwd)
+        return grad, None, None, None, None, None, None
 
 
 class StoredFP8Linear(torch.nn.Linear):
@@ -194,11 +214,12 @@ class StoredFP8Linear(torch.nn.Linear):
     (``model.fp8_weights: stored``). A subclass of ``nn.Linear`` so that peft wraps it as it wraps the linear it
     replaces; ``compute_dtype`` (peft's convention for quantised bases) keeps the adapters in the original dtype.
     The e4m3 tensors are buffers, not parameters: nothing trains them, and ``model.dtype`` (the first floating
-    parameter's) stays the model's."""
+    parameter's) stays the model's. ``fast_accum``: ``model.fp8_fast_accum``."""
 
-    def __init__(self, linear: torch.nn.Linear, training: bool):
+    def __init__(self, linear: torch.nn.Linear, training: bool, fast_accum: str = "none"):
         torch.nn.Module.__init__(self)  # nn.Linear's own __init__ would allocate a weight to throw away
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.fast_accum = fast_accum_flags(fast_accum)
         self.compute_dtype = linear.weight.dtype
         w = linear.weight.detach()
         q, s = rowwise_e4m3(w)
@@ -218,15 +239,16 @@ class StoredFP8Linear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _StoredMatmul.apply(x.reshape(-1, self.in_features), self.weight, self.weight_scale, self.weight_t,
-                                self.weight_t_scale)
+                                self.weight_t_scale, *self.fast_accum)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 
-def store(model: torch.nn.Module, training: bool) -> list[str]:
+def store(model: torch.nn.Module, training: bool, fast_accum: str = "none") -> list[str]:
     """Replace the base linears of the decoder layers (:func:`is_base_linear`) with :class:`StoredFP8Linear`
     in place, one at a time (the bf16 weight of each is freed as the next is converted, so the peak is one
-    layer's above the model's). ``training``: keep the transposed copy the backward needs. Returns their names."""
+    layer's above the model's). ``training``: keep the transposed copy the backward needs; ``fast_accum``:
+    ``model.fp8_fast_accum``. Returns their names."""
     chosen = [name for name, mod in model.named_modules() if is_base_linear(mod, name)]
     if not chosen:
         raise ConfigError("model.quantize=fp8 found no linear layer inside decoder layers to compute in FP8 "
@@ -234,6 +256,6 @@ def store(model: torch.nn.Module, training: bool) -> list[str]:
     for name in chosen:
         parent, _, leaf = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, leaf, StoredFP8Linear(getattr(owner, leaf), training))
+        setattr(owner, leaf, StoredFP8Linear(getattr(owner, leaf), training, fast_accum))
     log.info("fp8 (stored e4m3 weights%s): %d base linears", ", two layouts" if training else "", len(chosen))
     return chosen

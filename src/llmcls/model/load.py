@@ -126,9 +126,9 @@ def load_model(cfg: ModelConfig, path: str, device: Optional[str] = None, dtype:
     model = place_model(model, device, cfg.offload_embeddings)
     # before peft wraps the linears: it wraps Float8Linear and StoredFP8Linear as it wraps nn.Linear
     if cfg.quantize == "fp8" and cfg.fp8_weights == "stored":
-        fp8.store(model, training)
+        fp8.store(model, training, cfg.fp8_fast_accum)
     elif cfg.quantize == "fp8":
-        fp8.convert(model, cfg.fp8_scaling)
+        fp8.convert(model, cfg.fp8_scaling, fast_accum=cfg.fp8_fast_accum)
     return model
 
 
