@@ -186,6 +186,55 @@ def table(a) -> None:
         print("\n" + "\n\n".join(lines))
 
 
+# -------------------------------------------------------------------------------------------------- compare
+def _seed(res: dict) -> str:
+    return str(res["overrides"].get("train.seed", "42"))  # the config's own seed where none was set
+
+
+def paired(a_results: list[dict], b_results: list[dict], weights: str = "last") -> dict:
+    """Two settings trained with the same seeds (same data split, same batches' order): accuracy and macro-F1
+    of ``weights`` ("last" = the tutorial's recipe as it ends, or "selected") per seed, each side's mean and the
+    mean of the paired differences, B - A, in points. The last weights are the selected ones where selection
+    kept the last step (then the run stored no separate "last")."""
+    pick = lambda r: r["test"][weights] or r["test"]["selected"]  # noqa: E731
+    a, b = {_seed(r): pick(r) for r in a_results}, {_seed(r): pick(r) for r in b_results}
+    if len(a) != len(a_results) or len(b) != len(b_results):
+        raise SystemExit("compare: two results of one side share a seed")
+    seeds = sorted(set(a) & set(b), key=int)
+    if not seeds:
+        raise SystemExit(f"compare: no seed on both sides (A: {sorted(a)}, B: {sorted(b)})")
+    rows = [{"seed": s, **{f"{side}_{k}": 100 * m[k] for side, m in (("a", a[s]), ("b", b[s]))
+                           for k in ("accuracy", "macro_f1")}} for s in seeds]
+    mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    out = {"weights": weights, "seeds": seeds, "rows": rows}
+    for k in ("accuracy", "macro_f1"):
+        out[f"a_{k}"], out[f"b_{k}"] = mean(f"a_{k}"), mean(f"b_{k}")
+        out[f"diff_{k}"] = out[f"b_{k}"] - out[f"a_{k}"]
+        out[f"worst_diff_{k}"] = min(r[f"b_{k}"] - r[f"a_{k}"] for r in rows)
+    return out
+
+
+def compare(a) -> None:
+    load = lambda paths: [json.loads(Path(x).read_text()) for x in paths]  # noqa: E731
+    res = {w: paired(load(a.a), load(a.b), w) for w in ("last", "selected")}
+    lines = [f"| weights | seed | {a.a_name} accuracy | {a.b_name} accuracy | {a.a_name} macro-F1 | "
+             f"{a.b_name} macro-F1 |", "|---|---|---|---|---|---|"]
+    for w, r in res.items():
+        for row in r["rows"]:
+            lines.append(f"| {w} | {row['seed']} | {row['a_accuracy']:.2f} | {row['b_accuracy']:.2f} | "
+                         f"{row['a_macro_f1']:.2f} | {row['b_macro_f1']:.2f} |")
+        lines.append(f"| {w} | **mean** | **{r['a_accuracy']:.2f}** | **{r['b_accuracy']:.2f}** | "
+                     f"**{r['a_macro_f1']:.2f}** | **{r['b_macro_f1']:.2f}** |")
+    lines += ["", *(f"{w}: {a.b_name} - {a.a_name}, mean of the paired differences: accuracy "
+                    f"{r['diff_accuracy']:+.2f} pt (worst seed {r['worst_diff_accuracy']:+.2f}), macro-F1 "
+                    f"{r['diff_macro_f1']:+.2f} pt (worst seed {r['worst_diff_macro_f1']:+.2f})"
+                    for w, r in res.items())]
+    if a.json:
+        atomic_write_json(Path(a.json), {"a": {"name": a.a_name, "results": a.a},
+                                         "b": {"name": a.b_name, "results": a.b}, **res})
+    print("\n".join(lines))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -203,6 +252,13 @@ def main(argv=None) -> int:
     t.add_argument("--files", help="run-files.tar.gz from the same run.")
     t.add_argument("--baseline", help="Folder of 'llmcls baseline --out' on the same train/test files.")
     t.set_defaults(func=table)
+    c = sub.add_parser("compare", help="Two settings over the same seeds, paired (no GPU needed).")
+    c.add_argument("--a", nargs="+", required=True, help="real_accuracy.json of the reference (e.g. bf16).")
+    c.add_argument("--b", nargs="+", required=True, help="real_accuracy.json of the setting compared (e.g. FP8).")
+    c.add_argument("--a-name", default="A")
+    c.add_argument("--b-name", default="B")
+    c.add_argument("--json", help="Also write the comparison here.")
+    c.set_defaults(func=compare)
     a = p.parse_args(argv)
     a.func(a)
     return 0

@@ -421,3 +421,31 @@ def test_end_to_end_projects_a_subset_to_all_rows_step_by_step():
     assert got["wall_without_generate"] == pytest.approx((tutorial - 50) / llmcls, abs=1e-3)
     assert project({**res, "settings": {"train_rows": 1000, "max_steps": None}}) is None
     assert project({**res, "settings": {"train_rows": 160, "max_steps": 10}}) is None
+
+
+def test_real_accuracy_compare_pairs_the_stored_fp8_runs_by_seed(tmp_path, monkeypatch):
+    """``real_accuracy.py compare`` on the stored bf16 and FP8 runs (three seeds a side): each seed's row is that
+    seed's two files, the means and paired differences equal those computed here from the JSONs; a side whose
+    runs share a seed, or two sides with no seed in common, are refused."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import real_accuracy
+
+    bench = ROOT / "docs" / "bench"
+    load = lambda side: [json.loads((bench / f"real_accuracy-run4-{side}-seed{s}.json").read_text())  # noqa: E731
+                         for s in (42, 7, 1)]
+    bf16, fp8 = load("bf16"), load("fp8")
+    res = real_accuracy.paired(bf16, fp8, "last")
+    assert res["seeds"] == ["1", "7", "42"]
+    by_seed = {r["overrides"]["train.seed"]: (r["test"]["last"] or r["test"]["selected"]) for r in bf16}
+    for row in res["rows"]:
+        assert row["a_accuracy"] == pytest.approx(100 * by_seed[row["seed"]]["accuracy"])
+    acc = lambda rs: sum((r["test"]["last"] or r["test"]["selected"])["accuracy"] for r in rs) / 3 * 100  # noqa: E731
+    assert res["diff_accuracy"] == pytest.approx(acc(fp8) - acc(bf16))
+    assert res["worst_diff_macro_f1"] <= res["diff_macro_f1"]
+    with pytest.raises(SystemExit, match="share a seed"):
+        real_accuracy.paired(bf16 + bf16[:1], fp8)
+    with pytest.raises(SystemExit, match="no seed on both sides"):
+        real_accuracy.paired(bf16[:1], fp8[1:])
+    # the stored comparison is what the command prints and writes today
+    stored = json.loads((bench / "real_accuracy-run4-stored-vs-bf16.json").read_text())
+    assert stored["last"] == json.loads(json.dumps(res))
