@@ -84,7 +84,8 @@ def to_fp8(model, mcfg, device: str, training: bool) -> int:
                 m.fast_accum = fp8.fast_accum_flags(mcfg.fp8_fast_accum)
             return len(stored)
         return len(fp8.store(model, training, mcfg.fp8_fast_accum))
-    return len(fp8.convert(model, mcfg.fp8_scaling, emulate=not device.startswith("cuda")))
+    return len(fp8.convert(model, mcfg.fp8_scaling, emulate=not device.startswith("cuda"),
+                           fast_accum=mcfg.fp8_fast_accum))
 
 
 def to_bf16(model) -> int:
