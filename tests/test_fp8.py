@@ -411,11 +411,13 @@ def test_stored_weights_trace_into_one_graph_per_layer_stack():
 
 
 @pytest.mark.skipif(not _fp8_gpu(), reason="needs a CUDA GPU with FP8 matmuls (sm_89+)")
-def test_stored_fp8_on_a_gpu_matches_bf16():
+@pytest.mark.parametrize("fast_accum", ["none", "all"])
+def test_stored_fp8_on_a_gpu_matches_bf16(fast_accum):
     """The stored path's real kernels against the bf16 model (hidden 256, bf16), eager and compiled, to the
-    bounds the torchao path is held to; four AdamW steps move the adapters only."""
+    bounds the torchao path is held to, with precise and with fast accumulation (``model.fp8_fast_accum``);
+    four AdamW steps move the adapters only."""
     def store(base):
-        fp8.store(base, training=True)
+        fp8.store(base, training=True, fast_accum=fast_accum)
         return base
 
     q = _fp8_on_a_gpu_matches_bf16(store)
