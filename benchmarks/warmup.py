@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="Let the phases read and write Python's compiled bytecode (in DIR), primed by one import "
                          "of what a run imports, whatever PYTHONDONTWRITEBYTECODE says. An installed Python has "
                          "its .pyc files; the GPU machine's image sets PYTHONDONTWRITEBYTECODE=1, so there every "
-                         "process compiles torch's and transformers' sources again (measured: 30.6 s against "
-                         "8.8 s for the imports).")
+                         "process compiles torch's and transformers' sources again (measured: 17.9 s against "
+                         "8.8 s for `llmcls eval`'s imports, docs/bench/imports-h200-run1.txt).")
     a = ap.parse_args(argv)
     if not (a.model and a.tokenizer and a.data):
         ap.error("shared/ not found (set LLMCLS_SHARED): pass --model, --tokenizer and --data")

@@ -104,6 +104,11 @@ def fast_accum_flags(mode: str) -> tuple[bool, bool]:
     return FAST_ACCUM[mode]
 
 
+def _nothing_to_convert() -> ConfigError:
+    return ConfigError("model.quantize=fp8 found no linear layer inside decoder layers to compute in FP8 "
+                       "(is this a decoder-only model with model.layers?)")
+
+
 def fp8_config(scaling: str = "rowwise", emulate: bool = False, fast_accum: str = "none"):
     """torchao's recipe: ``rowwise`` (per-row input scales, per-output-channel weight scales; closer to bf16) or
     ``tensorwise`` (one scale per tensor; cheaper casts). ``emulate`` computes the FP8 products in high precision
@@ -149,8 +154,7 @@ def convert(model: torch.nn.Module, scaling: str = "rowwise", emulate: bool = Fa
 
     float8.convert_to_float8_training(model, config=fp8_config(scaling, emulate, fast_accum), module_filter_fn=pick)
     if not chosen:
-        raise ConfigError("model.quantize=fp8 found no linear layer inside decoder layers to compute in FP8 "
-                          "(is this a decoder-only model with model.layers?)")
+        raise _nothing_to_convert()
     log.info("fp8 (%s scaling): %d base linears compute in FP8", scaling, len(chosen))
     return chosen
 
@@ -251,8 +255,7 @@ def store(model: torch.nn.Module, training: bool, fast_accum: str = "none") -> l
     ``model.fp8_fast_accum``. Returns their names."""
     chosen = [name for name, mod in model.named_modules() if is_base_linear(mod, name)]
     if not chosen:
-        raise ConfigError("model.quantize=fp8 found no linear layer inside decoder layers to compute in FP8 "
-                          "(is this a decoder-only model with model.layers?)")
+        raise _nothing_to_convert()
     for name in chosen:
         parent, _, leaf = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
