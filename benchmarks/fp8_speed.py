@@ -45,7 +45,8 @@ from llmcls.encode import PromptBuilder, fit_row
 from llmcls.env import environment
 from llmcls.files import atomic_write_json, atomic_write_text
 from llmcls.infer import classify
-from llmcls.model.load import compile_layers
+from llmcls.model.fp8 import FAST_ACCUM
+from llmcls.model.compiling import compile_layers
 
 
 def fp8_matmul_tflops(device, n: int = 8192, fast_accum: bool = False) -> float | None:
@@ -134,8 +135,8 @@ def main(argv=None):
     ap.add_argument("--weights", default="cast", help="FP8 weight handling, comma-separated: cast (torchao, "
                     "per --scaling), stored (e4m3 weights kept from the load, rowwise; measured last: it frees "
                     "the bf16 weights)")
-    ap.add_argument("--fast-accum", default="none", help="model.fp8_fast_accum values for the stored path, "
-                    "comma-separated (none, forward, all); each after the first is named fp8-stored-VALUE")
+    ap.add_argument("--fast-accum", default="auto", help="model.fp8_fast_accum values for the stored path, "
+                    "comma-separated (auto, none, forward, all); each after the first is named fp8-stored-VALUE")
     ap.add_argument("--only", default="train,score", help="train, score, or both (comma-separated)")
     ap.add_argument("--profile", default="", help="training paths to profile (comma-separated: bf16, fp8-stored, "
                     "fp8-rowwise, ...): two steps under torch.profiler after the timing, tables in "
@@ -148,9 +149,9 @@ def main(argv=None):
     profiled = set(filter(None, a.profile.split(",")))
     accums = [v for v in a.fast_accum.split(",") if v]
     if (only - {"train", "score"} or set(scalings) - {"rowwise", "tensorwise"} or set(weights) - {"cast", "stored"}
-            or not accums or set(accums) - {"none", "forward", "all"}):
+            or not accums or set(accums) - set(FAST_ACCUM)):
         ap.error("--only takes train,score; --scaling takes rowwise,tensorwise; --weights takes cast,stored; "
-                 "--fast-accum takes none,forward,all")
+                 "--fast-accum takes " + ",".join(FAST_ACCUM))
     out_dir = Path(a.out)
     cfg_over = {**BENCH_OVERRIDES, "train.output_dir": str(out_dir / "run")}
     cfgs = {"bf16": load_config(CONFIGS / FAST, cfg_over)}

@@ -49,7 +49,8 @@ from llmcls.env import environment
 from llmcls.files import atomic_write_json, atomic_write_text
 from llmcls.infer import classify, generate_batch
 from llmcls.model.attention import packed_rows
-from llmcls.model.load import HostEmbedding, compile_layers, load_model, place_model
+from llmcls.model.compiling import compile_layers
+from llmcls.model.load import HostEmbedding, load_model, place_model
 from llmcls.trainer import build_trainer, graph_padding, prepare_for_training, training_arguments
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -324,7 +324,7 @@ def main() -> int:
         tmp = Path(tmp)
         model, dtype = build_model(args.shape, args.device, shared, tok, tmp)
         if args.compile:
-            from llmcls.model.load import compile_layers
+            from llmcls.model.compiling import compile_layers
 
             compile_layers(model)
         rows_file = tmp / "rows.jsonl"

@@ -93,7 +93,8 @@ def test_config_key_reads_from_overrides():
     assert load_config(None, {}).model.fp8_scaling == "rowwise"
     assert load_config(None, {}).model.fp8_weights == "stored"  # the faster path, and no torchao needed
     assert load_config(None, {"model.fp8_weights": "cast"}).model.fp8_weights == "cast"
-    assert load_config(None, {}).model.fp8_fast_accum == "none"  # the sums the real-model quality was measured with
+    assert load_config(None, {}).model.fp8_fast_accum == "auto"  # forward: measured on the real model (run 5)
+    assert fp8.fast_accum_flags("auto") == fp8.fast_accum_flags("forward") == (True, False)
     assert load_config(None, {"model.fp8_fast_accum": "forward"}).model.fp8_fast_accum == "forward"
     with pytest.raises(ConfigError):
         load_config(None, {"model.quantize": "int8"})
@@ -206,7 +207,7 @@ def _fp8_gpu() -> bool:
 def _fp8_on_a_gpu_matches_bf16(to_fp8):
     """``to_fp8`` (a base converted in place and returned) against the same bf16 base, same adapters, eager and
     with compiled layers; returns the compiled FP8 model."""
-    from llmcls.model.load import compile_layers
+    from llmcls.model.compiling import compile_layers
 
     dev = "cuda"
     ids = torch.randint(0, 1024, (4, 128), generator=torch.Generator().manual_seed(0)).to(dev)
@@ -221,7 +222,10 @@ def _fp8_on_a_gpu_matches_bf16(to_fp8):
     assert min(cosine(g_q[n], g_ref[n]) for n in g_ref) > 0.97
     compile_layers(q)
     l_c, g_c = _logits_and_grads(q, ids)
-    assert rel_err(l_c, l_q) < 0.05
+    # compiled and eager are two FP8 roundings of the same bf16 logits (Inductor casts the norm's float32 output,
+    # eager its bf16 one): each within the eager bound of bf16, and apart by no more than they each are from it
+    assert rel_err(l_c, l_ref) < 0.12
+    assert rel_err(l_c, l_q) < 0.10
     assert max(rel_err(g_c[n], g_ref[n]) for n in g_ref) < 0.30
     assert min(cosine(g_c[n], g_ref[n]) for n in g_ref) > 0.97
     return q
@@ -338,7 +342,8 @@ def test_stored_weights_under_lora_train_the_adapters_only_and_match_float32():
 
 
 @_ROW_SCALES_ON_CPU
-@pytest.mark.parametrize("mode, flags", [("none", (False, False)), ("forward", (True, False)), ("all", (True, True))])
+@pytest.mark.parametrize("mode, flags", [("none", (False, False)), ("forward", (True, False)), ("all", (True, True)),
+                                         ("auto", (True, False))])
 def test_fast_accumulation_reaches_each_product_it_names(monkeypatch, mode, flags):
     """model.fp8_fast_accum as load_model passes it to fp8.store: every forward product of the 14 stored linears
     gets the first flag, every input-gradient product the second; the numbers on the CPU stay those of the
@@ -371,7 +376,7 @@ def test_torchao_path_takes_the_same_fast_accumulation_setting():
     for mode, (fwd, bwd) in fp8.FAST_ACCUM.items():
         cfg = fp8.fp8_config("rowwise", fast_accum=mode)
         assert (cfg.gemm_config_output.use_fast_accum, cfg.gemm_config_grad_input.use_fast_accum) == (fwd, bwd)
-    with pytest.raises(ConfigError, match="model.fp8_fast_accum: 'some' is not one of none, forward, all"):
+    with pytest.raises(ConfigError, match="model.fp8_fast_accum: 'some' is not one of auto, none, forward, all"):
         fp8.fast_accum_flags("some")
 
 
@@ -390,7 +395,7 @@ def test_stored_weights_trace_into_one_graph_per_layer_stack():
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from llmcls.model.load import compile_layers
+    from llmcls.model.compiling import compile_layers
 
     torch._dynamo.reset()
     counters.clear()
@@ -411,7 +416,7 @@ def test_stored_weights_trace_into_one_graph_per_layer_stack():
 
 
 @pytest.mark.skipif(not _fp8_gpu(), reason="needs a CUDA GPU with FP8 matmuls (sm_89+)")
-@pytest.mark.parametrize("fast_accum", ["none", "all"])
+@pytest.mark.parametrize("fast_accum", ["none", "auto", "all"])
 def test_stored_fp8_on_a_gpu_matches_bf16(fast_accum):
     """The stored path's real kernels against the bf16 model (hidden 256, bf16), eager and compiled, to the
     bounds the torchao path is held to, with precise and with fast accumulation (``model.fp8_fast_accum``);

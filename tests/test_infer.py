@@ -226,7 +226,7 @@ def test_flat_batch_on_a_gpu_equals_the_padded_one(tokenizer, model_factory):
     the same scores as the padded batch with its 4-D mask, eager and with compiled layers."""
     from llmcls.infer import prompts_for
     from llmcls.layouts import layout_for, pack_batch, pad_batch, queue_packed, queue_padded
-    from llmcls.model.load import compile_layers
+    from llmcls.model.compiling import compile_layers
 
     model = model_factory(seed=8).to("cuda", torch.bfloat16)
     assert layout_for(model).name == "packed"
@@ -291,7 +291,7 @@ def test_metrics_equal_a_hand_count():
 def test_compiled_layers_score_the_same(tokenizer, model_factory):
     """eval.compile / serve --compile: regional torch.compile changes the speed, not the scores (dynamic shapes:
     batches of other sizes and lengths reuse the compiled code)."""
-    from llmcls.model.load import compile_layers
+    from llmcls.model.compiling import compile_layers
 
     model = model_factory(seed=5)
     b = PromptBuilder(tokenizer, PromptConfig())

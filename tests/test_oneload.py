@@ -146,7 +146,7 @@ def test_for_scoring_leaves_nothing_of_training(model_factory):
     """Eval mode, frozen, no gradients, no recomputation, no input hook, use_cache as loaded; compiled layers are
     left compiled, and reuse is refused where eval would want them plain (train.compile without eval.compile)."""
     from llmcls.config import load_config
-    from llmcls.model.load import compile_layers
+    from llmcls.model.compiling import compile_layers
     from llmcls.trainer import _CHECKPOINTING, for_scoring, prepare_for_training, reuse_refused
 
     model = model_factory()

@@ -221,7 +221,7 @@ def test_varlen_kernel_on_a_gpu_matches_the_padded_batch(tokenizer, model_factor
     """On a GPU the packed path runs torch's variable-length FlashAttention; in bf16 its loss and LoRA gradients
     agree with the padded sdpa path within bf16 tolerance, compiled (as the fast config runs it) or not."""
     from llmcls.model.attention import _varlen_attn
-    from llmcls.model.load import compile_layers
+    from llmcls.model.compiling import compile_layers
 
     assert _varlen_attn() is not None, "torch.nn.attention.varlen is missing (torch >= 2.10 has it)"
     feats = features(tokenizer) * 4
@@ -261,7 +261,7 @@ def test_padded_training_batches_give_finite_gradients_on_a_gpu(tokenizer, model
     very different lengths, bf16, eager and compiled: the loss and every LoRA gradient must stay finite, for the
     left-padded answer batches and for seq_cls's right-padded ones."""
     from llmcls import seqcls
-    from llmcls.model.load import compile_layers
+    from llmcls.model.compiling import compile_layers
 
     feats = features(tokenizer) * 4  # rows of 20-70 tokens: the short ones get many pads
     for compiled in (False, True):

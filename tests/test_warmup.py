@@ -12,7 +12,7 @@ import torch
 from llmcls.collate import PackedCollator, answer_loss
 from llmcls.config import load_config
 from llmcls.model.attention import packed_rows
-from llmcls.model.load import use_compile_cache
+from llmcls.model.compiling import use_compile_cache
 
 
 def packed_batch(rng: random.Random, rows: int) -> dict:
@@ -33,7 +33,7 @@ def test_one_graph_for_all_layers_and_no_recompile_on_new_packed_lengths(model_f
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from llmcls.model.load import compile_layers
+    from llmcls.model.compiling import compile_layers
     from llmcls.trainer import one_graph_for_all_layers, prepare_for_training
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile"))  # nothing left in ~/.cache
@@ -71,7 +71,7 @@ def test_each_process_traces_the_layer_once_not_twice(model_factory, tmp_path, m
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from llmcls.model.load import compile_layers
+    from llmcls.model.compiling import compile_layers
     from llmcls.trainer import one_graph_for_all_layers, prepare_for_training
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile"))
@@ -97,7 +97,8 @@ def test_without_the_input_gradient_the_first_layer_compiles_a_second_graph(mode
     from torch._dynamo.utils import counters
 
     from llmcls.config import LoraConfig
-    from llmcls.model.load import add_lora, compile_layers
+    from llmcls.model.compiling import compile_layers
+    from llmcls.model.load import add_lora
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile"))
     torch._dynamo.reset()
@@ -178,10 +179,109 @@ def test_train_and_eval_record_the_warmup_split(tmp_path, tokenizer_dir, small_d
 def test_torch_s_own_default_in_the_variable_is_not_a_choice(tmp_path, monkeypatch):
     """Importing peft makes torch write its default (/tmp/torchinductor_USER) into TORCHINDUCTOR_CACHE_DIR; that
     must not keep llmcls's folder from being used."""
-    from llmcls.model.load import _torch_default_cache_dir
+    from llmcls.model.compiling import _torch_default_cache_dir
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", _torch_default_cache_dir())
     monkeypatch.setenv("LLMCLS_CACHE", str(tmp_path))
     monkeypatch.delenv("LLMCLS_COMPILE_CACHE", raising=False)
     assert use_compile_cache() == tmp_path / "compile"
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compile")
+
+
+def _scored(model, builder, rows):
+    from llmcls.infer import classify
+
+    return classify(model, builder, rows, method="score", batch_size=4, progress=False)
+
+
+def test_background_compile_scores_eagerly_then_switches_without_recompiling(model_factory, tokenizer, tmp_path,
+                                                                               monkeypatch):
+    """eval.compile_background on a 4-layer tiny LoRA model, dynamo's ``eager`` backend (its graphs and guards as
+    Inductor would get them): the thread held back until the first batch has run eagerly, the next batch switches
+    to the compiled layers, and the graph the thread compiled under the caller's modes serves every later call:
+    one graph, no recompilation, no second frame. The scores equal a foreground-compiled model's and the
+    uncompiled model's (the eager backend generates no code, so equal to the last bit)."""
+    import sys
+    import threading
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from conftest import learnable_rows
+    from llmcls.data import Row
+    from llmcls.encode import PromptBuilder
+    from llmcls.model.compiling import compile_layers
+    from llmcls.model.load import add_lora
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile"))
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = load_config(overrides={"lora.method": "lora", "lora.r": 4})
+    model = add_lora(model_factory(seed=3, layers=4), cfg.lora).eval()
+    builder = PromptBuilder(tokenizer, cfg.prompt)
+    rows = [Row(r["text"], r["category"], r["output"]) for r in learnable_rows(16, seed=1)]
+    plain = _scored(model, builder, rows)
+
+    gate = threading.Event()
+    handle = compile_layers(model, backend="eager", background=True)
+    layers = model.get_base_model().model.layers
+    compiled0 = handle.compiled[0]
+    handle.compiled[0] = lambda *a, **k: (gate.wait(), compiled0(*a, **k))[1]  # the thread waits for the test
+    interval = sys.getswitchinterval()
+    first = _scored(model, builder, rows[:4])  # one batch: starts the thread, runs eagerly
+    assert handle.thread is not None and handle.eager_calls == 1
+    assert counters["stats"]["unique_graphs"] == 0
+    assert sys.getswitchinterval() == pytest.approx(handle.SWITCH_INTERVAL_S)  # the caller gets the GIL back soon
+    gate.set()
+    handle.thread.join()
+    assert sys.getswitchinterval() == interval
+    assert handle.error is None, handle.error
+    assert counters["stats"]["unique_graphs"] == 1
+    background = _scored(model, builder, rows)  # the first layer call switches
+    assert handle.switched and [layer._compiled_call_impl for layer in layers] == handle.compiled
+    assert handle.eager_calls == 1
+    assert counters["stats"]["unique_graphs"] == 1, "the caller's calls missed the thread's graph"
+    assert sum(counters["recompiles"].values()) == 0, dict(counters["recompiles"])
+    assert counters["frames"]["ok"] == 1
+    for a, b in zip(first + background[4:], plain):
+        assert a.pred == b.pred and a.logliks == pytest.approx(b.logliks, abs=1e-6)
+    for a, b in zip(background, plain):
+        assert a.logliks == pytest.approx(b.logliks, abs=1e-6)
+    torch._dynamo.reset()
+
+
+def test_a_background_compile_error_reaches_the_caller(model_factory, tokenizer, tmp_path, monkeypatch):
+    """A compilation that fails on the thread fails the scoring at the switch, as a foreground one would."""
+    from conftest import learnable_rows
+    from llmcls.data import Row
+    from llmcls.encode import PromptBuilder
+    from llmcls.model.compiling import compile_layers
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile"))
+    cfg = load_config()
+    model = model_factory(seed=3, layers=2).eval()
+    builder = PromptBuilder(tokenizer, cfg.prompt)
+    rows = [Row(r["text"], r["category"], r["output"]) for r in learnable_rows(8, seed=1)]
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("backend broke")
+
+    handle = compile_layers(model, backend=broken, background=True)
+    _scored(model, builder, rows[:4])
+    handle.thread.join()
+    with pytest.raises(Exception, match="backend broke"):
+        _scored(model, builder, rows[4:])
+
+
+def test_eval_compile_background_reaches_the_scoring_model(monkeypatch, tmp_path):
+    """model_for_run (eval, predict, calibrate, and llmcls run's evaluations) compiles in the background exactly
+    when eval.compile and eval.compile_background say so."""
+    import llmcls.model.compiling as compiling
+    from llmcls.rundir import model_for_run
+
+    seen = []
+    monkeypatch.setattr(compiling, "compile_layers", lambda model, cache=None, background=False: seen.append(background))
+    for compile_, background in ((True, True), (True, False), (False, True)):
+        cfg = load_config(overrides={"eval.compile": compile_, "eval.compile_background": background})
+        model_for_run(tmp_path, cfg, model=object(), tokenizer=object())
+    assert seen == [True, False]

@@ -267,9 +267,9 @@ def model_for_run(run_dir: str | Path, cfg: Optional[Config] = None, model=None,
     if model is None:
         model, tokenizer, cfg = load_trained(run_dir, cfg, weights=weights)
     if cfg.eval.compile:
-        from llmcls.model.load import compile_layers
+        from llmcls.model.compiling import compile_layers
 
-        compile_layers(model, cfg.model.compile_cache)
+        compile_layers(model, cfg.model.compile_cache, background=cfg.eval.compile_background)
     return model, tokenizer, cfg
 
 

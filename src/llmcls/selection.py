@@ -146,7 +146,7 @@ class DevEvaluator(TrainerCallback):
     # ---- one evaluation
     def _evaluate(self, state, control, final: bool = False) -> None:
         from llmcls.model.attention import attention_implementation
-        from llmcls.model.load import stack_uncompiled
+        from llmcls.model.compiling import stack_uncompiled
 
         was_training = self.model.training
         self.model.eval()

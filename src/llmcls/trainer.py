@@ -22,7 +22,8 @@ from llmcls import dist
 from llmcls.collate import AnswerCollator, AnswerLoss, PackedCollator
 from llmcls.config import Config
 from llmcls.model.attention import packed_rows
-from llmcls.model.load import add_lora, compile_layers, compile_stack, uncompile_stack, unwrap
+from llmcls.model.compiling import compile_layers, compile_stack, uncompile_stack
+from llmcls.model.load import add_lora, unwrap
 from llmcls.warmup import compile_delta, compile_stats
 
 log = logging.getLogger(__name__)

@@ -79,7 +79,7 @@ def compile_delta(before: dict, after: Optional[dict] = None) -> dict:
 
 
 def cache_folder() -> Optional[str]:
-    """The compile cache folder in use (set by :func:`llmcls.model.load.use_compile_cache`), if any."""
+    """The compile cache folder in use (set by :func:`llmcls.model.compiling.use_compile_cache`), if any."""
     return os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 
 

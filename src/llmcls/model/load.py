@@ -1,7 +1,7 @@
 """Stage 3 — model: find the weights (local folder, ModelScope, Hugging Face), load the tokenizer and the model in
 the right dtype and place (quantised, embeddings in host memory, or spread over GPUs), attach LoRA adapters,
-compile. Loading a *finished run* is :func:`llmcls.rundir.load_trained`; the tiny preset is ``model/tiny.py``;
-llmcls's attention functions are ``model/attention.py``."""
+compile (``model/compiling.py``). Loading a *finished run* is :func:`llmcls.rundir.load_trained`; the tiny preset
+is ``model/tiny.py``; llmcls's attention functions are ``model/attention.py``."""
 
 from __future__ import annotations
 
@@ -223,119 +223,6 @@ def adapter_autocast(cfg: LoraConfig) -> bool:
     LoRA input to float32 in each of the 7 projections of every layer; loading for scoring, it would also run
     arithmetic the bf16 training never ran. ``auto`` keeps the adapter in the base model's dtype."""
     return cfg.dtype == "float32"
-
-
-COMPILE_CACHE_ENV = "LLMCLS_COMPILE_CACHE"
-
-
-def use_compile_cache(folder: Optional[str] = None) -> Path:
-    """Point torch.compile's on-disk caches at one persistent folder, so that a process compiling shapes an
-    earlier one compiled loads the generated code instead of generating it again (the first step of a 7B run:
-    ~70 s of compilation cold; the GPU benchmark ``benchmarks/warmup.py`` measures what a warm cache leaves).
-
-    All of torch's caches live under ``TORCHINDUCTOR_CACHE_DIR``: Inductor's FX-graph cache (the generated code of
-    each graph), AOTAutograd's cache (the forward and backward graphs together, so that a hit skips tracing the
-    backward too), the autotuning results and, unless ``TRITON_CACHE_DIR`` is set, Triton's compiled kernels. Its
-    default is ``/tmp/torchinductor_USER``, which a reboot or a fresh container empties, hence a folder under
-    llmcls's cache. Which folder: an already-set ``TORCHINDUCTOR_CACHE_DIR`` wins (the user chose; also our own
-    earlier call in this process, since torch keeps paths derived from it once it has compiled) unless it holds
-    torch's own default (torch writes that there itself when it first looks the folder up), then ``folder``
-    (``model.compile_cache``), then ``$LLMCLS_COMPILE_CACHE``, then ``~/.cache/llmcls/compile`` (``$LLMCLS_CACHE``
-    moves ``~/.cache/llmcls``). Must run before the first compilation, so :func:`compile_layers` calls it.
-
-    The switches below are torch's defaults in open-source builds (2.11 and 2.13); they are set explicitly so that
-    the behaviour does not rest on a default, and the remote caches (Meta-internal services) stay off. An
-    environment variable that forces one of them (``TORCHINDUCTOR_FX_GRAPH_CACHE=0``, ``TORCHINDUCTOR_AUTOGRAD_CACHE=0``)
-    still takes precedence: torch's config reads forced variables over values set in code."""
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
-
-    from llmcls.model.tiny import cache_root
-
-    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    # torch writes its default into the variable the first time it looks the folder up (importing peft does),
-    # so the default found there is not a choice anyone made
-    if given and given != _torch_default_cache_dir():
-        chosen = Path(given)
-        if folder and Path(folder).expanduser().resolve() != chosen.resolve():
-            log.info("compile cache: TORCHINDUCTOR_CACHE_DIR=%s is set, so model.compile_cache=%s is not used",
-                     given, folder)
-    else:
-        chosen = Path(folder or os.environ.get(COMPILE_CACHE_ENV) or cache_root() / "compile").expanduser()
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(chosen.resolve())
-    chosen.mkdir(parents=True, exist_ok=True)
-    for config, name, value in ((inductor_config, "fx_graph_cache", True),
-                                (inductor_config, "fx_graph_remote_cache", False),
-                                (inductor_config, "autotune_local_cache", True),
-                                (inductor_config, "autotune_remote_cache", False),
-                                (inductor_config, "bundled_autotune_remote_cache", False),
-                                (functorch_config, "enable_autograd_cache", True)):
-        if hasattr(config, name):  # a torch without one of them simply lacks that cache
-            setattr(config, name, value)
-    return chosen
-
-
-def _torch_default_cache_dir() -> str:
-    try:
-        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-    except ImportError:  # where torch keeps it elsewhere: its default has been /tmp/torchinductor_USER throughout
-        import getpass
-        import tempfile
-
-        return os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
-    return os.path.abspath(default_cache_dir())
-
-
-def compile_stack(model, cache: Optional[str] = None) -> None:
-    """``train.cuda_graphs``: the whole decoder stack (embeddings, every layer, the final norm; not the LM head,
-    whose answer positions change with every step) compiled as one graph with torch.compile's
-    ``reduce-overhead``, so that a step's forward and its backward are each one recorded CUDA graph, replayed.
-    Not layer by layer as :func:`compile_layers` does: with a graph per layer, each layer's forward runs while the
-    backward of the one before is still pending, and torch's graph trees then leave their fast path (measured on
-    an H200: slower than no graphs at all, docs/BENCHMARKS.md). One graph is recorded per padded step length
-    (``PackedCollator.pad_multiple``)."""
-    use_compile_cache(cache)
-    torch._dynamo.config.specialize_float = True  # as in compile_layers
-    unwrap(model).model.compile(dynamic=True, mode="reduce-overhead")
-
-
-def uncompile_stack(model) -> None:
-    """Undo :func:`compile_stack` (``nn.Module.compile`` has no public undo): scoring after training compiles the
-    layers its own way, and must not run inside the training's recorded graphs."""
-    unwrap(model).model._compiled_call_impl = None
-
-
-@contextlib.contextmanager
-def stack_uncompiled(model):
-    """Inside, the decoder stack runs as if :func:`compile_stack` had not compiled it (a no-op for a stack it did
-    not compile): dev evaluations during a ``train.cuda_graphs`` run score eagerly instead of recording graphs
-    for every shape of a scoring batch."""
-    stack = unwrap(model).model
-    compiled = stack._compiled_call_impl
-    stack._compiled_call_impl = None
-    try:
-        yield model
-    finally:
-        stack._compiled_call_impl = compiled
-
-
-def compile_layers(model, cache: Optional[str] = None, backend: str = "inductor") -> None:
-    """Regional ``torch.compile``: each decoder layer is compiled, launches per layer drop from hundreds to a few,
-    and the elementwise work between matrix products is fused. The layers share their code and dynamo inlines
-    their modules (parameters are inputs of the graph), so one compiled graph serves every layer: compile time is
-    that of one layer, not of 32. Shapes are dynamic: batches of any size and length (packed rows of any total
-    length) reuse the compiled code instead of recompiling (``tests/test_warmup.py`` counts the graphs).
-    ``cache``: the on-disk compile cache folder (:func:`use_compile_cache`); ``backend``: torch.compile's
-    (tests count dynamo's graphs with ``eager``, which generates no code)."""
-    use_compile_cache(cache)
-    # A layer's Python floats (the norms' eps, LoRA's dropout p and scaling) are constants. Traced as symbolic
-    # floats (torch's default under dynamic shapes), they made dynamo restart every process's first compilation
-    # once AOTAutograd had traced it (its scalar-tensorifying pass specialises them anyway): a second trace, and
-    # an AOTAutograd cache miss even with a warm cache (docs/BENCHMARKS.md, warm-up).
-    torch._dynamo.config.specialize_float = True
-    base = unwrap(model)
-    for layer in base.model.layers:
-        layer.compile(dynamic=True, backend=backend)
 
 
 def _numel(p: torch.Tensor) -> int:

@@ -111,10 +111,10 @@ class Classifier:
 
 def load_classifier(path: str | Path, device: Optional[str] = None, dtype=None, compile: bool = False) -> Classifier:
     """A run directory (``llmcls train``) or an export folder (``llmcls export``), told apart by their files.
-    ``compile``: regional torch.compile of the decoder layers (:func:`llmcls.model.load.compile_layers`)."""
+    ``compile``: regional torch.compile of the decoder layers (:func:`llmcls.model.compiling.compile_layers`)."""
     clf = _load_classifier(path, device, dtype)
     if compile:
-        from llmcls.model.load import compile_layers
+        from llmcls.model.compiling import compile_layers
 
         compile_layers(clf.model)
     return clf
