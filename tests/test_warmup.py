@@ -280,7 +280,8 @@ def test_eval_compile_background_reaches_the_scoring_model(monkeypatch, tmp_path
     from llmcls.rundir import model_for_run
 
     seen = []
-    monkeypatch.setattr(compiling, "compile_layers", lambda model, cache=None, background=False: seen.append(background))
+    monkeypatch.setattr(compiling, "compile_layers",
+                        lambda model, cache=None, background=False: seen.append(background))
     for compile_, background in ((True, True), (True, False), (False, True)):
         cfg = load_config(overrides={"eval.compile": compile_, "eval.compile_background": background})
         model_for_run(tmp_path, cfg, model=object(), tokenizer=object())
