@@ -138,7 +138,7 @@ class ModelConfig:
     fp8_weights: Literal["cast", "stored"] = f(
         "stored", "quantize=fp8's base weights: cast once at load and kept in e4m3 (stored: torch's _scaled_mm, "
         "rowwise only; the dtype copy is freed, a second e4m3 copy laid out for the backward is kept when "
-        "training; 7B shape on an H200: 1.27-1.30x bf16 training), or kept in dtype and cast at every step (cast: "
+        "training; 7B shape on an H200: 1.27-1.31x bf16 training), or kept in dtype and cast at every step (cast: "
         "torchao's Float8Linear, either scaling; 1.16x)."
     )
     fp8_fast_accum: Literal["auto", "none", "forward", "all"] = f(
