@@ -449,3 +449,20 @@ def test_real_accuracy_compare_pairs_the_stored_fp8_runs_by_seed(tmp_path, monke
     # the stored comparison is what the command prints and writes today
     stored = json.loads((bench / "real_accuracy-run4-stored-vs-bf16.json").read_text())
     assert stored["last"] == json.loads(json.dumps(res))
+
+
+@pytest.mark.slow  # four fresh processes, two of them compiling with Inductor on the CPU (~50 s)
+def test_aot_layer_benchmark_loads_an_artifact_that_computes_the_eager_logits(tmp_path):
+    """benchmarks/aot_layer.py on the tiny shape: torch's experimental aot_compile of one LoRA decoder layer, saved,
+    then loaded in a fresh process and called for every layer, gives the eager model's logits (on this shape and
+    on another batch shape, through the saved guards), as the warm-cache compile does."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "aot_layer.py"), "--model", "tiny", "--device",
+                          "cpu", "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads((tmp_path / "aot_layer.json").read_text())["phases"]
+    assert list(res) == ["save", "jit_first", "jit_warm", "load"]
+    assert res["save"]["artifact_bytes"] > 0
+    for ph in ("jit_warm", "load"):
+        assert res[ph]["max_abs_diff"] < 1e-5
+    assert res["load"]["other_shape_max_abs_diff"] < 1e-5
