@@ -42,12 +42,12 @@ from pathlib import Path
 
 import torch
 
-from gpu_speed import build_model, sync  # noqa: E402  (this script's folder is on the path)
-from llmcls.config import load_config  # noqa: E402
-from llmcls.env import environment  # noqa: E402
-from llmcls.files import atomic_write_json  # noqa: E402
-from llmcls.model.load import add_lora, unwrap  # noqa: E402
-from llmcls.warmup import process_age  # noqa: E402
+from gpu_speed import build_model, sync  # this script's folder is on the path, as for any script run by its path
+from llmcls.config import load_config
+from llmcls.env import environment
+from llmcls.files import atomic_write_json
+from llmcls.model.load import add_lora, unwrap
+from llmcls.warmup import process_age
 
 
 def run_layer(layer, *args, **kwargs):
@@ -176,7 +176,8 @@ def main(argv=None) -> int:
             print(p.stdout[-2000:], p.stderr[-4000:], file=sys.stderr)
             results[name] = {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "failed"}
             break
-        results[name] = {**json.loads(p.stdout.strip().splitlines()[-1]), "process_s": round(time.perf_counter() - t, 1)}
+        results[name] = {**json.loads(p.stdout.strip().splitlines()[-1]),
+                         "process_s": round(time.perf_counter() - t, 1)}
         print(name, results[name], flush=True)
     doc = {"model": a.model, "device": a.device, "batch": a.batch, "length": a.length, "phases": results,
            "environment": environment()}

@@ -199,8 +199,8 @@ def test_background_compile_scores_eagerly_then_switches_without_recompiling(mod
     """eval.compile_background on a 4-layer tiny LoRA model, dynamo's ``eager`` backend (its graphs and guards as
     Inductor would get them): the thread held back until the first batch has run eagerly, the next batch switches
     to the compiled layers, and the graph the thread compiled under the caller's modes serves every later call:
-    one graph, no recompilation, no second frame. The scores equal a foreground-compiled model's and the
-    uncompiled model's (the eager backend generates no code, so equal to the last bit)."""
+    one graph, no recompilation, no second frame. The scores, eager batch and compiled ones alike, equal the
+    uncompiled model's (the eager backend generates no code)."""
     import sys
     import threading
 

@@ -5,9 +5,11 @@ decoder stack with CUDA graphs (``train.cuda_graphs``), in the background while 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -162,8 +164,6 @@ class BackgroundCompile:
     SWITCH_INTERVAL_S = 1e-4
 
     def __init__(self, layers):
-        import functools
-
         self.layers = list(layers)
         self.compiled = [layer._compiled_call_impl for layer in self.layers]
         if any(c is None for c in self.compiled):
@@ -188,8 +188,6 @@ class BackgroundCompile:
         return self.layers[i]._call_impl(*args, **kwargs)
 
     def _start(self, args, kwargs) -> None:
-        import threading
-
         modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
                  torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None)
         device = torch.cuda.current_device() if torch.cuda.is_available() else None

@@ -92,9 +92,10 @@ def is_base_linear(module: torch.nn.Module, fqn: str) -> bool:
     return True
 
 
+FAST_ACCUM = {"none": (False, False), "forward": (True, False), "all": (True, True)}
 # auto = forward: on the real 0.5B within 0.12 pt accuracy of bf16 on each of 3 seeds (docs/BENCHMARKS.md, run 5),
 # 3% faster 7B-shape training than none; the backward's sums stay precise (all measured no faster)
-FAST_ACCUM = {"auto": (True, False), "none": (False, False), "forward": (True, False), "all": (True, True)}
+FAST_ACCUM = {"auto": FAST_ACCUM["forward"], **FAST_ACCUM}
 
 
 def fast_accum_flags(mode: str) -> tuple[bool, bool]:
